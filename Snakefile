@@ -1,0 +1,43 @@
+# imgpipe: crawl -> dedupe -> preprocess -> split -> train -> evaluate -> report
+#
+#     snakemake --cores 8 --resources gpu=1
+#     snakemake --cores 8 --resources gpu=1 --configfile config/examples/<experiment>.yaml
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# A --configfile replaces the default experiment instead of being merged into it
+# (merging would mix the default's classes and models into the other experiment).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/crawl.smk"
+include: "workflow/rules/dedupe.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/split.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        rules.report.output,
+    default_target: True
+
+
+onstart:
+    start_tracking()
+
+
+onsuccess:
+    end_tracking(success=True)
+
+
+onerror:
+    end_tracking(success=False)

@@ -1,0 +1,238 @@
+"""Config validation: schema (with defaults) plus the checks a schema cannot express.
+
+Everything here runs at DAG build, before any job, so a mistake costs seconds, not a
+crawl. Every error names the config key (dotted path) that caused it.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+MIN_SIMPLE_CNN_SIZE = 32
+
+
+class ConfigError(ValueError):
+    """A config mistake, reported with the key that holds it."""
+
+
+def key_path(parts) -> str:
+    """Dotted key path: ('classes', 'cat', 'sources', 0) -> 'classes.cat.sources[0]'."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<top level>"
+
+
+def load_schema(schema_path: Path | str) -> dict:
+    with open(schema_path) as handle:
+        return yaml.safe_load(handle)
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    while "$ref" in schema:
+        pointer = schema["$ref"].removeprefix("#/").split("/")
+        schema = root
+        for part in pointer:
+            schema = schema[part]
+    return schema
+
+
+def fill_defaults(instance: Any, schema: dict, root: dict) -> None:
+    """Set schema defaults in place, descending into properties, maps, lists and oneOf.
+
+    jsonschema's usual default-setting validator mutates the instance while trying every
+    oneOf branch, which corrupts sources; this walker only descends into the branch the
+    (already valid) instance matches.
+    """
+    schema = _resolve(schema, root)
+    if "oneOf" in schema:
+        for branch in schema["oneOf"]:
+            if jsonschema.Draft202012Validator(_resolve(branch, root) | {"$defs": root.get("$defs", {})}).is_valid(instance):
+                fill_defaults(instance, branch, root)
+                return
+        return
+    if isinstance(instance, dict):
+        properties = schema.get("properties", {})
+        for name, subschema in properties.items():
+            subschema_resolved = _resolve(subschema, root)
+            if name not in instance and "default" in subschema_resolved:
+                instance[name] = copy.deepcopy(subschema_resolved["default"])
+            if name in instance:
+                fill_defaults(instance[name], subschema, root)
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for name, value in instance.items():
+                if name not in properties:
+                    fill_defaults(value, extra, root)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            fill_defaults(item, schema["items"], root)
+
+
+def _schema_error_message(error: jsonschema.ValidationError) -> str:
+    # oneOf failures are unreadable as a whole; the most specific branch error says more.
+    best = jsonschema.exceptions.best_match([error])
+    if best.context:
+        best = jsonschema.exceptions.best_match(best.context)
+    return f"config key '{key_path(best.absolute_path)}': {best.message}"
+
+
+def find_duplicate_keys(yaml_path: Path | str) -> list[str]:
+    """Keys given twice in one mapping of a YAML file (YAML loaders silently keep the last)."""
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    duplicates: list[str] = []
+
+    def construct_mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                duplicates.append(f"'{key}' (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    with open(yaml_path) as handle:
+        yaml.load(handle, Loader=StrictLoader)
+    return duplicates
+
+
+def torchvision_classification_models() -> set[str]:
+    """Names of torchvision's classification models, read from its source without importing it.
+
+    Importing torchvision costs ~5 s here; reading the `@register_model` decorators of
+    the top-level `torchvision/models/*.py` files costs milliseconds and gives exactly
+    `torchvision.models.list_models(module=torchvision.models)`.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    models_dir = Path(next(iter(spec.submodule_search_locations))) / "models"
+    names = set()
+    for source_file in models_dir.glob("*.py"):
+        tree = ast.parse(source_file.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and any(
+                isinstance(dec, ast.Call) and getattr(dec.func, "id", None) == "register_model"
+                for dec in node.decorator_list
+            ):
+                names.add(node.name)
+    return names
+
+
+def _check_sources(config: dict, base_dir: Path) -> None:
+    for class_name, spec in config["classes"].items():
+        for index, source in enumerate(spec["sources"]):
+            for kind, is_right_type, wanted in (("folder", Path.is_dir, "a folder"), ("urls", Path.is_file, "a file")):
+                if kind not in source:
+                    continue
+                key = f"classes.{class_name}.sources[{index}].{kind}"
+                path = base_dir / source[kind]
+                if not path.exists():
+                    raise ConfigError(
+                        f"config key '{key}': '{source[kind]}' does not exist "
+                        f"(relative paths are taken from {base_dir.resolve()})"
+                    )
+                if not is_right_type(path):
+                    raise ConfigError(f"config key '{key}': '{source[kind]}' is not {wanted}")
+
+
+def _check_split(config: dict) -> None:
+    split = config["split"]
+    total = split["train"] + split["val"] + split["test"]
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise ConfigError(
+            f"config key 'split': train + val + test must sum to 1, got "
+            f"{split['train']} + {split['val']} + {split['test']} = {total:g}"
+        )
+
+
+def _check_models(config: dict, base_dir: Path) -> None:
+    known = None
+    for model_name, model in config["models"].items():
+        arch = model["arch"]
+        if arch == "simple_cnn":
+            if config["images"]["size"] < MIN_SIMPLE_CNN_SIZE:
+                raise ConfigError(
+                    f"config key 'models.{model_name}.arch': simple_cnn needs images.size >= "
+                    f"{MIN_SIMPLE_CNN_SIZE}, got {config['images']['size']}"
+                )
+        else:
+            known = torchvision_classification_models() if known is None else known
+            if arch not in known:
+                close = difflib.get_close_matches(arch, sorted(known), n=5, cutoff=0.6)
+                hint = f"; similar: {', '.join(close)}" if close else ""
+                raise ConfigError(
+                    f"config key 'models.{model_name}.arch': unknown architecture '{arch}' "
+                    f"(simple_cnn or a torchvision classification model{hint})"
+                )
+        weights = model["weights"]
+        if weights not in ("none", "imagenet") and not (base_dir / weights).is_file():
+            raise ConfigError(
+                f"config key 'models.{model_name}.weights': '{weights}' is neither 'none', "
+                f"'imagenet' nor an existing checkpoint file"
+            )
+        if weights == "imagenet" and arch == "simple_cnn":
+            raise ConfigError(f"config key 'models.{model_name}.weights': simple_cnn has no ImageNet weights")
+
+
+def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> dict:
+    """Validate against the schema, fill its defaults, run the cross-key checks.
+
+    Returns a new dict (the input is not modified). Raises ConfigError naming the key.
+    """
+    config = copy.deepcopy(config)
+    errors = sorted(
+        jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path)
+    )
+    if errors:
+        raise ConfigError(_schema_error_message(errors[0]))
+    fill_defaults(config, schema, schema)
+    base_dir = Path(base_dir)
+    _check_sources(config, base_dir)
+    _check_split(config)
+    _check_models(config, base_dir)
+    return config
+
+
+def check_config_files(paths) -> None:
+    """Fail on keys given twice in a config file (two classes or models with one name)."""
+    for path in paths:
+        duplicates = find_duplicate_keys(path)
+        if duplicates:
+            raise ConfigError(f"config file '{path}': key given twice: {', '.join(duplicates)}")
+
+
+def _tree_fingerprint(path: Path) -> str:
+    """'files=N bytes=B newest=T' of a file or every file below a folder (stat only, no reads)."""
+    count = size = newest = 0
+    paths = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file())
+    for file_path in paths:
+        stat = file_path.stat()
+        count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
+    return f"files={count} bytes={size} newest={newest}"
+
+
+def source_fingerprints(sources: list[dict], base_dir: Path | str = ".") -> list[str]:
+    """One fingerprint per local source (folder or URL list), '' for the others.
+
+    Used as a rule param: Snakemake reruns a class's crawl when a file in its folder is
+    added, removed or edited, though the config itself did not change.
+    """
+    fingerprints = []
+    for source in sources:
+        local = source.get("folder") or source.get("urls")
+        fingerprints.append(_tree_fingerprint(Path(base_dir) / local) if local else "")
+    return fingerprints

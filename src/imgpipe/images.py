@@ -1,0 +1,120 @@
+"""Image verification shared by the stages: is this file an image Pillow can fully decode?"""
+
+from __future__ import annotations
+
+import codecs
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+
+def _image_extensions() -> types.MappingProxyType:
+    preferred = {
+        "JPEG": ".jpg",
+        "MPO": ".jpg",  # what Pillow calls many camera and phone JPEGs
+        "PNG": ".png",
+        "GIF": ".gif",
+        "WEBP": ".webp",
+        "BMP": ".bmp",
+        "DIB": ".bmp",
+        "TIFF": ".tif",
+        "JPEG2000": ".jp2",
+        "ICO": ".ico",
+        "PPM": ".ppm",
+        "TGA": ".tga",
+        "AVIF": ".avif",
+    }
+    # Every other format Pillow can read gets its first registered extension, so a
+    # decodable file never ends up without one.
+    for extension, format_name in sorted(Image.registered_extensions().items()):
+        preferred.setdefault(format_name, extension)
+    return types.MappingProxyType(preferred)
+
+
+IMAGE_EXTENSIONS = _image_extensions()
+"""Pillow format name (``Image.format``) -> file extension, e.g. ``"JPEG"`` -> ``".jpg"``."""
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """What fully decoding a file showed. ``reason`` is empty exactly when ``ok``.
+
+    Width, height and format are filled in whenever the header could be read, also for
+    files whose pixel data turned out to be broken.
+    """
+
+    ok: bool
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    reason: str = ""
+
+
+def inspect_image(path: Path | str) -> ImageCheck:
+    """Open and fully decode ``path``; bad content gives ``ok=False`` with a reason, never an exception.
+
+    Only file-system errors (missing file, no permission) raise, since they say nothing
+    about the content. The first frame of an animated image is what gets decoded.
+    """
+    path = Path(path)
+    with path.open("rb") as handle:
+        head = handle.read(512)
+        if not head:
+            return ImageCheck(ok=False, reason="empty file (0 bytes)")
+        handle.seek(0)
+        try:
+            image = Image.open(handle)
+        except Image.DecompressionBombError as error:
+            return ImageCheck(ok=False, reason=f"decompression bomb: {error}")
+        except UnidentifiedImageError:
+            return ImageCheck(ok=False, reason=f"not an image: {_describe_non_image(head)}")
+        except Exception as error:  # Pillow plugins also raise SyntaxError, ValueError, struct.error
+            return ImageCheck(ok=False, reason=f"unreadable image header: {_error_text(error)}")
+        with image:
+            width, height = image.size
+            found = dict(width=width, height=height, format=image.format)
+            limit = Image.MAX_IMAGE_PIXELS
+            # Pillow only warns between 1x and 2x its limit and would decode such an
+            # image; we reject at 1x, before spending the memory.
+            if limit and width * height > limit:
+                return ImageCheck(
+                    ok=False,
+                    reason=f"decompression bomb: {width}x{height} = {width * height} pixels "
+                    f"exceeds Image.MAX_IMAGE_PIXELS = {limit}",
+                    **found,
+                )
+            try:
+                image.load()
+            except Image.DecompressionBombError as error:
+                return ImageCheck(ok=False, reason=f"decompression bomb: {error}", **found)
+            except OSError as error:
+                return ImageCheck(ok=False, reason=f"truncated or corrupt image data: {error}", **found)
+            except Exception as error:
+                return ImageCheck(ok=False, reason=f"cannot decode image data: {_error_text(error)}", **found)
+    return ImageCheck(ok=True, **found)
+
+
+def _describe_non_image(head: bytes) -> str:
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "an HTML page"
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text):
+        return "SVG vector graphics (not supported)"
+    if text.startswith((b"<?xml", b"<")):
+        return "XML/HTML text"
+    if text.startswith((b"{", b"[")):
+        return "JSON text"
+    if b"\x00" in head:
+        return "unknown binary format"
+    try:
+        # incremental, so a multi-byte character cut off at the end of head is fine
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return "unknown binary format"
+    return "text"
+
+
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

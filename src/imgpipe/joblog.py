@@ -1,0 +1,33 @@
+"""Logging for pipeline jobs: one file per job under logs/, tracebacks included."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+QUIET_LOGGERS = ("urllib3", "PIL", "matplotlib", "alembic", "mlflow", "git", "filelock", "icrawler.storage")
+
+
+def configure_logging(log_path: Path | str, level: int = logging.INFO) -> None:
+    """Log to the job's log file and stderr; an uncaught exception goes into the file too.
+
+    Snakemake points at the log file when a job fails, so the traceback must be there.
+    """
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.FileHandler(log_path, mode="w"), logging.StreamHandler(sys.stderr)],
+        force=True,
+    )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+
+    def log_uncaught(kind, error, traceback):
+        logging.getLogger("imgpipe").critical("job failed: %s: %s", kind.__name__, error,
+                                              exc_info=(kind, error, traceback))
+
+    sys.excepthook = log_uncaught

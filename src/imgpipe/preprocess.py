@@ -1,0 +1,87 @@
+"""Preprocess: decoded, oriented, colour-converted and resized images, ready to train on.
+
+Every kept image of a class is written as PNG (lossless, so the training input is
+exactly what was computed here). A file that fails now despite having passed the crawl
+check is recorded, never passed on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+PAD_COLORS = {"black": 0, "white": 255}
+
+
+def to_color(image: Image.Image, color: str) -> Image.Image:
+    """Convert to 'L' (grayscale) or 'RGB', flattening any transparency onto white.
+
+    Pillow's plain convert() drops alpha onto black and clips 16-bit data, so both are
+    handled explicitly.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit: scale down to 8 bits instead of clipping everything above 255.
+        image = image.point(lambda value: value / 256).convert("L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGBa"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    target = "L" if color == "grayscale" else "RGB"
+    return image.convert(target)
+
+
+def resize_image(image: Image.Image, size: int, mode: str, pad_color: str = "black") -> Image.Image:
+    """Resize to size x size: 'stretch', 'pad' (letterbox, keep aspect) or 'center_crop'."""
+    target = (size, size)
+    if mode == "stretch":
+        return image.resize(target, Image.Resampling.LANCZOS)
+    if mode == "center_crop":
+        return ImageOps.fit(image, target, Image.Resampling.LANCZOS)
+    if mode == "pad":
+        fill = PAD_COLORS[pad_color]
+        fill = fill if image.mode == "L" else (fill, fill, fill)
+        return ImageOps.pad(image, target, Image.Resampling.LANCZOS, color=fill)
+    raise ValueError(f"unknown resize mode '{mode}' (stretch, pad, center_crop)")
+
+
+def prepare_image(path: Path | str, size: int, color: str, resize: str, pad_color: str = "black") -> Image.Image:
+    """Decode one file and return the training-ready image (EXIF orientation applied)."""
+    with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return resize_image(to_color(image, color), size, resize, pad_color)
+
+
+def preprocess_class(
+    fates: pd.DataFrame,
+    class_name: str,
+    out_dir: Path,
+    size: int,
+    color: str,
+    resize: str,
+    pad_color: str = "black",
+) -> pd.DataFrame:
+    """Write every kept image of one class to out_dir; return `path,label,group,source_file,status,reason`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept = fates[(fates["class"] == class_name) & (fates["status"] == "kept")]
+    rows = []
+    for done, record in enumerate(kept.itertuples(index=False), start=1):
+        target = out_dir / (Path(record.file).stem + ".png")
+        try:
+            prepare_image(record.file, size, color, resize, pad_color).save(target)
+            rows.append((str(target), class_name, record.group, record.file, "ok", ""))
+        except Exception as error:  # one bad file must not stop the class; it is recorded
+            log.warning("could not preprocess %s: %s", record.file, error)
+            rows.append(("", class_name, record.group, record.file, "failed", f"{type(error).__name__}: {error}"))
+        if done % 1000 == 0:
+            log.info("%s: %d / %d images preprocessed", class_name, done, len(kept))
+    log.info("%s: %d images preprocessed, %d failed", class_name, sum(r[4] == "ok" for r in rows),
+             sum(r[4] != "ok" for r in rows))
+    return pd.DataFrame(rows, columns=["path", "label", "group", "source_file", "status", "reason"])

@@ -1,0 +1,69 @@
+"""Shared fixtures: a per-test MLflow store, small real images, offline guards."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Nothing in tests may try the internet: pretrained-weight downloads fail fast instead."""
+    monkeypatch.setenv("IMGPIPE_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_db(tmp_path_factory) -> Path:
+    """An already-created MLflow SQLite store (creating one costs seconds; copying it, milliseconds)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.set_tracking_uri(f"sqlite:///{path}")
+    MlflowClient().search_experiments()
+    mlflow.set_tracking_uri(None)
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch, mlflow_template_db) -> str:
+    """A fresh MLflow store for one test, exported the way the pipeline reads it."""
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_template_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name in ("MLFLOW_EXPERIMENT_NAME", "IMGPIPE_MLFLOW_PARENT_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(None)  # a process-wide URI would override the variable
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def write_shape_images(folder: Path, kind: str, count: int, size: int = 48, seed: int = 0) -> list[Path]:
+    """`count` distinct, learnable images: 'bright' discs on dark or 'dark' bars on light, jittered."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    yy, xx = np.mgrid[:size, :size]
+    for index in range(count):
+        noise = rng.integers(0, 60, (size, size))
+        cx, cy, r = rng.integers(size // 3, 2 * size // 3, 2).tolist() + [int(rng.integers(size // 6, size // 3))]
+        if kind == "bright":
+            array = np.where((xx - cx) ** 2 + (yy - cy) ** 2 < r * r, 230, 20) + noise
+        else:
+            offset = int(rng.integers(0, size // 2))
+            array = np.where((xx + offset) % (size // 2) < size // 6, 10, 200) + noise
+        path = folder / f"{kind}_{index:03d}.png"
+        Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L").convert("RGB").save(path)
+        paths.append(path)
+    return paths

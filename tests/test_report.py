@@ -1,0 +1,231 @@
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from imgpipe.plots import plot_confusion_matrix, plot_roc_curves
+from imgpipe.report import rank_models, write_report
+
+CLASSES = ["cat", "dog", "fox"]
+
+# Three models: resnet18 is best by accuracy; mobilenet and cnn tie on accuracy and
+# mobilenet wins on macro F1. cnn alone has no ROC AUC.
+MODELS = {
+    "cnn": dict(arch="simple_cnn", accuracy=0.95, balanced_accuracy=0.949, macro_f1=0.948, roc_auc=None,
+                n_parameters=23456, train_seconds=12.34, inference_ms_per_image=0.12, best_epoch=27, epochs=30),
+    "resnet18": dict(arch="resnet18", accuracy=0.97, balanced_accuracy=0.969, macro_f1=0.968, roc_auc=0.995,
+                     n_parameters=11_177_538, train_seconds=301.27, inference_ms_per_image=2.5, best_epoch=8,
+                     epochs=10),
+    "mobilenet": dict(arch="mobilenet_v3_small", accuracy=0.95, balanced_accuracy=0.951, macro_f1=0.951,
+                      roc_auc=0.991, n_parameters=1_520_000, train_seconds=80.0, inference_ms_per_image=0.9,
+                      best_epoch=9, epochs=10),
+}
+
+
+def metrics_json(model, figures):
+    f1 = figures["macro_f1"]
+    return {
+        "model": model, "n_test": 90, "roc_auc_note": None if figures["roc_auc"] else "probabilities not saved",
+        "classes": CLASSES,
+        "per_class": {c: {"precision": f1, "recall": f1, "f1": round(f1 + 0.01 * (i - 1), 4), "support": 30}
+                      for i, c in enumerate(CLASSES)},
+        "confusion_matrix": [[28, 2, 0], [1, 28, 1], [0, 1, 29]],
+        "device": "cpu", "mlflow_run_id": None, "best_val_accuracy": 0.96,
+        **figures,
+    }
+
+
+def write_history(path, epochs):
+    epoch = np.arange(1, epochs + 1)
+    pd.DataFrame({
+        "epoch": epoch, "train_loss": 1 / epoch, "train_accuracy": 1 - 0.5 / epoch,
+        "val_loss": 1.1 / epoch, "val_accuracy": 1 - 0.55 / epoch, "lr": 0.001, "seconds": 0.5,
+    }).to_csv(path, index=False)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """results/<exp>/ with eval, models, split and dedupe outputs for three models."""
+    root = tmp_path_factory.mktemp("results") / "pets"
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 30)
+    metrics_paths, history_paths = {}, {}
+    for model, figures in MODELS.items():
+        eval_dir, model_dir = root / "eval" / model, root / "models" / model
+        model_dir.mkdir(parents=True)
+        metrics = metrics_json(model, figures)
+        plot_confusion_matrix(metrics["confusion_matrix"], CLASSES, eval_dir / "confusion_matrix.png", model)
+        probabilities = rng.dirichlet(np.ones(3), size=len(y)) + np.eye(3)[y]
+        plot_roc_curves(y, probabilities / probabilities.sum(1, keepdims=True), CLASSES, eval_dir / "roc.png", model)
+        (eval_dir / "metrics.json").write_text(json.dumps(metrics))
+        write_history(model_dir / "history.csv", figures["epochs"])
+        metrics_paths[model], history_paths[model] = eval_dir / "metrics.json", model_dir / "history.csv"
+
+    (root / "split").mkdir()
+    counts = {"cat": (70, 15, 15), "dog": (56, 12, 12), "fox": (35, 8, 7)}
+    rows = [(f"{c}/{c}_{split}_{i}.png", c, split)
+            for c, per_split in counts.items() for split, n in zip(("train", "val", "test"), per_split)
+            for i in range(n)]
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(root / "split" / "manifest.csv", index=False)
+
+    (root / "dedupe").mkdir()
+    fates = [("cat", "kept", "")] * 100 + [("cat", "dropped", "exact_duplicate")] * 4 \
+        + [("dog", "kept", "")] * 80 + [("dog", "dropped", "corrupt")] * 2 \
+        + [("dog", "dropped", "cross_class_near")] * 3 + [("fox", "kept", "")] * 50
+    dedupe = pd.DataFrame(
+        [(f"raw/{c}/{i}.jpg", c, f"{i:064x}", f"{i:016x}", status, reason, "", "", i)
+         for i, (c, status, reason) in enumerate(fates)],
+        columns=["file", "class", "sha256", "phash", "status", "reason", "duplicate_of", "distance", "group"],
+    )
+    dedupe.to_csv(root / "dedupe" / "manifest.csv", index=False)
+    return dict(root=root, metrics_paths=metrics_paths, history_paths=history_paths,
+                split_manifest=root / "split" / "manifest.csv", dedupe_manifest=root / "dedupe" / "manifest.csv")
+
+
+def report(experiment, out_name="report", rank_by="accuracy", **overrides):
+    kwargs = dict(experiment="pets", metrics_paths=experiment["metrics_paths"],
+                  history_paths=experiment["history_paths"], split_manifest=experiment["split_manifest"],
+                  dedupe_manifest=experiment["dedupe_manifest"], out_dir=experiment["root"] / out_name,
+                  rank_by=rank_by)
+    kwargs.update(overrides)
+    summary = write_report(**kwargs)
+    out_dir = kwargs["out_dir"]
+    return summary, (out_dir / "report.md").read_text(), (out_dir / "report.html").read_text()
+
+
+def table_row_order(md, models):
+    """Models in the order their comparison-table rows appear."""
+    section = md.split("## Comparison", 1)[1].split("\n## ", 1)[0]
+    positions = {m: re.search(rf"^\| {re.escape(m)} +\|", section, re.M) for m in models}
+    assert all(positions.values()), positions
+    return sorted(models, key=lambda m: positions[m].start())
+
+
+def test_report_ranks_models_and_names_the_best(experiment):
+    summary, md, _ = report(experiment)
+    assert md.startswith("# Model comparison: pets\n")
+    assert table_row_order(md, list(MODELS)) == ["resnet18", "mobilenet", "cnn"]
+    best = md.split("## Best model", 1)[1].split("\n## ", 1)[0]
+    assert best.strip().startswith("resnet18 (resnet18) is the best of 3 models by accuracy")
+    assert "leads the runner-up, mobilenet, by 0.0200 accuracy" in best
+    assert summary["best_model"] == "resnet18"
+    assert summary["best_value"] == 0.97
+    assert summary["runner_up"] == "mobilenet"
+    assert summary["margin"] == pytest.approx(0.02)
+    assert summary["ranking"] == ["resnet18", "mobilenet", "cnn"]
+    json.dumps(summary)  # the caller logs it to MLflow
+
+
+def test_report_formats_numbers(experiment):
+    _, md, _ = report(experiment)
+    row = next(line for line in md.splitlines() if line.startswith("| resnet18 "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["resnet18", "resnet18", "0.9700", "0.9690", "0.9680", "0.9950", "11,177,538", "301.3",
+                     "2.500", "8 / 10"]
+    cnn_row = next(line for line in md.splitlines() if line.startswith("| cnn "))
+    assert "n/a" in cnn_row  # no ROC AUC
+    assert "cnn: no ROC AUC (probabilities not saved)" in md
+
+
+def test_report_per_class_and_data_sections(experiment):
+    _, md, _ = report(experiment)
+    per_class = md.split("## Per-class F1", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^\| class +\| +test images \| +resnet18 \| +mobilenet \| +cnn \|", per_class, re.M)
+    assert re.search(r"^\| fox +\| +30 \| +0\.9780 \| +0\.9610 \| +0\.9580 \|", per_class, re.M)
+    data = md.split("## Data", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^\| dog +\| +56 \| +12 \| +12 \| +80 \|", data, re.M)
+    assert re.search(r"^\| total +\| +161 \| +35 \| +34 \| +230 \|", data, re.M)
+    assert "239 images were collected; deduplication and cleaning kept 230 (96.2%) and dropped 9" in data
+    header = next(line for line in data.splitlines() if "dropped: corrupt" in line)
+    # drop reasons in the canonical order, only those that occur
+    assert re.findall(r"dropped: (\w+)", header) == ["corrupt", "cross_class_near", "exact_duplicate"]
+    assert re.search(r"^\| dog +\| +80 \| +2 \| +3 \| +0 \| +85 \|", data, re.M)
+
+
+def test_markdown_links_plots_relative_to_report(experiment):
+    _, md, _ = report(experiment)
+    out_dir = experiment["root"] / "report"
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert "learning_curves.png" in links
+    assert "../eval/cnn/confusion_matrix.png" in links and "../eval/mobilenet/roc.png" in links
+    assert len(links) == 1 + 2 * len(MODELS)
+    assert all((out_dir / link).is_file() for link in links)
+    assert (out_dir / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_html_is_self_contained(experiment):
+    _, _, html = report(experiment)
+    assert html.count('src="data:image/png;base64,') == 1 + 2 * len(MODELS)
+    references = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)|url\(([^)]*)\)""", html)
+    assert references and all(ref.startswith("data:") for pair in references for ref in pair if ref)
+    assert "<table>" in html and "<th>model" in html.replace(" ", "")
+    assert "resnet18 (resnet18) is the best of 3 models" in html
+
+
+def test_missing_and_broken_models_are_listed_not_fatal(experiment, tmp_path):
+    broken = tmp_path / "metrics.json"
+    broken.write_text("{not json")
+    metrics_paths = dict(experiment["metrics_paths"], vit=tmp_path / "nope" / "metrics.json", effnet=broken)
+    history_paths = dict(experiment["history_paths"], vit=tmp_path / "nope" / "history.csv")
+    summary, md, html = report(experiment, out_name="report_failed", metrics_paths=metrics_paths,
+                               history_paths=history_paths)
+    failed = md.split("## Failed models", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^- vit: metrics file not found: .*nope/metrics\.json$", failed, re.M)
+    assert re.search(r"^- effnet: cannot read .*metrics\.json", failed, re.M)
+    assert table_row_order(md, list(MODELS)) == ["resnet18", "mobilenet", "cnn"]
+    assert "vit: no training history" in md
+    assert set(summary["failed_models"]) == {"vit", "effnet"}
+    assert summary["ranking"] == ["resnet18", "mobilenet", "cnn"]
+    assert "Failed models" in html
+
+
+def test_report_with_no_readable_model_still_renders(experiment, tmp_path):
+    summary, md, html = report(experiment, out_name="report_empty",
+                               metrics_paths={"cnn": tmp_path / "missing.json"}, history_paths={})
+    assert summary["best_model"] is None and summary["ranking"] == []
+    assert "No model produced readable metrics" in md
+    assert "- cnn: metrics file not found" in md
+    assert html.count("data:image/png") == 1  # the (empty) learning curves
+
+
+def test_null_roc_auc_ranks_last(experiment):
+    summary, md, _ = report(experiment, out_name="report_auc", rank_by="roc_auc")
+    assert summary["ranking"] == ["resnet18", "mobilenet", "cnn"]
+    assert "by 0.0040 ROC AUC" in md
+
+
+def test_ties_broken_by_macro_f1_then_parameters():
+    base = dict(accuracy=0.9, balanced_accuracy=0.9, roc_auc=None)
+    metrics = {
+        "big": dict(base, macro_f1=0.88, n_parameters=1000),
+        "small": dict(base, macro_f1=0.88, n_parameters=10),
+        "sharp": dict(base, macro_f1=0.89, n_parameters=10**6),
+        "worse": dict(base, accuracy=0.8, macro_f1=0.99, n_parameters=1),
+    }
+    assert rank_models(metrics, "accuracy") == ["sharp", "small", "big", "worse"]
+    # no model has a ROC AUC: the ranking falls back to the tie-breakers alone
+    assert rank_models(metrics, "roc_auc") == ["worse", "sharp", "small", "big"]
+
+
+def test_tie_explained_in_best_model_sentence(experiment, tmp_path):
+    paths = {}
+    for model, params in (("big", 5_000_000), ("small", 50_000)):
+        figures = dict(MODELS["cnn"], arch=model, roc_auc=0.99, n_parameters=params)
+        paths[model] = tmp_path / model / "metrics.json"
+        paths[model].parent.mkdir()
+        paths[model].write_text(json.dumps(metrics_json(model, figures)))
+    summary, md, _ = report(experiment, out_name="report_tie", metrics_paths=paths, history_paths={})
+    assert summary["best_model"] == "small" and summary["margin"] == 0
+    assert "ties with the runner-up, big, on accuracy, and equals it on macro F1; it ranks first for having " \
+           "fewer parameters (50,000 vs 5,000,000)" in md
+    assert "confusion matrix not found" in md  # no plots next to these metrics files
+
+
+@pytest.mark.parametrize("rank_by", ["f1", "loss", ""])
+def test_invalid_rank_by_raises_before_writing(experiment, rank_by):
+    out_dir = experiment["root"] / f"report_invalid_{rank_by}"
+    with pytest.raises(ValueError, match=rf"rank_by '{rank_by}' is not one of accuracy, balanced_accuracy"):
+        report(experiment, out_dir=out_dir, rank_by=rank_by)
+    assert not out_dir.exists()

@@ -1,0 +1,25 @@
+rule report:
+    input:
+        metrics=expand(f"{RESULTS}/eval/{{model}}/metrics.json", model=MODELS),
+        histories=expand(f"{RESULTS}/models/{{model}}/history.csv", model=MODELS),
+        plots=expand(f"{RESULTS}/eval/{{model}}/{{plot}}.png", model=MODELS, plot=("confusion_matrix", "roc")),
+        split=f"{RESULTS}/split/manifest.csv",
+        dedupe=f"{RESULTS}/dedupe/manifest.csv",
+    output:
+        markdown=f"{RESULTS}/report/report.md",
+        html=report(f"{RESULTS}/report/report.html", caption="../report/report.rst", category="Comparison"),
+        learning_curves=report(
+            f"{RESULTS}/report/learning_curves.png",
+            caption="../report/learning_curves.rst",
+            category="Comparison",
+        ),
+    params:
+        experiment=EXPERIMENT,
+        models=MODELS,
+        rank_by=config["report"]["rank_by"],
+    log:
+        f"{LOGS}/report.log",
+    benchmark:
+        f"{BENCHMARKS}/report.tsv"
+    script:
+        "../scripts/report.py"

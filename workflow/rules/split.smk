@@ -1,0 +1,15 @@
+rule split:
+    input:
+        expand(f"{RESULTS}/images/{{cls}}.csv", cls=CLASSES),
+    output:
+        manifest=f"{RESULTS}/split/manifest.csv",
+        sizes=f"{RESULTS}/split/sizes.json",
+    params:
+        ratios={name: config["split"][name] for name in ("train", "val", "test")},
+        seed=config["split"]["seed"],
+    log:
+        f"{LOGS}/split.log",
+    benchmark:
+        f"{BENCHMARKS}/split.tsv"
+    script:
+        "../scripts/split.py"

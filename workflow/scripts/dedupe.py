@@ -1,0 +1,25 @@
+"""Glue: de-duplicate all classes' raw images (see imgpipe.dedupe)."""
+
+import json
+
+from imgpipe.joblog import configure_logging
+
+configure_logging(snakemake.log[0])
+
+import mlflow
+import pandas as pd
+
+from imgpipe.dedupe import dedupe_images, read_exclude_list, summarize_fates
+from imgpipe.tracking import flatten, job_run
+
+with job_run("dedupe", tags={"imgpipe.stage": "dedupe"}):
+    raw = pd.concat([pd.read_csv(path, keep_default_na=False) for path in snakemake.input.manifests],
+                    ignore_index=True)
+    exclude = read_exclude_list(snakemake.input.exclude[0]) if snakemake.input.exclude else set()
+    fates = dedupe_images(raw, snakemake.params.near_distance, snakemake.params.near_action, exclude)
+    fates.to_csv(snakemake.output.manifest, index=False, lineterminator="\n")
+    summary = summarize_fates(fates)
+    with open(snakemake.output.summary, "w") as handle:
+        json.dump(summary, handle, indent=2)
+    mlflow.log_params({"near_distance": snakemake.params.near_distance, "near_action": snakemake.params.near_action})
+    mlflow.log_metrics({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))})

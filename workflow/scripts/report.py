@@ -1,0 +1,27 @@
+"""Glue: the comparison report of all models (see imgpipe.report)."""
+
+from pathlib import Path
+
+from imgpipe.joblog import configure_logging
+
+configure_logging(snakemake.log[0])
+
+import mlflow
+
+from imgpipe.report import write_report
+from imgpipe.tracking import job_run
+
+models = snakemake.params.models
+with job_run("report", tags={"imgpipe.stage": "report"}):
+    summary = write_report(
+        snakemake.params.experiment,
+        metrics_paths=dict(zip(models, map(Path, snakemake.input.metrics))),
+        history_paths=dict(zip(models, map(Path, snakemake.input.histories))),
+        split_manifest=Path(snakemake.input.split),
+        dedupe_manifest=Path(snakemake.input.dedupe),
+        out_dir=Path(snakemake.output.markdown).parent,
+        rank_by=snakemake.params.rank_by,
+    )
+    mlflow.set_tag("imgpipe.best_model", summary["best_model"])
+    for path in snakemake.output:
+        mlflow.log_artifact(path, artifact_path="report")

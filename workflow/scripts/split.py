@@ -1,0 +1,24 @@
+"""Glue: stratified, leak-free train/val/test split (see imgpipe.split)."""
+
+import json
+
+from imgpipe.joblog import configure_logging
+
+configure_logging(snakemake.log[0])
+
+import mlflow
+import pandas as pd
+
+from imgpipe.split import split_sizes, stratified_group_split, write_manifest
+from imgpipe.tracking import job_run
+
+with job_run("split", tags={"imgpipe.stage": "split"}):
+    images = pd.concat([pd.read_csv(path, keep_default_na=False) for path in snakemake.input], ignore_index=True)
+    manifest = stratified_group_split(images[images["status"] == "ok"], snakemake.params.ratios,
+                                      snakemake.params.seed)
+    write_manifest(manifest, snakemake.output.manifest)
+    sizes = split_sizes(manifest)
+    with open(snakemake.output.sizes, "w") as handle:
+        json.dump(sizes, handle, indent=2)
+    mlflow.log_params({**{f"ratio_{k}": v for k, v in snakemake.params.ratios.items()}, "seed": snakemake.params.seed})
+    mlflow.log_metrics(sizes)
