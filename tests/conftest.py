@@ -40,9 +40,12 @@ def mlflow_uri(tmp_path, monkeypatch, mlflow_template_db) -> str:
     shutil.copy(mlflow_template_db, db)
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for name in ("MLFLOW_EXPERIMENT_NAME", "IMGPIPE_MLFLOW_PARENT_RUN_ID"):
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "IMGPIPE_MLFLOW_PARENT_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     mlflow.set_tracking_uri(None)  # a process-wide URI would override the variable
+    # Each pipeline job is a fresh process; in one test process, forget the previous
+    # test's active experiment, which lives in another store.
+    mlflow.tracking.fluent._active_experiment_id = None
     yield uri
     while mlflow.active_run():
         mlflow.end_run()

@@ -111,3 +111,14 @@ def test_source_fingerprint_changes_when_a_folder_changes(tmp_path):
     (folder / "sub").mkdir()
     (folder / "sub" / "b.png").write_bytes(b"yy")
     assert source_fingerprints(sources)[0] != first[0]
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "config/examples").glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_configs_are_valid(example, tmp_path):
+    config = yaml.safe_load(example.read_text())
+    for spec in config["classes"].values():
+        for source in spec["sources"]:
+            if "folder" in source:
+                (tmp_path / source["folder"]).mkdir(parents=True, exist_ok=True)
+    check_config_files([example])
+    assert validate_config(config, SCHEMA, tmp_path)["experiment"] == example.stem

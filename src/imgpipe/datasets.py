@@ -16,6 +16,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from imgpipe.manifests import read_manifest
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,7 +32,7 @@ class SplitTensors:
 
 
 def read_split_manifest(path: Path | str) -> pd.DataFrame:
-    manifest = pd.read_csv(path, dtype={"path": str, "label": str, "split": str}, keep_default_na=False)
+    manifest = read_manifest(path)
     missing = {"path", "label", "split"} - set(manifest.columns)
     if missing:
         raise ValueError(f"split manifest '{path}' lacks column(s) {sorted(missing)}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
@@ -46,18 +47,8 @@ REASONS = (
     "exact_duplicate",
     "near_duplicate",
 )
-FATE_COLUMNS = [
-    "file",
-    "class",
-    "sha256",
-    "phash",
-    "status",
-    "reason",
-    "duplicate_of",
-    "distance",
-    "group",
-]
 RAW_COLUMNS = ("file", "class", "sha256", "status", "origin")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 _PROGRESS_EVERY = 1000
 _HASH_SIZE = 32  # pHash works on a 32x32 grayscale thumbnail ...
@@ -80,10 +71,11 @@ _DCT = _dct_rows(_HASH_SIZE, _LOW_FREQ)
 def perceptual_hash(path: str | os.PathLike) -> int:
     """64-bit perceptual hash (pHash) of the image file at `path`.
 
-    The standard pHash, as defined by the `imagehash` package: grayscale, resized to
-    32x32 (Lanczos), 2-D DCT-II, the top-left 8x8 coefficients (DC included), bit set
-    where the coefficient is above the median of those 64. Bit 63 is coefficient (0, 0),
-    then row by row, so ``f"{h:016x}"`` is imagehash's hex string.
+    The standard variant, the one the `imagehash` package's ``phash`` computes:
+    grayscale, resized to 32x32 (Lanczos), 2-D DCT-II, the top-left 8x8 coefficients (DC
+    included), bit set where the coefficient is above the median of those 64 (so half
+    the bits are set and distances are even). Bit 63 is coefficient (0, 0), then row by
+    row, the order of imagehash's hex string.
 
     EXIF orientation is applied first: a photo and its rotated copy look the same to a
     person (and to the model, once preprocessing has applied it), so they must hash the
@@ -162,9 +154,7 @@ def _sorted_unique_pairs(parts: list[np.ndarray], n: int) -> np.ndarray:
     return pairs[first]
 
 
-def hamming_pairs_brute_force(
-    hashes: Sequence[int] | np.ndarray, max_distance: int
-) -> np.ndarray:
+def hamming_pairs_brute_force(hashes: Sequence[int] | np.ndarray, max_distance: int) -> np.ndarray:
     """All pairs (i, j, distance), i < j, with Hamming distance <= max_distance.
 
     Compares every pair, a block of rows at a time. Returns an int64 array of shape
@@ -293,10 +283,10 @@ def hamming_pairs_multi_index(
 
 # Cost model for choosing a method, in seconds per unit of work, measured on the
 # 2-core development machine (bench/dedupe_speed.py); only their ratios matter.
-_COST_PER_BRUTE_FORCE_PAIR = 4e-9
-_COST_PER_CANDIDATE = 3e-8
-_COST_PER_PROBE_ELEMENT = 1e-7
-_BRUTE_FORCE_BLOCK = 1 << 22  # hash comparisons per block of rows
+_COST_PER_BRUTE_FORCE_PAIR = 6e-9
+_COST_PER_CANDIDATE = 2.1e-8
+_COST_PER_PROBE_ELEMENT = 5.5e-8
+_BRUTE_FORCE_BLOCK = 1 << 20  # hash comparisons per block of rows
 _CANDIDATE_BATCH = 1 << 22  # candidate pairs verified per batch
 
 
@@ -333,3 +323,293 @@ def hamming_pairs(hashes: Sequence[int] | np.ndarray, max_distance: int) -> np.n
     if n_chunks is None:
         return hamming_pairs_brute_force(h, max_distance)
     return hamming_pairs_multi_index(h, max_distance, n_chunks)
+
+
+# --------------------------------------------------------------------------- fates
+
+
+def read_exclude_list(path: str | os.PathLike) -> set[str]:
+    """Entries of a hand-kept exclusion list: sha256 digests, file paths or origins.
+
+    One entry per line; blank lines and comments (from a ``#`` at the start of a line or
+    after whitespace, so URL fragments survive) are ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"exclusion list {path} not found (config key dedupe.exclude): create it, or remove the key"
+        )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    entries = (re.sub(r"(^|\s)#.*", "", line).strip() for line in lines)
+    return {entry for entry in entries if entry}
+
+
+def _check_raw(raw: pd.DataFrame) -> None:
+    missing = [c for c in RAW_COLUMNS if c not in raw.columns]
+    if missing:
+        raise ValueError(f"crawl manifest lacks column(s) {missing}; it has {list(raw.columns)}")
+    unknown = set(raw["status"]) - {"ok", "corrupt", "failed"}
+    if unknown:
+        raise ValueError(f"crawl manifest has unknown status value(s) {sorted(unknown)}")
+    no_sha = (raw["status"] == "ok") & (raw["sha256"].fillna("").astype(str) == "")
+    if no_sha.any():
+        raise ValueError(
+            f"crawl manifest rows with status ok but no sha256: {list(raw.loc[no_sha, 'file'][:5])}"
+        )
+
+
+def _normalised_sha256(raw: pd.DataFrame) -> np.ndarray:
+    return raw["sha256"].fillna("").astype(str).str.lower().to_numpy(object)
+
+
+def _excluded_rows(raw: pd.DataFrame, sha: np.ndarray, exclude: Iterable[str]) -> np.ndarray:
+    """Rows named by `exclude` (by sha256, file path or origin), and every copy of them.
+
+    Excluding is about content: a person who lists one file wants that picture gone,
+    so byte-identical copies elsewhere in the crawl go too.
+    """
+    exclude = {e.strip() for e in exclude if e.strip()}
+    digests = {e.lower() for e in exclude if _SHA256.fullmatch(e)}
+    paths = {os.path.normpath(e) for e in exclude if "://" not in e}
+    files = raw["file"].astype(str)
+    named = (
+        np.isin(sha, list(digests))
+        | files.isin(exclude).to_numpy()
+        | files.map(os.path.normpath).isin(paths).to_numpy()
+        | raw["origin"].astype(str).isin(exclude).to_numpy()
+    ) & (raw["status"] == "ok").to_numpy()
+    if exclude and not named.any():
+        log.warning("no image matches any of the %d exclusion entries", len(exclude))
+    return np.isin(sha, list(set(sha[named]))) & (raw["status"] == "ok").to_numpy()
+
+
+def _cross_class_exact(units: pd.DataFrame) -> dict[int, int]:
+    """For units whose bytes appear in several classes: unit -> first unit in another class."""
+    several = units[units.groupby("sha")["cls"].transform("nunique") > 1]
+    partner = {}
+    for _, same in several.groupby("sha", sort=False):
+        members = list(zip(same["pos"], same["cls"]))
+        for pos, cls in members:
+            partner[pos] = next(other for other, other_cls in members if other_cls != cls)
+    return partner
+
+
+def _unit_pairs(units: pd.DataFrame, hashes: np.ndarray, near_distance: int) -> pd.DataFrame:
+    """Pairs of units (pos_u, pos_v, dist, same_class) within near_distance, both directions.
+
+    Hashes are compared once per distinct content (sha256), then mapped back to units
+    (one content in several classes gives one unit per class).
+    """
+    reps = units.drop_duplicates("sha")
+    rep_of = dict(zip(reps["sha"], range(len(reps))))
+    pairs = hamming_pairs(hashes[reps["pos"].to_numpy()], near_distance)
+    forward = pd.DataFrame(pairs, columns=["a", "b", "dist"])
+    both = pd.concat([forward, forward.rename(columns={"a": "b", "b": "a"})], ignore_index=True)
+    side = pd.DataFrame({"rep": units["sha"].map(rep_of), "pos": units["pos"], "cls": units["cls"]})
+    both = both.merge(side.add_suffix("_u"), left_on="a", right_on="rep_u")
+    both = both.merge(side.add_suffix("_v"), left_on="b", right_on="rep_v")
+    both["same_class"] = both["cls_u"] == both["cls_v"]
+    return both[["pos_u", "pos_v", "dist", "same_class"]]
+
+
+def _nearest(pairs: pd.DataFrame) -> pd.DataFrame:
+    """For each pos_u, its nearest pos_v (ties: earliest in the manifest)."""
+    return pairs.sort_values(["pos_u", "dist", "pos_v"]).drop_duplicates("pos_u")
+
+
+def _greedy_near_drop(pairs: pd.DataFrame) -> dict[int, tuple[int, int]]:
+    """In manifest order, drop each unit within reach of an already-kept one.
+
+    Returns dropped unit -> (nearest kept earlier unit, distance); kept units are then
+    pairwise further apart than the threshold.
+    """
+    earlier = pairs[pairs["pos_v"] < pairs["pos_u"]].sort_values(["pos_u", "dist", "pos_v"])
+    dropped: dict[int, tuple[int, int]] = {}
+    # Sorted by unit, so every earlier unit's fate is final when a unit is reached;
+    # its candidates come nearest first.
+    for unit, other, dist in zip(earlier["pos_u"], earlier["pos_v"], earlier["dist"]):
+        if unit not in dropped and other not in dropped:
+            dropped[unit] = (int(other), int(dist))
+    return dropped
+
+
+def _components(pairs: pd.DataFrame) -> dict[int, int]:
+    """Union-find over unit pairs: unit -> smallest unit (first in manifest) of its component."""
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        while parent.get(x, x) != x:
+            parent[x] = parent.get(parent[x], parent[x])
+            x = parent[x]
+        return x
+
+    for a, b in zip(pairs["pos_u"], pairs["pos_v"]):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {x: root(x) for x in parent}
+
+
+def decide_fates(
+    raw: pd.DataFrame,
+    phashes: Mapping[str, int | None],
+    near_distance: int,
+    near_action: str = "drop",
+    exclude: Iterable[str] = frozenset(),
+) -> pd.DataFrame:
+    """The fates table for a crawl manifest, given the perceptual hash of each content.
+
+    `phashes` maps sha256 to pHash (None: could not be decoded, so the rows are corrupt);
+    every row with status ok needs its sha256 in it. See `dedupe_images` for the rules
+    and the columns. Rows keep the manifest's order, and the manifest order decides
+    which copy is kept, so the same input always gives the same table.
+    """
+    _check_raw(raw)
+    if near_action not in NEAR_ACTIONS:
+        raise ValueError(f"dedupe.near_action must be one of {NEAR_ACTIONS}, got {near_action!r}")
+    if near_distance < 0:
+        raise ValueError(f"dedupe.near_distance must be >= 0, got {near_distance}")
+    n = len(raw)
+    files = raw["file"].astype(str).to_numpy(object)
+    sha = _normalised_sha256(raw)
+    ok = (raw["status"] == "ok").to_numpy()
+    phashes = {key.lower(): value for key, value in phashes.items()}
+    unhashed = [f for f, s, o in zip(files, sha, ok) if o and s not in phashes]
+    if unhashed:
+        raise ValueError(f"no perceptual hash given for {len(unhashed)} file(s), e.g. {unhashed[:3]}")
+    hashes = np.zeros(n, dtype=np.uint64)
+    has_hash = np.zeros(n, dtype=bool)
+    for row in np.nonzero(ok)[0]:
+        if phashes[sha[row]] is not None:
+            hashes[row], has_hash[row] = phashes[sha[row]], True
+
+    reason = np.where(ok, "", raw["status"].to_numpy(object)).astype(object)
+    reason[ok & ~has_hash] = "corrupt"
+    reason[(reason == "") & _excluded_rows(raw, sha, exclude)] = "excluded"
+    duplicate_of = np.full(n, -1)
+    distance = np.full(n, -1)
+
+    # Rows with the same bytes in the same class form a unit, represented by its first row.
+    alive = np.nonzero(reason == "")[0]
+    rows = pd.DataFrame({"pos": alive, "sha": sha[alive], "cls": raw["class"].astype(str).to_numpy()[alive]})
+    unit_of = np.full(n, -1)
+    unit_of[alive] = rows.groupby(["sha", "cls"], sort=False)["pos"].transform("first").to_numpy()
+    units = rows[rows["pos"] == unit_of[alive]]
+
+    unit_reason: dict[int, str] = {}
+    for unit, other in _cross_class_exact(units).items():
+        unit_reason[unit] = "cross_class_exact"
+        duplicate_of[unit], distance[unit] = other, 0
+    pairs = _unit_pairs(units, hashes, near_distance) if near_distance > 0 else None
+    if pairs is not None:
+        cross = pairs[~pairs["same_class"] & ~pairs["pos_u"].isin(list(unit_reason))]
+        for unit, other, dist in _nearest(cross)[["pos_u", "pos_v", "dist"]].itertuples(index=False):
+            unit_reason[unit] = "cross_class_near"
+            duplicate_of[unit], distance[unit] = other, dist
+        survivors = ~pairs["pos_u"].isin(list(unit_reason)) & ~pairs["pos_v"].isin(list(unit_reason))
+        pairs = pairs[pairs["same_class"] & survivors]
+        if near_action == "drop":
+            for unit, (other, dist) in _greedy_near_drop(pairs).items():
+                unit_reason[unit] = "near_duplicate"
+                duplicate_of[unit], distance[unit] = other, dist
+
+    # Every row shares its unit's fate, except that extra copies of a unit that is
+    # not dropped across classes are exact duplicates of its first row.
+    for row in alive:
+        unit = unit_of[row]
+        cross_dropped = unit_reason.get(unit, "").startswith("cross_class")
+        if row == unit or cross_dropped:
+            reason[row] = unit_reason.get(unit, "")
+            duplicate_of[row], distance[row] = duplicate_of[unit], distance[unit]
+        else:
+            reason[row] = "exact_duplicate"
+            duplicate_of[row], distance[row] = unit, 0
+
+    kept = reason == ""
+    group = np.where(kept, np.arange(n), -1)
+    if pairs is not None and near_action == "group":
+        for unit, first in _components(pairs[pairs["pos_u"] < pairs["pos_v"]]).items():
+            group[unit] = first
+
+    fates = pd.DataFrame(
+        {
+            "file": raw["file"].astype(str).to_numpy(),
+            "class": raw["class"].astype(str).to_numpy(),
+            "sha256": raw["sha256"].fillna("").astype(str).to_numpy(),
+            "phash": [format_hash(int(h)) if has else "" for h, has in zip(hashes, has_hash)],
+            "status": np.where(kept, "kept", "dropped"),
+            "reason": reason.astype(str),
+            "duplicate_of": np.where(duplicate_of >= 0, files[duplicate_of], ""),
+            "distance": pd.arrays.IntegerArray(np.maximum(distance, 0), distance < 0),
+            "group": np.where(group >= 0, files[group], ""),
+        }
+    )
+    dropped = fates.loc[~kept, "reason"].value_counts()
+    log.info("kept %d of %d images; dropped: %s", kept.sum(), n, dropped.to_dict() or "none")
+    return fates
+
+
+def dedupe_images(
+    raw: pd.DataFrame,
+    near_distance: int,
+    near_action: str = "drop",
+    exclude: Iterable[str] = frozenset(),
+    threads: int = 1,
+) -> pd.DataFrame:
+    """Fates of all crawled images of all classes: one row per manifest row.
+
+    `raw` is the concatenated crawl manifests (needs columns file, class, sha256,
+    status, origin; files are read at the paths given). Each distinct content is hashed
+    once, on `threads` threads. The rules, in order:
+
+    1. status corrupt/failed rows are dropped with that reason (so is an ok row whose
+       file cannot be decoded: "corrupt");
+    2. rows whose sha256, file or origin is in `exclude` are dropped, with every copy of
+       their bytes: "excluded";
+    3. content in two classes, by bytes or by pHash within `near_distance`, is dropped
+       from all of them: "cross_class_exact" / "cross_class_near", duplicate_of naming
+       a file of the other class (the nearest, then the first);
+    4. within a class, copies of the same bytes after the first: "exact_duplicate";
+    5. within a class, pHash within `near_distance` (0 disables this and the near part
+       of 3): with near_action "drop", an image within reach of an already kept image
+       (manifest order) is dropped, "near_duplicate", duplicate_of the nearest such;
+       with "group", all are kept and linked images share a group.
+
+    Columns: file, class, sha256, phash (16 hex digits, "" if not decoded), status
+    ("kept" | "dropped"), reason ("" when kept), duplicate_of ("" when none), distance
+    (Hamming distance to duplicate_of, 0 for exact copies, <NA> when none), group (for
+    kept rows, the first file of its near-duplicate group, its own file when alone;
+    "" when dropped).
+    """
+    _check_raw(raw)
+    ok = (raw["status"] == "ok").to_numpy()
+    contents = pd.DataFrame({"sha": _normalised_sha256(raw)[ok], "file": raw["file"].astype(str)[ok]})
+    contents = contents.drop_duplicates("sha")
+    log.info("hashing %d distinct images of %d ok rows", len(contents), ok.sum())
+    hashes = hash_images(contents["file"].tolist(), threads)
+    return decide_fates(raw, dict(zip(contents["sha"], hashes)), near_distance, near_action, exclude)
+
+
+def summarize_fates(fates: pd.DataFrame) -> dict[str, int]:
+    """Flat counts for MLflow metrics and summary.json.
+
+    n_images, n_kept, n_dropped; kept_<class>; dropped_<reason> and
+    dropped_<reason>_<class>; n_groups (near-duplicate groups of two or more kept
+    images) and n_grouped_images. Every class and reason is present, zeros included, so
+    runs compare key by key.
+    """
+    classes = sorted(fates["class"].unique())
+    kept = fates[fates["status"] == "kept"]
+    dropped = fates[fates["status"] == "dropped"]
+    per_reason = dropped.groupby("reason").size()
+    per_reason_class = dropped.groupby(["reason", "class"]).size()
+    group_sizes = kept["group"].value_counts()
+    summary = {"n_images": len(fates), "n_kept": len(kept), "n_dropped": len(dropped)}
+    summary |= {f"kept_{c}": int((kept["class"] == c).sum()) for c in classes}
+    summary |= {f"dropped_{r}": int(per_reason.get(r, 0)) for r in REASONS}
+    summary |= {f"dropped_{r}_{c}": int(per_reason_class.get((r, c), 0)) for r in REASONS for c in classes}
+    summary |= {
+        "n_groups": int((group_sizes > 1).sum()),
+        "n_grouped_images": int(group_sizes[group_sizes > 1].sum()),
+    }
+    return summary

@@ -25,26 +25,32 @@ def target_counts(n_images: int, ratios: dict[str, float]) -> dict[str, int]:
 
 
 def stratified_group_split(
-    images: pd.DataFrame, ratios: dict[str, float], seed: int
+    images: pd.DataFrame,
+    ratios: dict[str, float],
+    seed: int,
+    classes: list[str] | None = None,
+    class_notes: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """Assign every image (`path,label,group`) to train/val/test.
 
     Per class, groups are shuffled with `seed`, placed largest first, each into the split
     furthest below its target; with singleton groups this hits the targets exactly. A
-    class that cannot give every split at least one image raises SplitError naming the
-    class and its counts.
+    class (of `classes`, default: those present) that cannot give every split at least
+    one image raises SplitError naming the class, its counts and `class_notes[class]`.
     """
     rng = np.random.default_rng(seed)
     assigned = []
-    for label in sorted(images["label"].unique()):
+    class_notes = class_notes or {}
+    for label in sorted(classes if classes is not None else images["label"].unique()):
         members = images[images["label"] == label]
-        groups = members.groupby("group", sort=True)["path"].apply(sorted)
         n_images = len(members)
         if n_images < len(SPLITS):
+            note = f" ({class_notes[label]})" if label in class_notes else ""
             raise SplitError(
-                f"class '{label}' has {n_images} image(s) left after de-duplication; "
+                f"class '{label}' has {n_images} image(s) left after de-duplication{note}; "
                 f"a train/val/test split needs at least {len(SPLITS)}"
             )
+        groups = members.groupby("group", sort=True)["path"].apply(sorted)
         targets = target_counts(n_images, ratios)
         order = rng.permutation(len(groups))
         order = sorted(order, key=lambda position: -len(groups.iloc[position]))  # stable: ties keep shuffle order
@@ -68,6 +74,16 @@ def stratified_group_split(
 
 def _split_order(column: pd.Series) -> pd.Series:
     return column.map(SPLITS.index) if column.name == "split" else column
+
+
+def describe_losses(fates: pd.DataFrame) -> dict[str, str]:
+    """Per class, what de-duplication dropped: 'collected 5, dropped 3: corrupt 1, exact_duplicate 2'."""
+    notes = {}
+    for label, rows in fates.groupby("class"):
+        reasons = rows.loc[rows["status"] == "dropped", "reason"].value_counts().sort_index()
+        detail = ", ".join(f"{reason} {count}" for reason, count in reasons.items())
+        notes[label] = f"collected {len(rows)}, dropped {reasons.sum()}" + (f": {detail}" if detail else "")
+    return notes
 
 
 def write_manifest(manifest: pd.DataFrame, path: Path | str) -> None:

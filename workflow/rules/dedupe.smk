@@ -12,5 +12,6 @@ rule dedupe:
         f"{LOGS}/dedupe.log",
     benchmark:
         f"{BENCHMARKS}/dedupe.tsv"
+    threads: 2
     script:
         "../scripts/dedupe.py"

@@ -15,4 +15,5 @@ class_name = snakemake.wildcards.cls
 with job_run(f"crawl {class_name}", tags={"imgpipe.stage": "crawl", "imgpipe.class": class_name}):
     manifest = crawl_class(class_name, snakemake.params.sources, Path(snakemake.output.images))
     manifest.to_csv(snakemake.output.manifest, index=False, lineterminator="\n")
-    mlflow.log_metrics({f"images_{status}": int(count) for status, count in manifest["status"].value_counts().items()})
+    counts = manifest["status"].value_counts()
+    mlflow.log_metrics({f"images_{status}": int(counts.get(status, 0)) for status in ("ok", "corrupt", "failed")})

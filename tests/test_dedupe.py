@@ -1,0 +1,408 @@
+"""Tests of imgpipe.dedupe: perceptual hashing, Hamming pair search, and the fate rules."""
+
+import itertools
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+from imgpipe.dedupe import (
+    choose_hamming_method,
+    decide_fates,
+    dedupe_images,
+    format_hash,
+    hamming_pairs,
+    hamming_pairs_brute_force,
+    hamming_pairs_multi_index,
+    perceptual_hash,
+    read_exclude_list,
+    summarize_fates,
+)
+
+
+def distance(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """The two photos scikit-learn ships (427x640 RGB)."""
+    return [Image.fromarray(array) for array in load_sample_images().images]
+
+
+def manifest(*rows):
+    """A crawl manifest from (file, class, sha256[, status[, origin]]) tuples."""
+    records = []
+    for index, (file, cls, sha, *rest) in enumerate(rows):
+        status = rest[0] if rest else "ok"
+        origin = rest[1] if len(rest) > 1 else f"https://example.org/{file}"
+        records.append(
+            {
+                "file": file,
+                "class": cls,
+                "source": "bing",
+                "source_index": 0,
+                "query": cls,
+                "origin": origin,
+                "sha256": sha if status == "ok" else "",
+                "status": status,
+                "reason": "" if status == "ok" else "broken",
+                "width": 10,
+                "height": 10,
+                "format": "JPEG",
+                "index": index,
+            }
+        )
+    return pd.DataFrame(records).drop(columns="index")
+
+
+def fate(fates, file):
+    return fates.set_index("file").loc[file]
+
+
+# ----------------------------------------------------------------- perceptual hash
+
+
+def test_phash_survives_reencoding_and_resizing_but_tells_photos_apart(tmp_path, photos):
+    china, flower = photos
+    china.save(tmp_path / "china.png")
+    china.save(tmp_path / "china_q30.jpg", quality=30)
+    china.resize((160, 107), Image.Resampling.BILINEAR).save(tmp_path / "china_small.jpg", quality=75)
+    flower.save(tmp_path / "flower.jpg", quality=90)
+    original = perceptual_hash(tmp_path / "china.png")
+
+    assert distance(original, perceptual_hash(tmp_path / "china_q30.jpg")) <= 4
+    assert distance(original, perceptual_hash(tmp_path / "china_small.jpg")) <= 4
+    assert distance(original, perceptual_hash(tmp_path / "flower.jpg")) >= 20
+
+
+def test_phash_applies_exif_orientation(tmp_path, photos):
+    china = photos[0]
+    china.save(tmp_path / "upright.jpg", quality=90)
+    # Stored rotated, with the tag that tells viewers to rotate it back upright.
+    stored = china.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "tagged.jpg", quality=90, exif=exif)
+    stored.save(tmp_path / "rotated.jpg", quality=90)
+    upright = perceptual_hash(tmp_path / "upright.jpg")
+
+    assert distance(upright, perceptual_hash(tmp_path / "tagged.jpg")) <= 2
+    assert distance(upright, perceptual_hash(tmp_path / "rotated.jpg")) >= 16
+
+
+def test_phash_reads_16_bit_and_palette_images_without_clipping(tmp_path, photos):
+    gray = photos[0].convert("L")
+    gray.save(tmp_path / "gray.png")
+    Image.fromarray(np.asarray(gray).astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    photos[0].convert("P").save(tmp_path / "palette.png")
+    reference = perceptual_hash(tmp_path / "gray.png")
+
+    assert distance(reference, perceptual_hash(tmp_path / "gray16.png")) <= 2
+    assert distance(reference, perceptual_hash(tmp_path / "palette.png")) <= 4
+
+
+def test_phash_of_flat_image_is_only_the_dc_bit(tmp_path):
+    Image.new("RGB", (50, 30), (120, 130, 140)).save(tmp_path / "flat.png")
+
+    assert perceptual_hash(tmp_path / "flat.png") == 1 << 63
+    assert format_hash(1 << 63) == "8000000000000000"
+    assert format_hash(5) == "0000000000000005"
+
+
+# ------------------------------------------------------------------ Hamming search
+
+
+def all_pairs(hashes):
+    return [
+        (i, j, distance(int(a), int(b))) for (i, a), (j, b) in itertools.combinations(enumerate(hashes), 2)
+    ]
+
+
+def planted_hashes(seed, n_random=200, n_planted=80):
+    """Random hashes, near copies of some of them (0-12 bits flipped), exact repeats."""
+    rng = np.random.default_rng(seed)
+    base = [int(x) for x in rng.integers(0, 2**64, size=n_random, dtype=np.uint64)]
+    planted = []
+    for _ in range(n_planted):
+        value = base[rng.integers(n_random)]
+        for bit in rng.choice(64, size=rng.integers(0, 13), replace=False):
+            value ^= 1 << int(bit)
+        planted.append(value)
+    hashes = base + planted + base[:3]
+    rng.shuffle(hashes)
+    return np.array(hashes, dtype=np.uint64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hamming_pairs_equal_brute_force(seed):
+    hashes = planted_hashes(seed)
+    pairs = all_pairs(hashes)
+    for max_distance in [0, 1, 2, 5, 8, 10, 13, 24]:
+        expected = [pair for pair in pairs if pair[2] <= max_distance]
+        # Per-chunk radius 0, 1 and 2.
+        chunk_counts = {max(1, (max_distance + 1) // k) for k in (1, 2, 3)}
+        results = {
+            "auto": hamming_pairs(hashes, max_distance),
+            "brute force": hamming_pairs_brute_force(hashes, max_distance),
+        }
+        results |= {m: hamming_pairs_multi_index(hashes, max_distance, m) for m in chunk_counts}
+        for method, got in results.items():
+            assert got.dtype == np.int64 and got.shape[1] == 3
+            assert [tuple(map(int, row)) for row in got] == expected, (method, max_distance)
+        assert expected or max_distance == 0
+
+
+def test_hamming_pairs_distance_zero_finds_only_identical_hashes():
+    hashes = np.array([5, 4, 5, 7, 5], dtype=np.uint64)
+
+    assert hamming_pairs(hashes, 0).tolist() == [[0, 2, 0], [0, 4, 0], [2, 4, 0]]
+    assert hamming_pairs(hashes, 1).tolist() == [
+        [0, 1, 1],
+        [0, 2, 0],
+        [0, 3, 1],
+        [0, 4, 0],
+        [1, 2, 1],
+        [1, 4, 1],
+        [2, 3, 1],
+        [2, 4, 0],
+        [3, 4, 1],
+    ]
+
+
+def test_hamming_pairs_edge_cases():
+    assert hamming_pairs(np.array([], dtype=np.uint64), 3).shape == (0, 3)
+    assert hamming_pairs([2**64 - 1], 3).shape == (0, 3)
+    assert hamming_pairs([0, 2**64 - 1], 64).tolist() == [[0, 1, 64]]
+    with pytest.raises(ValueError, match="max_distance"):
+        hamming_pairs([1, 2], -1)
+
+
+def test_method_choice_follows_the_cost_model():
+    assert choose_hamming_method(100_000, 0) == 1  # one chunk: equal hashes
+    assert choose_hamming_method(100_000, 10) not in (None, 11)  # beats pigeonhole with r=0
+    assert choose_hamming_method(100_000, 40) is None  # brute force
+
+
+# ----------------------------------------------------------------------- the rules
+
+
+def test_unusable_rows_are_carried_through_with_their_reason():
+    raw = manifest(("a.jpg", "cat", "s1"), ("b.jpg", "cat", "", "corrupt"), ("c.jpg", "dog", "", "failed"))
+    fates = decide_fates(raw, {"s1": 1}, near_distance=4)
+
+    assert fates["file"].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert fates["status"].tolist() == ["kept", "dropped", "dropped"]
+    assert fates["reason"].tolist() == ["", "corrupt", "failed"]
+    assert fates["phash"].tolist() == ["0000000000000001", "", ""]
+    assert fates["group"].tolist() == ["a.jpg", "", ""]
+    assert fates["distance"].isna().all()
+
+
+def test_exclude_by_sha_path_and_origin_drops_every_copy():
+    sha_a, sha_b = "a" * 64, "b" * 64
+    raw = manifest(
+        ("data/x.jpg", "cat", sha_a),
+        ("data/x_copy.jpg", "cat", sha_a),
+        ("data/y.jpg", "cat", sha_b),
+        ("data/z.jpg", "dog", "s3", "ok", "https://bad.example/z.jpg#frag"),
+        ("data/w.jpg", "dog", "s4"),
+    )
+    phashes = {sha_a: 1, sha_b: 2**40, "s3": 2**50, "s4": 2**60}
+    fates = decide_fates(
+        raw, phashes, 0, exclude={sha_a.upper(), "./data/y.jpg", "https://bad.example/z.jpg#frag"}
+    )
+
+    assert fates["reason"].tolist() == ["excluded"] * 4 + [""]
+    assert decide_fates(raw, phashes, 0, exclude={"data/x_copy.jpg"})["reason"].tolist()[:2] == [
+        "excluded",
+        "excluded",
+    ]
+
+
+def test_cross_class_exact_copy_is_dropped_from_both_classes():
+    raw = manifest(("cat1", "cat", "s1"), ("cat2", "cat", "s1"), ("dog1", "dog", "s1"), ("dog2", "dog", "s2"))
+    fates = decide_fates(raw, {"s1": 0, "s2": 2**63 - 1}, near_distance=0)
+
+    assert fates["reason"].tolist() == ["cross_class_exact"] * 3 + [""]
+    assert fates["duplicate_of"].tolist() == ["dog1", "dog1", "cat1", ""]
+    assert fates["distance"].tolist()[:3] == [0, 0, 0]
+
+
+def test_cross_class_near_copy_is_dropped_from_both_classes():
+    raw = manifest(("cat1", "cat", "s1"), ("dog1", "dog", "s2"), ("dog2", "dog", "s3"), ("cat2", "cat", "s4"))
+    phashes = {"s1": 0b0000, "s2": 0b0111, "s3": 0b1111 << 20, "s4": 0xFF << 40}
+    near = decide_fates(raw, phashes, near_distance=3)
+    exact_only = decide_fates(raw, phashes, near_distance=0)
+    below = decide_fates(raw, phashes, near_distance=2)
+
+    assert near["reason"].tolist() == ["cross_class_near", "cross_class_near", "", ""]
+    assert near["duplicate_of"].tolist() == ["dog1", "cat1", "", ""]
+    assert near["distance"].tolist()[:2] == [3, 3]
+    assert (exact_only["status"] == "kept").all()
+    assert (below["status"] == "kept").all()
+
+
+def test_exact_duplicates_within_a_class_keep_the_first():
+    raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "cat", "s1"), ("d", "cat", "S1"))
+    fates = decide_fates(raw, {"s1": 0, "s2": 2**64 - 1}, near_distance=4)
+
+    assert fates["reason"].tolist() == ["", "", "exact_duplicate", "exact_duplicate"]
+    assert fates["duplicate_of"].tolist() == ["", "", "a", "a"]
+    assert fates["distance"].tolist()[2:] == [0, 0]
+
+
+def test_near_drop_is_greedy_in_manifest_order():
+    # a-b and b-c are within 2 bits, a-c is not: b goes, so c has no kept neighbour.
+    raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "cat", "s3"), ("d", "cat", "s4"))
+    phashes = {"s1": 0b0000, "s2": 0b0011, "s3": 0b1111, "s4": 0b0001}
+    fates = decide_fates(raw, phashes, near_distance=2, near_action="drop")
+
+    assert fates["reason"].tolist() == ["", "near_duplicate", "", "near_duplicate"]
+    assert fates["duplicate_of"].tolist() == ["", "a", "", "a"]
+    assert fates["distance"].tolist()[1] == 2 and fates["distance"].tolist()[3] == 1
+    assert fates["group"].tolist() == ["a", "", "c", ""]
+
+
+def test_near_drop_leaves_kept_images_pairwise_apart():
+    hashes = planted_hashes(seed=5, n_random=60, n_planted=120)
+    rows = [(f"f{i}", "cls", f"s{i}") for i in range(len(hashes))]
+    phashes = {f"s{i}": int(h) for i, h in enumerate(hashes)}
+    fates = decide_fates(manifest(*rows), phashes, near_distance=6)
+    kept = [int(hashes[i]) for i in np.nonzero(fates["status"] == "kept")[0]]
+
+    assert 0 < fates["reason"].eq("near_duplicate").sum() < len(hashes) - 60
+    assert min(distance(a, b) for a, b in itertools.combinations(kept, 2)) > 6
+    for _, row in fates[fates["reason"] == "near_duplicate"].iterrows():
+        assert fate(fates, row["duplicate_of"])["status"] == "kept"
+
+
+def test_near_group_keeps_all_and_links_components():
+    raw = manifest(
+        ("a", "cat", "s1"), ("x", "cat", "s5"), ("b", "cat", "s2"), ("c", "cat", "s3"), ("dog", "dog", "s6")
+    )
+    phashes = {"s1": 0b0000, "s2": 0b0011, "s3": 0b1111, "s5": 0xFF << 30, "s6": 0b1111 << 50}
+    fates = decide_fates(raw, phashes, near_distance=2, near_action="group")
+
+    assert (fates["status"] == "kept").all()
+    assert fates["group"].tolist() == ["a", "x", "a", "a", "dog"]
+    assert summarize_fates(fates)["n_groups"] == 1
+    assert summarize_fates(fates)["n_grouped_images"] == 3
+
+
+def test_near_distance_zero_disables_near_checks():
+    raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "dog", "s3"))
+    fates = decide_fates(raw, {"s1": 7, "s2": 7, "s3": 7}, near_distance=0, near_action="drop")
+
+    assert (fates["status"] == "kept").all()
+
+
+def test_bad_options_and_inputs_fail_with_the_key():
+    raw = manifest(("a", "cat", "s1"))
+    with pytest.raises(ValueError, match="near_action"):
+        decide_fates(raw, {"s1": 1}, 2, near_action="merge")
+    with pytest.raises(ValueError, match="no perceptual hash"):
+        decide_fates(raw, {}, 2)
+    with pytest.raises(ValueError, match="origin"):
+        decide_fates(raw.drop(columns="origin"), {"s1": 1}, 2)
+
+
+def test_summary_counts_every_class_and_reason():
+    raw = manifest(("a", "cat", "s1"), ("b", "cat", "s1"), ("c", "dog", "", "failed"), ("d", "dog", "s1"))
+    summary = summarize_fates(decide_fates(raw, {"s1": 1}, 0))
+
+    assert summary["n_images"] == 4 and summary["n_kept"] == 0 and summary["n_dropped"] == 4
+    assert summary["kept_cat"] == 0 and summary["kept_dog"] == 0
+    assert summary["dropped_cross_class_exact"] == 3
+    assert summary["dropped_cross_class_exact_cat"] == 2
+    assert summary["dropped_failed_dog"] == 1
+    assert summary["dropped_near_duplicate"] == 0 and summary["dropped_near_duplicate_cat"] == 0
+    assert all(isinstance(value, int) for value in summary.values())
+
+
+# ------------------------------------------------------------ on real image files
+
+
+@pytest.fixture
+def crawl(tmp_path, photos):
+    """A small crawl: copies, re-encodes and a cross-class re-encode of two photos."""
+    china, flower = photos
+    paths = {}
+
+    def save(name, image, **options):
+        paths[name] = str(tmp_path / name)
+        image.save(paths[name], **options)
+
+    save("cat_china.jpg", china, quality=90)
+    save("cat_china_small.jpg", china.resize((213, 142)), quality=60)
+    save("cat_flower.png", flower)
+    save("dog_flower.jpg", flower, quality=40)
+    save("dog_tile.jpg", china.crop((0, 0, 200, 200)), quality=90)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    paths["broken.jpg"] = str(tmp_path / "broken.jpg")
+    rows = [
+        (paths["cat_china.jpg"], "cat", "c1"),
+        (paths["cat_china_small.jpg"], "cat", "c2"),
+        (paths["cat_china.jpg"], "cat", "c1"),
+        (paths["cat_flower.png"], "cat", "c3"),
+        (paths["dog_flower.jpg"], "dog", "d1"),
+        (paths["dog_tile.jpg"], "dog", "d2"),
+        (paths["broken.jpg"], "dog", "d3"),
+    ]
+    return manifest(*rows)
+
+
+def test_dedupe_images_on_files(crawl, caplog):
+    with caplog.at_level(logging.INFO, logger="imgpipe.dedupe"):
+        fates = dedupe_images(crawl, near_distance=10, near_action="drop", threads=2)
+
+    assert fates["reason"].tolist() == [
+        "",
+        "near_duplicate",
+        "exact_duplicate",
+        "cross_class_near",
+        "cross_class_near",
+        "",
+        "corrupt",
+    ]
+    assert fates["duplicate_of"][3] == crawl["file"][4] and fates["duplicate_of"][4] == crawl["file"][3]
+    assert fates["phash"].str.len().tolist() == [16] * 6 + [0]
+    assert "cannot decode" in caplog.text and "hashed 6/6 images" in caplog.text
+
+
+def test_dedupe_images_is_deterministic(crawl):
+    first = dedupe_images(crawl, near_distance=10, near_action="group", threads=1)
+    again = dedupe_images(crawl, near_distance=10, near_action="group", threads=2)
+
+    pd.testing.assert_frame_equal(first, again)
+    assert first["group"][1] == crawl["file"][0]
+
+
+def test_missing_file_is_an_error_not_a_corrupt_image(tmp_path):
+    raw = manifest((str(tmp_path / "gone.jpg"), "cat", "s1"))
+    with pytest.raises(FileNotFoundError, match="gone.jpg"):
+        dedupe_images(raw, near_distance=4)
+
+
+# ------------------------------------------------------------------ exclusion list
+
+
+def test_read_exclude_list(tmp_path):
+    path = tmp_path / "exclude.txt"
+    path.write_text(
+        "# hand-picked\n\n"
+        f"{'ab' * 32}   # watermark\n"
+        "results/x/crawl/cat/000001.jpg\n"
+        "  https://example.org/a.jpg#part  \n"
+    )
+
+    assert read_exclude_list(path) == {
+        "ab" * 32,
+        "results/x/crawl/cat/000001.jpg",
+        "https://example.org/a.jpg#part",
+    }
+    with pytest.raises(FileNotFoundError, match="missing.txt.*dedupe.exclude"):
+        read_exclude_list(tmp_path / "missing.txt")

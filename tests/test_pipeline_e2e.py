@@ -1,0 +1,226 @@
+"""The real `snakemake` executable on tiny experiments in a temporary folder.
+
+Each run uses the default MLflow store of its working directory (sqlite:///mlflow.db,
+what a plain `mlflow ui` there shows), and the tests query that store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import REPO, write_shape_images
+from crawl_server import LocalServer, Response, truncated_jpeg
+
+pytestmark = pytest.mark.e2e
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["IMGPIPE_OFFLINE"] = "1"
+    result = subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=1", *args],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_jobs(workdir: Path) -> dict[str, int]:
+    """Rule -> job count of a dry run (the 'Job stats' table)."""
+    output = snakemake(workdir, "-n").stdout
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:", 1)[1]
+    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)
+            if rule != "total"}
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@pytest.fixture
+def workdir(tmp_path, mlflow_template_db):
+    shutil.copy(mlflow_template_db, tmp_path / "mlflow.db")
+    return tmp_path
+
+
+def store(workdir: Path) -> MlflowClient:
+    mlflow.set_tracking_uri(None)
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def runs_by_name(client: MlflowClient, experiment: str) -> dict:
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return {run.info.run_name: run for run in client.search_runs([experiment_id])}
+
+
+@pytest.fixture
+def folder_project(workdir):
+    data = workdir / "data"
+    write_shape_images(data / "bright", "bright", 30, seed=1)
+    write_shape_images(data / "dark", "dark", 30, seed=2)
+    (data / "bright" / "nested").mkdir()
+    shutil.copy(data / "bright" / "bright_000.png", data / "bright" / "nested" / "copy.png")  # exact duplicate
+    shutil.copy(data / "dark" / "dark_000.png", data / "bright" / "nested" / "stray.png")  # in two classes
+    (data / "bright" / "notes.txt").write_text("not an image")
+    (data / "dark" / "broken.png").write_bytes((data / "dark" / "dark_001.png").read_bytes()[:60])
+    write_config(workdir, {
+        "experiment": "shapes",
+        "classes": {"bright": {"sources": [{"folder": "data/bright"}]},
+                    "dark": {"sources": [{"folder": "data/dark"}]}},
+        "images": {"size": 32, "color": "grayscale", "resize": "pad"},
+        "dedupe": {"near_distance": 0},
+        "split": {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 3},
+        "models": {
+            "cnn": {"arch": "simple_cnn", "epochs": 3, "lr": 0.01, "batch_size": 16},
+            "resnet": {"arch": "resnet18", "epochs": 1, "batch_size": 16, "optimizer": "sgd", "lr": 0.01},
+        },
+    })
+    return workdir
+
+
+def test_folder_experiment_end_to_end(folder_project):
+    workdir = folder_project
+    snakemake(workdir)
+    results = workdir / "results" / "shapes"
+
+    fates = pd.read_csv(results / "dedupe" / "manifest.csv", keep_default_na=False)
+    reasons = fates.set_index(fates["file"].map(lambda f: Path(f).name))["reason"]
+    assert set(fates["reason"]) >= {"corrupt", "exact_duplicate", "cross_class_exact"}
+    assert (fates["reason"] == "cross_class_exact").sum() == 2  # dropped from both classes
+    assert (fates["reason"] == "corrupt").sum() == 2  # notes.txt and broken.png, recorded with a reason
+    crawl = pd.concat(pd.read_csv(results / "raw" / f"{c}.csv", keep_default_na=False) for c in ("bright", "dark"))
+    assert crawl.loc[crawl["status"] == "corrupt", "reason"].str.len().min() > 0
+    assert len(reasons) == len(crawl)
+
+    split = pd.read_csv(results / "split" / "manifest.csv")
+    assert list(split.columns) == ["path", "label", "split"]
+    n_kept = (fates["status"] == "kept").sum()
+    assert len(split) == n_kept and set(split["split"]) == {"train", "val", "test"}
+    with Image.open(workdir / split.loc[0, "path"]) as image:
+        assert image.size == (32, 32) and image.mode == "L"
+
+    for model in ("cnn", "resnet"):
+        metrics = json.loads((results / "eval" / model / "metrics.json").read_text())
+        assert {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "n_test", "per_class"} <= set(metrics)
+        assert metrics["n_test"] == (split["split"] == "test").sum()
+        assert (results / "models" / model / "model.pt").stat().st_size > 0
+        assert (results / "eval" / model / "roc.png").stat().st_size > 1000
+    report = (results / "report" / "report.md").read_text()
+    assert "cnn" in report and "resnet" in report and "Best model" in report
+    assert "data:image/png;base64" in (results / "report" / "report.html").read_text()
+    for log in ("crawl/bright.log", "dedupe.log", "split.log", "train/cnn.log", "evaluate/resnet.log", "report.log"):
+        assert (workdir / "logs" / "shapes" / log).stat().st_size > 0
+
+    # MLflow: the default store of the working directory holds one parent run with every job.
+    client = store(workdir)
+    runs = runs_by_name(client, "shapes")
+    parent = runs["snakemake shapes"]
+    assert parent.info.status == "FINISHED"
+    expected = {"crawl bright", "crawl dark", "dedupe", "preprocess bright", "preprocess dark", "split", "cnn",
+                "resnet", "report"}
+    assert expected <= set(runs)
+    assert all(runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id for name in expected)
+    assert runs["dedupe"].data.metrics["dropped_cross_class_exact"] == 2
+    assert runs["split"].data.metrics["n_test"] == (split["split"] == "test").sum()
+    cnn = runs["cnn"]
+    assert cnn.data.params["lr"] == "0.01" and cnn.data.params["arch"] == "simple_cnn"
+    assert len(client.get_metric_history(cnn.info.run_id, "val_accuracy")) == 3
+    assert cnn.data.metrics["test_accuracy"] == pytest.approx(
+        json.loads((results / "eval" / "cnn" / "metrics.json").read_text())["accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(cnn.info.run_id)}
+    assert {"model.pt", "evaluation", "model"} <= artifacts or {"model.pt", "evaluation"} <= artifacts
+    assert mlflow.pytorch is not None and client.search_logged_models([cnn.info.experiment_id])
+
+    # Reruns: nothing to do; one model's setting reruns that model only; image size reruns preprocessing on.
+    assert planned_jobs(workdir) == {}
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["models"]["cnn"]["lr"] = 0.02
+    write_config(workdir, config)
+    assert planned_jobs(workdir) == {"train": 1, "evaluate": 1, "report": 1, "all": 1}
+    dry_run = snakemake(workdir, "-n").stdout
+    assert "wildcards: model=cnn" in dry_run and "model=resnet" not in dry_run
+    config["images"]["size"] = 36
+    write_config(workdir, config)
+    assert planned_jobs(workdir) == {"preprocess": 2, "split": 1, "train": 2, "evaluate": 2, "report": 1, "all": 1}
+
+    # A folder that gains a file reruns that class's crawl.
+    config["images"]["size"] = 32
+    config["models"]["cnn"]["lr"] = 0.01
+    write_config(workdir, config)
+    write_shape_images(workdir / "data" / "dark" / "more", "dark", 1, seed=9)
+    assert planned_jobs(workdir)["crawl"] == 1
+
+
+def test_snakemake_report_renders(folder_project):
+    snakemake(folder_project, "--until", "split")
+    snakemake(folder_project, "--report", str(folder_project / "snakemake-report.html"))
+    assert (folder_project / "snakemake-report.html").stat().st_size > 10_000
+
+
+def test_urls_experiment_downloads_through_icrawler(workdir):
+    routes, lists = {}, {}
+    for kind in ("bright", "dark"):
+        paths = write_shape_images(workdir / "served" / kind, kind, 12, seed=5)
+        lines = []
+        for path in paths:
+            routes[f"/{kind}/{path.name}"] = Response(path.read_bytes(), "image/png")
+            lines.append(f"/{kind}/{path.name}")
+        lists[kind] = lines
+    routes["/bright/truncated.jpg"] = Response(truncated_jpeg())
+    with LocalServer(routes) as server:
+        for kind, lines in lists.items():
+            extra = ["/bright/truncated.jpg", "/gone.jpg"] if kind == "bright" else []
+            (workdir / f"{kind}.txt").write_text(
+                "# served by the test\n" + "\n".join(server.url(line) for line in lines + extra) + "\n")
+        write_config(workdir, {
+            "experiment": "web",
+            "classes": {"bright": {"sources": [{"urls": "bright.txt"}]},
+                        "dark": {"sources": [{"urls": "dark.txt"}]}},
+            "images": {"size": 32},
+            "dedupe": {"near_distance": 0},
+            "models": {"cnn": {"arch": "simple_cnn", "epochs": 1}},
+        })
+        snakemake(workdir)
+        assert any(request.startswith("/dark/") for request in server.requests)
+
+    raw = pd.read_csv(workdir / "results/web/raw/bright.csv", keep_default_na=False)
+    status = raw.set_index("origin")["status"]
+    assert status[server.url("/bright/truncated.jpg")] == "corrupt"
+    assert status[server.url("/gone.jpg")] == "failed"
+    assert (raw["status"] == "ok").sum() == 12
+    assert raw.loc[raw["status"] == "failed", "reason"].str.contains("404").all()
+    assert json.loads((workdir / "results/web/eval/cnn/metrics.json").read_text())["n_test"] > 0
+
+    runs = runs_by_name(store(workdir), "web")
+    assert runs["crawl bright"].data.metrics == {"images_ok": 12, "images_corrupt": 1, "images_failed": 1}
+    assert runs["snakemake web"].info.status == "FINISHED"
+
+
+def test_config_mistakes_stop_before_any_job(workdir):
+    write_config(workdir, {
+        "experiment": "bad",
+        "classes": {"a": {"sources": [{"folder": "nowhere"}]}, "b": {"sources": [{"digits": 1}]}},
+        "models": {"cnn": {"arch": "simple_cnn"}},
+    })
+    result = snakemake(workdir, check=False)
+    assert result.returncode != 0
+    assert "classes.a.sources[0].folder" in result.stdout + result.stderr
+    assert not (workdir / "results").exists()

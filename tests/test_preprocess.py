@@ -1,0 +1,73 @@
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from imgpipe.preprocess import prepare_image, preprocess_class, resize_image, to_color
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # A 20x10 landscape image whose EXIF says "rotate 90": upright it is 10x20.
+    image = Image.new("RGB", (20, 10), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    upright = prepare_image(path, size=8, color="rgb", resize="stretch")
+    with Image.open(path) as raw:
+        assert raw.size == (20, 10)
+    # pad mode keeps the aspect ratio, so the orientation shows in where the borders are
+    padded = prepare_image(path, size=20, color="rgb", resize="pad")
+    assert np.asarray(padded)[10, 0].tolist() == [0, 0, 0]  # left border: the image is now tall
+    assert np.asarray(padded)[0, 10].max() > 200
+    assert upright.size == (8, 8)
+
+
+def test_alpha_is_flattened_on_white():
+    image = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    assert to_color(image, "rgb").getpixel((0, 0)) == (255, 255, 255)
+    assert to_color(image, "grayscale").getpixel((0, 0)) == 255
+
+
+def test_palette_transparency_is_flattened_on_white():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0] * 256)
+    image.info["transparency"] = 0
+    assert to_color(image, "grayscale").getpixel((0, 0)) == 255
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    image = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    assert to_color(image, "grayscale").getpixel((0, 0)) == 128
+
+
+@pytest.mark.parametrize("mode", ["stretch", "pad", "center_crop"])
+def test_every_resize_mode_gives_a_square(mode):
+    image = Image.new("L", (60, 30), 200)
+    assert resize_image(image, 16, mode).size == (16, 16)
+
+
+def test_pad_keeps_aspect_with_the_configured_border_colour():
+    image = Image.new("L", (60, 30), 128)
+    padded = np.asarray(resize_image(image, 16, "pad", pad_color="white"))
+    assert padded[0, 8] == 255 and padded[8, 8] == 128
+    cropped = np.asarray(resize_image(image, 16, "center_crop"))
+    assert (cropped == 128).all()
+
+
+def test_preprocess_class_records_a_file_that_fails(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (30, 20), "blue").save(good)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:40])
+    fates = pd.DataFrame({
+        "file": [str(good), str(broken), str(good)],
+        "class": ["sky", "sky", "sea"],
+        "status": ["kept", "kept", "kept"],
+        "group": [str(good), str(broken), str(good)],
+    })
+    result = preprocess_class(fates, "sky", tmp_path / "out", size=12, color="grayscale", resize="pad")
+    assert result["status"].tolist() == ["ok", "failed"]
+    assert result.loc[1, "reason"] and result.loc[1, "source_file"] == str(broken)
+    with Image.open(result.loc[0, "path"]) as written:
+        assert written.size == (12, 12) and written.mode == "L"
