@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import pandas as pd
 from tabulate import tabulate
 
 from imgpipe.plots import plot_learning_curves
+
+log = logging.getLogger(__name__)
 
 RANK_METRICS = {
     "accuracy": "accuracy",
@@ -119,6 +122,10 @@ def write_report(
 
     best = ranking[0] if ranking else None
     runner_up = ranking[1] if len(ranking) > 1 else None
+    log.info("report of %d model(s) written to %s and %s; best by %s: %s", len(ranking), md_path, html_path,
+             rank_by, best)
+    for model, reason in failed.items():
+        log.warning("model %s is missing from the comparison: %s", model, reason)
     return {
         "experiment": experiment,
         "rank_by": rank_by,

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -143,6 +144,7 @@ def log_torch_model(model, example_input, name: str = "model") -> None:
     import torch
     import torchvision
 
+    started = time.perf_counter()
     mlflow.pytorch.log_model(
         model,
         name=name,
@@ -150,3 +152,4 @@ def log_torch_model(model, example_input, name: str = "model") -> None:
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"torchvision=={torchvision.__version__.split('+')[0]}"],
     )
+    log.info("model logged to MLflow (pytorch flavour) in %.1f s", time.perf_counter() - started)

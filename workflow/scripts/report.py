@@ -22,6 +22,8 @@ with job_run("report", tags={"imgpipe.stage": "report"}):
         out_dir=Path(snakemake.output.markdown).parent,
         rank_by=snakemake.params.rank_by,
     )
-    mlflow.set_tag("imgpipe.best_model", summary["best_model"])
+    if summary["best_model"] is not None:
+        mlflow.set_tag("imgpipe.best_model", summary["best_model"])
+        mlflow.log_metric(f"best_{summary['rank_by']}", summary["best_value"])
     for path in snakemake.output:
         mlflow.log_artifact(path, artifact_path="report")
