@@ -68,9 +68,13 @@ def test_validation_does_not_modify_its_input(tmp_path):
         (lambda c: c.update(classes={"cat": {"sources": [{"digits": 1}]}}), "classes"),
         (lambda c: c["classes"].update({"a b": {"sources": [{"digits": 2}]}}), "classes"),
         (lambda c: c.update(colour="rgb"), "<top level>"),
+        (lambda c: c.update(dedupe={"exclude": "no/such/list.txt"}), "dedupe.exclude"),
+        (lambda c: c["classes"]["dog"]["sources"].append({"engine": "flickr", "queries": ["dog"]}),
+         "classes.dog.sources[1].api_key"),
     ],
 )
-def test_config_mistakes_name_the_key(tmp_path, change, key):
+def test_config_mistakes_name_the_key(tmp_path, monkeypatch, change, key):
+    monkeypatch.delenv("FLICKR_API_KEY", raising=False)
     config = base_config(tmp_path)
     change(config)
     with pytest.raises(ConfigError) as error:

@@ -61,3 +61,18 @@ def test_missing_imagenet_weights_name_the_cache_folder(tmp_path, monkeypatch):
 
 def test_parameter_count():
     assert count_parameters(torch.nn.Linear(3, 2)) == 8
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "efficientnet_b4", "mobilenet_v3_large", "vgg16"])
+def test_the_other_named_architectures_build_for_grayscale(arch):
+    model = build_model(arch, num_classes=3, in_channels=1).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("arch, size", [("googlenet", 64), ("inception_v3", 80), ("vit_b_32", 64)])
+def test_architectures_with_aux_heads_or_fixed_sizes_train_on_our_images(arch, size):
+    model = build_model(arch, num_classes=2, in_channels=3, image_size=size).train()
+    logits = model(torch.zeros(2, 3, size, size))
+    assert logits.shape == (2, 2)  # plain logits, not an (logits, aux) tuple
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()

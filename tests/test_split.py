@@ -45,7 +45,7 @@ def test_same_inputs_and_seed_give_byte_identical_manifests(tmp_path):
 
 
 def test_a_class_with_too_few_images_is_named():
-    with pytest.raises(SplitError, match=r"class 'rare' has 2 image\(s\)"):
+    with pytest.raises(SplitError, match=r"class 'rare' has 2 image\(s\) left"):
         stratified_group_split(images({"common": 50, "rare": 2}), RATIOS, seed=0)
 
 
@@ -64,3 +64,10 @@ def test_a_configured_class_with_no_images_left_is_named_with_what_was_dropped()
     with pytest.raises(SplitError, match=r"class 'gone' has 0 image\(s\) .*\(collected 4, dropped 4"):
         stratified_group_split(images({"common": 50}), RATIOS, seed=0, classes=["common", "gone"],
                                class_notes=notes)
+
+
+def test_adding_a_class_leaves_the_other_classes_split_alone():
+    before = stratified_group_split(images({"cat": 40, "dog": 40}), RATIOS, seed=2)
+    after = stratified_group_split(images({"cat": 40, "dog": 40, "ant": 30}), RATIOS, seed=2)
+    pd.testing.assert_frame_equal(before.reset_index(drop=True),
+                                  after[after["label"] != "ant"].reset_index(drop=True))

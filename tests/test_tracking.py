@@ -45,3 +45,15 @@ def test_evaluate_resumes_the_model_run_and_survives_a_lost_store(mlflow_uri, mo
         pass
     assert replacement.info.run_id != first.info.run_id
     assert read_run_reference("/nonexistent/run.json") is None
+
+
+def test_a_failed_invocation_marks_its_parent_run_and_secrets_stay_out(mlflow_uri):
+    config = {"experiment": "web", "classes": {"a": {"sources": [{"engine": "flickr", "api_key": "s3cret"}]}}}
+    parent_id = start_invocation(None, "web", config)
+    end_invocation(success=False)
+    client = MlflowClient()
+    assert client.get_run(parent_id).info.status == "FAILED"
+    logged = client.download_artifacts(parent_id, "config.resolved.yaml")
+    text = open(logged).read()
+    assert "s3cret" not in text and "<redacted>" in text
+    assert config["classes"]["a"]["sources"][0]["api_key"] == "s3cret"  # the config itself is untouched

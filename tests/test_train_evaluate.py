@@ -13,7 +13,7 @@ from imgpipe.train import HISTORY_COLUMNS, load_trained_model, pick_device, trai
 
 IMAGE = {"size": 32, "color": "grayscale", "resize": "stretch", "pad_color": "black"}
 SETTINGS = {"arch": "simple_cnn", "weights": "none", "epochs": 4, "batch_size": 16, "optimizer": "adam",
-            "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "seed": 5, "device": "cpu", "threads": 1}
+            "lr": 0.01, "scheduler": "cosine", "momentum": 0.9, "weight_decay": 0.0, "seed": 5, "device": "cpu", "threads": 1}
 
 
 @pytest.fixture(scope="module")

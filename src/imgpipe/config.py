@@ -11,11 +11,14 @@ import copy
 import difflib
 import importlib.util
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
+
+from imgpipe.files import walk_files
 
 MIN_SIMPLE_CNN_SIZE = 32
 
@@ -147,6 +150,17 @@ def _check_sources(config: dict, base_dir: Path) -> None:
                     )
                 if not is_right_type(path):
                     raise ConfigError(f"config key '{key}': '{source[kind]}' is not {wanted}")
+            if source.get("engine") == "flickr" and not (source.get("api_key") or os.environ.get("FLICKR_API_KEY")):
+                raise ConfigError(
+                    f"config key 'classes.{class_name}.sources[{index}].api_key': flickr needs an API key "
+                    f"(in the source, or in the FLICKR_API_KEY environment variable)"
+                )
+
+
+def _check_dedupe(config: dict, base_dir: Path) -> None:
+    exclude = config["dedupe"]["exclude"]
+    if exclude and not (base_dir / exclude).is_file():
+        raise ConfigError(f"config key 'dedupe.exclude': '{exclude}' is not a file")
 
 
 def _check_split(config: dict) -> None:
@@ -202,6 +216,7 @@ def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> d
     fill_defaults(config, schema, schema)
     base_dir = Path(base_dir)
     _check_sources(config, base_dir)
+    _check_dedupe(config, base_dir)
     _check_split(config)
     _check_models(config, base_dir)
     return config
@@ -218,7 +233,7 @@ def check_config_files(paths) -> None:
 def _tree_fingerprint(path: Path) -> str:
     """'files=N bytes=B newest=T' of a file or every file below a folder (stat only, no reads)."""
     count = size = newest = 0
-    paths = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file())
+    paths = [path] if path.is_file() else walk_files(path)
     for file_path in paths:
         stat = file_path.stat()
         count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)

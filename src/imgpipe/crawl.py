@@ -40,6 +40,7 @@ from icrawler.builtin.google import GoogleFeeder
 from icrawler.utils import Signal
 from PIL import Image
 
+from imgpipe.files import error_text, walk_files
 from imgpipe.images import IMAGE_EXTENSIONS, ImageCheck, inspect_image
 
 logger = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ class RecordingDownloader(ImageDownloader):
             check = inspect_image(path)
         except Exception as error:  # an exception would end this worker thread and strand its queue
             logger.exception("%s: downloading %s failed", self.label, url)
-            self._record(seq, Fetched(origin=url, path=None, reason=f"download error: {_error_text(error)}"))
+            self._record(seq, Fetched(origin=url, path=None, reason=f"download error: {error_text(error)}"))
             return False
         with self.lock:
             if check.ok:
@@ -295,7 +296,7 @@ class RecordingDownloader(ImageDownloader):
                         return None, f"HTTP {response.status_code} {response.reason}".strip()
                     return self._read_capped(response)
             except requests.RequestException as error:
-                reason = f"request failed after {attempts} attempts: {_error_text(error)}"
+                reason = f"request failed after {attempts} attempts: {error_text(error)}"
         return None, reason
 
     def _read_capped(self, response) -> tuple[bytes | None, str]:
@@ -435,9 +436,7 @@ def _flickr_api_key(source: dict, where: str = "a flickr source") -> str:
 
 
 def _folder_files(folder: Path) -> list[Fetched]:
-    files = [path for path in folder.rglob("*") if path.is_file()]
-    files.sort(key=lambda path: path.relative_to(folder).as_posix())
-    return [Fetched(origin=str(path), path=path) for path in files]
+    return [Fetched(origin=str(path), path=path) for path in walk_files(folder)]
 
 
 def _write_digits(digit: int, staging: Path) -> list[Fetched]:
@@ -475,7 +474,3 @@ def _describe(kind: str, source: dict) -> str:
 def _count_statuses(rows: list[dict]) -> str:
     counts = Counter(row["status"] for row in rows)
     return ", ".join(f"{counts[status]} {status}" for status in ("ok", "corrupt", "failed"))
-
-
-def _error_text(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}"

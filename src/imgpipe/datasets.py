@@ -32,11 +32,7 @@ class SplitTensors:
 
 
 def read_split_manifest(path: Path | str) -> pd.DataFrame:
-    manifest = read_manifest(path)
-    missing = {"path", "label", "split"} - set(manifest.columns)
-    if missing:
-        raise ValueError(f"split manifest '{path}' lacks column(s) {sorted(missing)}")
-    return manifest
+    return read_manifest(path, ("path", "label", "split"))
 
 
 def class_names(manifest: pd.DataFrame) -> list[str]:
@@ -45,9 +41,10 @@ def class_names(manifest: pd.DataFrame) -> list[str]:
 
 
 def load_split(manifest: pd.DataFrame, split: str, classes: list[str]) -> SplitTensors:
+    source = manifest.attrs.get("source", "the split manifest")
     rows = manifest[manifest["split"] == split]
     if rows.empty:
-        raise ValueError(f"the split manifest has no '{split}' images")
+        raise ValueError(f"{source} has no '{split}' images")
     index = {name: position for position, name in enumerate(classes)}
     arrays = []
     for done, path in enumerate(rows["path"], start=1):
@@ -58,7 +55,8 @@ def load_split(manifest: pd.DataFrame, split: str, classes: list[str]) -> SplitT
             log.info("%s: %d / %d images decoded", split, done, len(rows))
     shapes = {array.shape for array in arrays}
     if len(shapes) != 1:
-        raise ValueError(f"images of split '{split}' differ in shape: {sorted(shapes)[:3]}; rerun preprocess")
+        raise ValueError(f"images of split '{split}' in {source} differ in shape: {sorted(shapes)[:3]}; "
+                         f"rerun preprocess")
     images = torch.from_numpy(np.stack(arrays))
     labels = torch.tensor([index[label] for label in rows["label"]], dtype=torch.int64)
     return SplitTensors(images, labels, list(rows["path"]))
@@ -71,9 +69,16 @@ def normalization_for(images: torch.Tensor, weights: str) -> dict[str, list[floa
         if channels == 1:
             return {"mean": [float(np.mean(IMAGENET_MEAN))], "std": [float(np.mean(IMAGENET_STD))]}
         return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    scaled = images.float().div_(255)
-    mean = scaled.mean(dim=(0, 2, 3))
-    std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    # Summed in chunks: a float copy of the whole set would be 4x the uint8 preload.
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for chunk in images.split(4096):
+        scaled = chunk.to(torch.float64).div_(255)
+        total += scaled.sum(dim=(0, 2, 3))
+        squares += scaled.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
     return {"mean": mean.tolist(), "std": std.tolist()}
 
 

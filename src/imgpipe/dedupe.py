@@ -106,7 +106,7 @@ def _hash_or_none(path: str) -> int | None:
         return perceptual_hash(path)
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001 - malformed EXIF raises struct.error, TypeError, ...
         # The crawl verified every file; one that still fails to decode is corrupt.
         log.warning("cannot decode %s (%s: %s): marked corrupt", path, type(exc).__name__, exc)
         return None

@@ -72,7 +72,8 @@ def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, 
     manifest = read_split_manifest(manifest_path)
     unknown = sorted(set(manifest["label"]) - set(classes))
     if unknown:
-        raise ValueError(f"test labels {unknown} were not among the classes the model was trained on")
+        raise ValueError(f"test labels {unknown} in {manifest_path} are not among the classes {checkpoint_path} "
+                         f"was trained on ({classes})")
     test = load_split(manifest, "test", classes)
     started = time.perf_counter()
     probabilities = predict_probabilities(model, test.images, checkpoint["normalization"], device)

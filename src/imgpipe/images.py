@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from imgpipe.files import error_text
+
 
 def _image_extensions() -> types.MappingProxyType:
     preferred = {
@@ -71,7 +73,7 @@ def inspect_image(path: Path | str) -> ImageCheck:
         except UnidentifiedImageError:
             return ImageCheck(ok=False, reason=f"not an image: {_describe_non_image(head)}")
         except Exception as error:  # Pillow plugins also raise SyntaxError, ValueError, struct.error
-            return ImageCheck(ok=False, reason=f"unreadable image header: {_error_text(error)}")
+            return ImageCheck(ok=False, reason=f"unreadable image header: {error_text(error)}")
         with image:
             width, height = image.size
             found = dict(width=width, height=height, format=image.format)
@@ -92,7 +94,7 @@ def inspect_image(path: Path | str) -> ImageCheck:
             except OSError as error:
                 return ImageCheck(ok=False, reason=f"truncated or corrupt image data: {error}", **found)
             except Exception as error:
-                return ImageCheck(ok=False, reason=f"cannot decode image data: {_error_text(error)}", **found)
+                return ImageCheck(ok=False, reason=f"cannot decode image data: {error_text(error)}", **found)
     return ImageCheck(ok=True, **found)
 
 
@@ -114,7 +116,3 @@ def _describe_non_image(head: bytes) -> str:
     except UnicodeDecodeError:
         return "unknown binary format"
     return "text"
-
-
-def _error_text(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -31,3 +32,10 @@ def configure_logging(log_path: Path | str, level: int = logging.INFO) -> None:
                                               exc_info=(kind, error, traceback))
 
     sys.excepthook = log_uncaught
+    # A job killed by its scheduler (SIGTERM) unwinds like Ctrl-C, so its MLflow run is
+    # marked FAILED instead of staying RUNNING forever.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(f"killed by signal {signal.Signals(signum).name}")

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imgpipe.files import error_text
+
 log = logging.getLogger(__name__)
 
 OFFLINE_ENV = "IMGPIPE_OFFLINE"
@@ -91,7 +93,7 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as error:  # URLError, timeouts, HTTP errors: all mean "not available here"
-        raise WeightsUnavailableError(f"{advice} Download failed: {type(error).__name__}: {error}") from error
+        raise WeightsUnavailableError(f"{advice} Download failed: {error_text(error)}") from error
 
 
 def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> list[str]:
@@ -126,10 +128,22 @@ def read_checkpoint_state(path: Path | str) -> dict[str, torch.Tensor]:
     return payload
 
 
-def build_model(arch: str, num_classes: int, in_channels: int, weights: str = "none") -> nn.Module:
+def _build_options(arch: str, image_size: int | None) -> dict:
+    """Constructor options some torchvision models need to be plain classifiers of our images."""
+    if arch in ("googlenet", "inception_v3"):
+        # Their auxiliary heads make training return a tuple instead of logits.
+        return {"aux_logits": False, "init_weights": True}
+    if arch.startswith("vit_") and image_size:
+        return {"image_size": image_size}  # ViTs are built for one input size
+    return {}
+
+
+def build_model(arch: str, num_classes: int, in_channels: int, weights: str = "none",
+                image_size: int | None = None) -> nn.Module:
     """A classifier for `num_classes` classes and `in_channels`-channel input.
 
     weights: 'none', 'imagenet', or the path of a checkpoint to start from.
+    image_size: the input size, for architectures built for one size (ViT).
     """
     if arch == "simple_cnn":
         model = SimpleCNN(in_channels, num_classes)
@@ -138,7 +152,8 @@ def build_model(arch: str, num_classes: int, in_channels: int, weights: str = "n
 
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(f"unknown architecture '{arch}': not a torchvision classification model")
-        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
+                                             **_build_options(arch, image_size))
         if in_channels != 3:
             _replace_first_conv(model, in_channels)
     if weights == "imagenet":

@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageOps
 
+from imgpipe.files import error_text
+
 log = logging.getLogger(__name__)
 
 PAD_COLORS = {"black": 0, "white": 255}
@@ -79,7 +81,7 @@ def preprocess_class(
             rows.append((str(target), class_name, record.group, record.file, "ok", ""))
         except Exception as error:  # one bad file must not stop the class; it is recorded
             log.warning("could not preprocess %s: %s", record.file, error)
-            rows.append(("", class_name, record.group, record.file, "failed", f"{type(error).__name__}: {error}"))
+            rows.append(("", class_name, record.group, record.file, "failed", error_text(error)))
         if done % 1000 == 0:
             log.info("%s: %d / %d images preprocessed", class_name, done, len(kept))
     log.info("%s: %d images preprocessed, %d failed", class_name, sum(r[4] == "ok" for r in rows),

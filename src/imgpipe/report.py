@@ -20,7 +20,10 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
+from imgpipe.dedupe import REASONS as DEDUPE_REASONS
+from imgpipe.manifests import read_manifest
 from imgpipe.plots import plot_learning_curves
+from imgpipe.split import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,6 @@ RANK_METRICS = {
 }
 REQUIRED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
-SPLITS = ("train", "val", "test")
-DROP_REASONS = (
-    "corrupt", "failed", "excluded", "cross_class_exact", "cross_class_near", "exact_duplicate", "near_duplicate",
-)
 MISSING = "n/a"
 
 
@@ -213,11 +212,11 @@ def load_histories(history_paths: dict[str, Path]) -> tuple[dict[str, pd.DataFra
 
 
 def read_split_manifest(path: Path) -> pd.DataFrame:
-    return _read_manifest(path, ("path", "label", "split"))
+    return read_manifest(path, ("path", "label", "split"))
 
 
 def read_dedupe_manifest(path: Path) -> pd.DataFrame:
-    return _read_manifest(path, ("file", "class", "status", "reason"))
+    return read_manifest(path, ("file", "class", "status", "reason"))
 
 
 def best_model_section(metrics: dict[str, dict], ranking: list[str], rank_by: str) -> list[Block]:
@@ -302,7 +301,7 @@ def data_section(split: pd.DataFrame, dedupe: pd.DataFrame, class_order: list[st
     kept = dedupe["status"] == "kept"
     reason = dedupe["reason"].where(dedupe["reason"] != "", "unspecified")
     fate = ("dropped: " + reason).where(~kept, "kept")
-    columns = ["kept"] + [f"dropped: {r}" for r in _ordered(list(DROP_REASONS), set(reason[~kept]))]
+    columns = ["kept"] + [f"dropped: {r}" for r in _ordered(list(DEDUPE_REASONS), set(reason[~kept]))]
     fates = pd.crosstab(dedupe["class"], fate).reindex(index=classes, columns=columns, fill_value=0)
     fates["total"] = fates.sum(axis=1)
     fates.loc["total"] = fates.sum(axis=0)
@@ -442,15 +441,6 @@ def _class_order(metrics: dict[str, dict], ranking: list[str]) -> list[str]:
 def _ordered(preferred: list[str], present: set[str]) -> list[str]:
     """`present` in `preferred` order, unknown names sorted after."""
     return [p for p in preferred if p in present] + sorted(present - set(preferred))
-
-
-def _read_manifest(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    # Labels are names, not numbers ("0", "1", "NA" must survive as written).
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    absent = [c for c in columns if c not in frame.columns]
-    if absent:
-        raise ValueError(f"manifest {path} lacks columns {', '.join(absent)} (has {', '.join(frame.columns)})")
-    return frame
 
 
 def _frame_table(frame: pd.DataFrame, index_name: str) -> Table:

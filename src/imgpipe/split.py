@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,6 @@ def stratified_group_split(
     class (of `classes`, default: those present) that cannot give every split at least
     one image raises SplitError naming the class, its counts and `class_notes[class]`.
     """
-    rng = np.random.default_rng(seed)
     assigned = []
     class_notes = class_notes or {}
     for label in sorted(classes if classes is not None else images["label"].unique()):
@@ -47,11 +47,13 @@ def stratified_group_split(
         if n_images < len(SPLITS):
             note = f" ({class_notes[label]})" if label in class_notes else ""
             raise SplitError(
-                f"class '{label}' has {n_images} image(s) left after de-duplication{note}; "
+                f"class '{label}' has {n_images} image(s) left after de-duplication and preprocessing{note}; "
                 f"a train/val/test split needs at least {len(SPLITS)}"
             )
         groups = members.groupby("group", sort=True)["path"].apply(sorted)
         targets = target_counts(n_images, ratios)
+        # One stream per class: adding an image or a class leaves other classes' splits alone.
+        rng = np.random.default_rng([seed, zlib.crc32(str(label).encode())])
         order = rng.permutation(len(groups))
         order = sorted(order, key=lambda position: -len(groups.iloc[position]))  # stable: ties keep shuffle order
         filled = dict.fromkeys(SPLITS, 0)

@@ -38,6 +38,18 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+SECRET_KEYS = ("api_key",)
+
+
+def redact_secrets(values):
+    """A copy of a nested config with secrets (a Flickr api_key) replaced, for logging."""
+    if isinstance(values, dict):
+        return {k: "<redacted>" if k in SECRET_KEYS else redact_secrets(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [redact_secrets(v) for v in values]
+    return values
+
+
 def start_invocation(tracking_uri: str | None, experiment: str, config: dict) -> str:
     """Create the store and experiment if needed, open the invocation's parent run, export both.
 
@@ -62,7 +74,7 @@ def start_invocation(tracking_uri: str | None, experiment: str, config: dict) ->
             f"{TAG_PREFIX}workdir": str(Path.cwd()),
         },
     )
-    client.log_dict(run.info.run_id, config, "config.resolved.yaml")
+    client.log_dict(run.info.run_id, redact_secrets(config), "config.resolved.yaml")
     os.environ[EXPERIMENT_ENV] = experiment
     os.environ[PARENT_RUN_ENV] = run.info.run_id
     log.info("MLflow: experiment '%s' at %s, invocation run %s", experiment, mlflow.get_tracking_uri(),
@@ -90,16 +102,20 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    experiment = os.environ.get(EXPERIMENT_ENV)
-    if experiment:
-        mlflow.set_experiment(experiment)
     run = None
     if resume_run_id:
+        # The run keeps its own experiment: setting ours first would refuse to resume it
+        # if mlflow.experiment changed since.
         try:
             run = mlflow.start_run(run_id=resume_run_id)
+            if os.environ.get(PARENT_RUN_ENV):
+                mlflow.set_tag(f"{TAG_PREFIX}last_invocation", os.environ[PARENT_RUN_ENV])
         except MlflowException as error:
             log.warning("MLflow run %s cannot be resumed (%s); starting a new one", resume_run_id, error)
     if run is None:
+        experiment = os.environ.get(EXPERIMENT_ENV)
+        if experiment:
+            mlflow.set_experiment(experiment)
         all_tags = {f"{TAG_PREFIX}kind": "job", **(tags or {})}
         run = mlflow.start_run(run_name=run_name, parent_run_id=os.environ.get(PARENT_RUN_ENV), tags=all_tags)
     try:

@@ -48,7 +48,8 @@ def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device(next(name for name in ("cuda", "mps", "cpu") if available[name]))
     if not available.get(requested, False):
-        raise RuntimeError(f"device '{requested}' was requested but is not available on this machine")
+        raise RuntimeError(f"device '{requested}' was requested (models.<name>.device) but is not available on "
+                           f"this machine; use device: auto")
     return torch.device(requested)
 
 
@@ -66,9 +67,25 @@ def make_optimizer(model: nn.Module, settings: dict) -> torch.optim.Optimizer:
 
 
 def batches(n_items: int, batch_size: int, generator: torch.Generator | None = None):
-    """Index tensors of one epoch: shuffled when a generator is given, in order otherwise."""
+    """Index tensors of one epoch: shuffled when a generator is given, in order otherwise.
+
+    When shuffled (training), a last batch of one image joins the batch before it:
+    BatchNorm cannot normalise a single sample whose feature map has shrunk to 1x1.
+    """
     order = torch.randperm(n_items, generator=generator) if generator is not None else torch.arange(n_items)
-    return order.split(batch_size)
+    chunks = list(order.split(batch_size))
+    if generator is not None and len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, settings: dict):
+    """Per-epoch learning-rate schedule: 'cosine' anneals to 0 over the epochs; 'none' keeps lr."""
+    if settings["scheduler"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings["epochs"])
+    if settings["scheduler"] == "none":
+        return None
+    raise ValueError(f"unknown scheduler '{settings['scheduler']}' (none, cosine)")
 
 
 def run_epoch(model, data: SplitTensors, normalization, device, batch_size, optimizer=None, generator=None):
@@ -121,8 +138,10 @@ def train_classifier(
     train_data, val_data = load_split(manifest, "train", classes), load_split(manifest, "val", classes)
     normalization = normalization_for(train_data.images, settings["weights"])
     in_channels = train_data.images.shape[1]
-    model = build_model(settings["arch"], len(classes), in_channels, settings["weights"]).to(device)
+    model = build_model(settings["arch"], len(classes), in_channels, settings["weights"],
+                        image_settings["size"]).to(device)
     optimizer = make_optimizer(model, settings)
+    scheduler = make_scheduler(optimizer, settings)
     generator = torch.Generator().manual_seed(settings["seed"])
     log.info("%s: %s on %s, %d classes, %d train / %d val images of %s, %d parameters, %d thread(s)",
              model_name, settings["arch"], device, len(classes), len(train_data.labels), len(val_data.labels),
@@ -161,6 +180,8 @@ def train_classifier(
             }, checkpoint_path)
         if on_epoch is not None:
             on_epoch(row)
+        if scheduler is not None:
+            scheduler.step()
     summary = {
         "model": model_name,
         "arch": settings["arch"],
@@ -183,7 +204,8 @@ def train_classifier(
 def load_trained_model(checkpoint_path: Path | str, device: torch.device | str = "cpu"):
     """(model in eval mode, checkpoint dict) from an imgpipe checkpoint."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    model = build_model(checkpoint["arch"], len(checkpoint["classes"]), checkpoint["in_channels"])
+    model = build_model(checkpoint["arch"], len(checkpoint["classes"]), checkpoint["in_channels"],
+                        image_size=checkpoint["image"]["size"])
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint
 

@@ -2,7 +2,6 @@
 # config reaches it through params, so Snakemake reruns exactly the jobs a change affects.
 
 import re
-from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 

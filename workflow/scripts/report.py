@@ -24,6 +24,7 @@ with job_run("report", tags={"imgpipe.stage": "report"}):
     )
     if summary["best_model"] is not None:
         mlflow.set_tag("imgpipe.best_model", summary["best_model"])
+    if summary["best_value"] is not None:
         mlflow.log_metric(f"best_{summary['rank_by']}", summary["best_value"])
     for path in snakemake.output:
         mlflow.log_artifact(path, artifact_path="report")

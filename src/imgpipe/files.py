@@ -1,0 +1,23 @@
+"""Small file-system helpers shared by the DAG build and the stages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def walk_files(folder: Path | str) -> list[Path]:
+    """Every file below `folder`, recursively, symlinked folders followed, in sorted order.
+
+    (Path.rglob on Python < 3.13 silently skips symlinked subfolders.)
+    """
+    folder = Path(folder)
+    files = []
+    for root, _dirs, names in os.walk(folder, followlinks=True):
+        files.extend(Path(root) / name for name in names)
+    return sorted((path for path in files if path.is_file()), key=lambda path: path.relative_to(folder).as_posix())
+
+
+def error_text(error: BaseException) -> str:
+    """'TypeName: message', or the type name alone when the message is empty."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
