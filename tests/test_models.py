@@ -76,3 +76,10 @@ def test_architectures_with_aux_heads_or_fixed_sizes_train_on_our_images(arch, s
     logits = model(torch.zeros(2, 3, size, size))
     assert logits.shape == (2, 2)  # plain logits, not an (logits, aux) tuple
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+
+
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint '.*notes.pt'"):
+        build_model("simple_cnn", 2, 1, weights=str(path))

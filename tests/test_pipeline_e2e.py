@@ -225,3 +225,28 @@ def test_config_mistakes_stop_before_any_job(workdir):
     assert result.returncode != 0
     assert "classes.a.sources[0].folder" in result.stdout + result.stderr
     assert not (workdir / "results").exists()
+
+
+def test_one_failing_model_does_not_take_the_others_down(workdir):
+    write_shape_images(workdir / "data" / "bright", "bright", 12, seed=1)
+    write_shape_images(workdir / "data" / "dark", "dark", 12, seed=2)
+    (workdir / "junk.pt").write_bytes(b"this is not a checkpoint")
+    write_config(workdir, {
+        "experiment": "partial",
+        "classes": {"bright": {"sources": [{"folder": "data/bright"}]},
+                    "dark": {"sources": [{"folder": "data/dark"}]}},
+        "images": {"size": 32},
+        "dedupe": {"near_distance": 0},
+        "models": {"cnn": {"arch": "simple_cnn", "epochs": 1},
+                   "broken": {"arch": "simple_cnn", "epochs": 1, "weights": "junk.pt"}},
+    })
+    result = snakemake(workdir, check=False)
+    assert result.returncode != 0
+    assert "junk.pt" in (workdir / "logs/partial/train/broken.log").read_text()
+    assert json.loads((workdir / "results/partial/eval/cnn/metrics.json").read_text())["n_test"] > 0
+    assert not (workdir / "results/partial/report/report.md").exists()
+
+    runs = runs_by_name(store(workdir), "partial")
+    assert runs["broken"].info.status == "FAILED"
+    assert runs["cnn"].info.status == "FINISHED" and "test_accuracy" in runs["cnn"].data.metrics
+    assert runs["snakemake partial"].info.status == "FAILED"

@@ -120,7 +120,10 @@ def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor],
 
 def read_checkpoint_state(path: Path | str) -> dict[str, torch.Tensor]:
     """The state_dict in an imgpipe checkpoint or a plain state_dict file."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, truncated, or pickled objects beyond tensors
+        raise ValueError(f"cannot read checkpoint '{path}': {error_text(error)}") from error
     if isinstance(payload, dict) and "state_dict" in payload:
         payload = payload["state_dict"]
     if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
