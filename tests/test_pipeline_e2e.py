@@ -6,6 +6,7 @@ what a plain `mlflow ui` there shows), and the tests query that store.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -186,9 +187,14 @@ def test_urls_experiment_downloads_through_icrawler(workdir):
             lines.append(f"/{kind}/{path.name}")
         lists[kind] = lines
     routes["/bright/truncated.jpg"] = Response(truncated_jpeg())
+    # a near duplicate: the first bright image, downscaled and re-encoded as JPEG
+    variant = io.BytesIO()
+    with Image.open(workdir / "served" / "bright" / "bright_000.png") as image:
+        image.resize((36, 36)).save(variant, "JPEG", quality=70)
+    routes["/bright/variant.jpg"] = Response(variant.getvalue())
     with LocalServer(routes) as server:
         for kind, lines in lists.items():
-            extra = ["/bright/truncated.jpg", "/gone.jpg"] if kind == "bright" else []
+            extra = ["/bright/variant.jpg", "/bright/truncated.jpg", "/gone.jpg"] if kind == "bright" else []
             (workdir / f"{kind}.txt").write_text(
                 "# served by the test\n" + "\n".join(server.url(line) for line in lines + extra) + "\n")
         write_config(workdir, {
@@ -196,7 +202,7 @@ def test_urls_experiment_downloads_through_icrawler(workdir):
             "classes": {"bright": {"sources": [{"urls": "bright.txt"}]},
                         "dark": {"sources": [{"urls": "dark.txt"}]}},
             "images": {"size": 32},
-            "dedupe": {"near_distance": 0},
+            "dedupe": {"near_distance": 10, "near_action": "group"},
             "models": {"cnn": {"arch": "simple_cnn", "epochs": 1}},
         })
         snakemake(workdir)
@@ -206,12 +212,22 @@ def test_urls_experiment_downloads_through_icrawler(workdir):
     status = raw.set_index("origin")["status"]
     assert status[server.url("/bright/truncated.jpg")] == "corrupt"
     assert status[server.url("/gone.jpg")] == "failed"
-    assert (raw["status"] == "ok").sum() == 12
+    assert (raw["status"] == "ok").sum() == 13
     assert raw.loc[raw["status"] == "failed", "reason"].str.contains("404").all()
+
+    # near duplicates were kept as a group, and every group sits inside one split
+    fates = pd.read_csv(workdir / "results/web/dedupe/manifest.csv", keep_default_na=False)
+    variant_row = fates[fates["file"] == raw.set_index("origin").loc[server.url("/bright/variant.jpg"), "file"]]
+    assert variant_row["status"].item() == "kept"
+    assert variant_row["group"].item() == raw.set_index("origin").loc[server.url("/bright/bright_000.png"), "file"]
+    images = pd.concat(pd.read_csv(workdir / f"results/web/images/{kind}.csv") for kind in ("bright", "dark"))
+    placed = pd.read_csv(workdir / "results/web/split/manifest.csv").merge(images, on="path")
+    assert placed.groupby("group")["split"].nunique().max() == 1
+    assert placed.groupby("group").size().max() >= 2
     assert json.loads((workdir / "results/web/eval/cnn/metrics.json").read_text())["n_test"] > 0
 
     runs = runs_by_name(store(workdir), "web")
-    assert runs["crawl bright"].data.metrics == {"images_ok": 12, "images_corrupt": 1, "images_failed": 1}
+    assert runs["crawl bright"].data.metrics == {"images_ok": 13, "images_corrupt": 1, "images_failed": 1}
     assert runs["snakemake web"].info.status == "FINISHED"
 
 
