@@ -28,3 +28,20 @@ def test_a_failing_job_leaves_its_traceback_in_the_log_file(tmp_path):
     assert "working on cat" in text
     assert "ValueError: bad image in data/cat/7.jpg" in text and "Traceback" in text
     assert "bad image in data/cat/7.jpg" in result.stderr
+
+
+def test_a_job_killed_with_sigterm_unwinds_so_cleanup_runs(tmp_path):
+    # job_run marks its MLflow run FAILED on the way out; that needs an exception, not a silent death.
+    script = (
+        "import os, signal, time\n"
+        "from imgpipe.joblog import configure_logging\n"
+        f"configure_logging({str(tmp_path / 'job.log')!r})\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(10)\n"
+        "finally:\n"
+        "    print('cleanup ran', flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert "cleanup ran" in result.stdout
+    assert result.returncode != 0 and "SIGTERM" in result.stderr

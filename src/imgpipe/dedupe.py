@@ -34,6 +34,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from imgpipe.files import error_text
+
 log = logging.getLogger(__name__)
 
 HASH_BITS = 64
@@ -108,7 +110,7 @@ def _hash_or_none(path: str) -> int | None:
         raise
     except Exception as exc:  # noqa: BLE001 - malformed EXIF raises struct.error, TypeError, ...
         # The crawl verified every file; one that still fails to decode is corrupt.
-        log.warning("cannot decode %s (%s: %s): marked corrupt", path, type(exc).__name__, exc)
+        log.warning("cannot decode %s (%s): marked corrupt", path, error_text(exc))
         return None
 
 
