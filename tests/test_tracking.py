@@ -1,9 +1,18 @@
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+from typing import Iterator
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from imgpipe.tracking import (PARENT_RUN_ENV, end_invocation, flatten, job_run, read_run_reference,
-                              start_invocation, write_run_reference)
+from imgpipe.tracking import (PARENT_RUN_ENV, end_invocation, flatten, job_run, mark_abandoned_runs, owner_tags,
+                              process_is_running, process_start_time, read_run_reference, start_invocation,
+                              write_run_reference)
 
 
 def test_flatten_nested_settings():
@@ -44,7 +53,8 @@ def test_evaluate_resumes_the_model_run_and_survives_a_lost_store(mlflow_uri, mo
     with job_run("cnn", resume_run_id="0" * 32) as replacement:
         pass
     assert replacement.info.run_id != first.info.run_id
-    assert read_run_reference("/nonexistent/run.json") is None
+    with pytest.raises(ValueError, match="nonexistent/run.json.*forcerun train"):
+        read_run_reference("/nonexistent/run.json")
 
 
 def test_a_failed_invocation_marks_its_parent_run_and_secrets_stay_out(mlflow_uri):
@@ -57,3 +67,173 @@ def test_a_failed_invocation_marks_its_parent_run_and_secrets_stay_out(mlflow_ur
     text = open(logged).read()
     assert "s3cret" not in text and "<redacted>" in text
     assert config["classes"]["a"]["sources"][0]["api_key"] == "s3cret"  # the config itself is untouched
+
+
+# ---- runs left RUNNING by killed processes -------------------------------------------------
+
+# A pipeline process: opens the invocation's run and a job's run, reports both ids, then
+# works until it is killed.
+KILLED_PIPELINE = """
+import os, time
+from imgpipe.tracking import PARENT_RUN_ENV, job_run, start_invocation
+start_invocation(None, "pets", {"experiment": "pets"})
+with job_run("train cnn", tags={"imgpipe.stage": "model"}) as run:
+    print(os.environ[PARENT_RUN_ENV], run.info.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def read_line_within(process: subprocess.Popen, seconds: float) -> str:
+    ready, _, _ = select.select([process.stdout], [], [], seconds)
+    return process.stdout.readline() if ready else ""
+
+
+@pytest.fixture
+def ended_process() -> tuple[int, str]:
+    """(pid, start time) of a process that has been killed with SIGKILL and reaped."""
+    process = subprocess.Popen(["sleep", "600"])
+    started = process_start_time(process.pid)
+    process.kill()
+    process.wait()
+    return process.pid, started
+
+
+@pytest.fixture
+def live_process() -> Iterator[subprocess.Popen]:
+    process = subprocess.Popen(["sleep", "600"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def create_owned_run(client: MlflowClient, experiment_id: str, name: str, owner: dict) -> str:
+    return client.create_run(experiment_id, run_name=name, tags=owner).info.run_id
+
+
+def test_a_killed_pipeline_leaves_runs_the_next_invocation_marks_killed(mlflow_uri, caplog):
+    pipeline = subprocess.Popen([sys.executable, "-c", KILLED_PIPELINE], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        line = read_line_within(pipeline, 120)
+        assert line, pipeline.stderr.read() if pipeline.poll() is not None else "no run ids within 120 s"
+        killed_parent_id, killed_job_id = line.split()
+    finally:
+        pipeline.kill()  # SIGKILL: nothing in it gets to close its runs
+        pipeline.wait()
+    client = MlflowClient()
+    assert client.get_run(killed_parent_id).info.status == "RUNNING"
+    assert client.get_run(killed_job_id).info.status == "RUNNING"
+    assert client.get_run(killed_job_id).data.tags["imgpipe.pid"] == str(pipeline.pid)
+
+    with caplog.at_level(logging.INFO, logger="imgpipe.tracking"):
+        new_parent_id = start_invocation(None, "pets", {"experiment": "pets"})
+
+    for run_id in (killed_parent_id, killed_job_id):
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED"
+        assert run.info.end_time is not None
+        assert f"process {pipeline.pid} " in run.data.tags["imgpipe.abandoned"]
+    assert "'train cnn'" in caplog.text and "'snakemake pets'" in caplog.text
+    assert "marked 2 run(s)" in caplog.text
+    new_parent = client.get_run(new_parent_id)
+    assert new_parent.info.status == "RUNNING"
+    assert new_parent.data.tags["imgpipe.pid"] == str(os.getpid())
+    assert new_parent.data.tags["imgpipe.pid_started"] == process_start_time(os.getpid())
+    assert "imgpipe.abandoned" not in new_parent.data.tags
+    end_invocation(success=True)
+    assert client.get_run(new_parent_id).info.status == "FINISHED"
+
+
+def test_only_runs_of_ended_owners_on_this_host_are_marked(mlflow_uri, ended_process, live_process):
+    client = MlflowClient()
+    experiment_id = client.create_experiment("pets")
+    ended_pid, ended_started = ended_process
+    ended = create_owned_run(client, experiment_id, "ended owner", owner_tags(ended_pid) | {
+        "imgpipe.pid_started": ended_started})
+    ended_without_start_time = create_owned_run(  # as recorded where there is no /proc
+        client, experiment_id, "ended owner, no start time", owner_tags(ended_pid) | {"imgpipe.pid_started": ""})
+    left_alone = {
+        "this process": create_owned_run(client, experiment_id, "this process", owner_tags()),
+        "live child": create_owned_run(client, experiment_id, "live child", owner_tags(live_process.pid)),
+        "live, no start time": create_owned_run(client, experiment_id, "live, no start time",
+                                                owner_tags() | {"imgpipe.pid_started": ""}),
+        "other host": create_owned_run(client, experiment_id, "other host",
+                                       owner_tags(ended_pid) | {"imgpipe.host": "node-17.cluster"}),
+        "not ours": client.create_run(experiment_id, run_name="not ours").info.run_id,
+        "garbled pid": create_owned_run(client, experiment_id, "garbled pid",
+                                        owner_tags() | {"imgpipe.pid": "n/a"}),
+    }
+    finished = create_owned_run(client, experiment_id, "finished", owner_tags(ended_pid))
+    client.set_terminated(finished, "FINISHED")
+    with job_run("in this process") as own_job:
+        marked = mark_abandoned_runs(client, experiment_id)
+    assert sorted(marked) == sorted([ended, ended_without_start_time])
+    for run_id in marked:
+        assert client.get_run(run_id).info.status == "KILLED"
+    for name, run_id in left_alone.items():
+        run = client.get_run(run_id)
+        assert (run.info.status, "imgpipe.abandoned" in run.data.tags) == ("RUNNING", False), name
+    assert client.get_run(finished).info.status == "FINISHED"
+    assert client.get_run(own_job.info.run_id).info.status == "FINISHED"
+    assert mark_abandoned_runs(client, experiment_id) == []  # nothing twice
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_owner(mlflow_uri):
+    client = MlflowClient()
+    experiment_id = client.create_experiment("pets")
+    # The owner had this process's pid but started at another time: another process, ended.
+    earlier_owner = owner_tags() | {"imgpipe.pid_started": str(int(process_start_time(os.getpid())) - 1)}
+    run_id = create_owned_run(client, experiment_id, "earlier owner", earlier_owner)
+    assert mark_abandoned_runs(client, experiment_id) == [run_id]
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_run_marked_killed_can_be_resumed_by_a_later_process(mlflow_uri, ended_process, monkeypatch):
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    client = MlflowClient()
+    experiment_id = client.create_experiment("pets")
+    ended_pid, ended_started = ended_process
+    run_id = create_owned_run(client, experiment_id, "cnn", owner_tags(ended_pid) | {
+        "imgpipe.pid_started": ended_started})
+    client.log_metric(run_id, "best_val_accuracy", 0.9)
+    assert mark_abandoned_runs(client, experiment_id) == [run_id]
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    with job_run("cnn", resume_run_id=run_id) as resumed:
+        assert client.get_run(run_id).info.status == "RUNNING"
+        assert mark_abandoned_runs(client, experiment_id) == []  # now owned by this live process
+        mlflow.log_metric("test_accuracy", 0.8)
+    assert resumed.info.run_id == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == {"best_val_accuracy": 0.9, "test_accuracy": 0.8}
+    assert run.data.tags["imgpipe.pid"] == str(os.getpid())
+    assert run.data.tags["imgpipe.pid_started"] == process_start_time(os.getpid())
+    assert "imgpipe.abandoned" not in run.data.tags
+
+
+def test_process_start_time_reads_past_a_command_name_with_spaces_and_parentheses(tmp_path, live_process):
+    odd_name = tmp_path / "a) b (c"
+    odd_name.symlink_to(shutil.which("sleep"))
+    process = subprocess.Popen([str(odd_name), "600"])
+    try:
+        # Started after this test's sleep: a later start time in ticks, and it is alive.
+        assert int(process_start_time(process.pid)) >= int(process_start_time(live_process.pid))
+        assert process_is_running(process.pid, process_start_time(process.pid))
+    finally:
+        process.kill()
+        process.wait()
+    assert not process_is_running(process.pid, "")
+
+
+def test_a_zombie_owner_counts_as_ended():
+    process = subprocess.Popen(["sleep", "600"])
+    started = process_start_time(process.pid)
+    try:
+        assert process_is_running(process.pid, started)
+        process.send_signal(9)
+        os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)  # dead, not yet reaped: a zombie
+        assert not process_is_running(process.pid, started)
+    finally:
+        process.kill()
+        process.wait()

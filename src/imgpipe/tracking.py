@@ -5,6 +5,10 @@ first-time creation of the SQLite database corrupts it). The invocation's parent
 and the experiment reach jobs through the environment, not through params, so moving
 the tracking store never reruns a job. (MLFLOW_RUN_ID would mean "resume this run" to
 MLflow, so the parent id travels under a name of our own.)
+
+A process killed with SIGKILL cannot close its run, so every run records its owner
+(host, pid, process start time) and each new invocation marks the runs whose owner is
+gone KILLED instead of leaving them RUNNING forever.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Iterator
+
+from imgpipe.files import error_text
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +31,10 @@ PARENT_RUN_ENV = "IMGPIPE_MLFLOW_PARENT_RUN_ID"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 TAG_PREFIX = "imgpipe."
+HOST_TAG = f"{TAG_PREFIX}host"
+PID_TAG = f"{TAG_PREFIX}pid"
+PID_STARTED_TAG = f"{TAG_PREFIX}pid_started"
+ABANDONED_TAG = f"{TAG_PREFIX}abandoned"
 
 
 def flatten(values: dict, prefix: str = "") -> dict:
@@ -50,6 +61,98 @@ def redact_secrets(values):
     return values
 
 
+def process_stat_fields(pid: int) -> list[str] | None:
+    """Fields 3 onwards of /proc/<pid>/stat (field N at index N - 3); None where unreadable.
+
+    Field 2, the command name, is in parentheses and may itself contain spaces and ')',
+    so the fields are counted from its last ')'.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def process_start_time(pid: int) -> str:
+    """When process `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22).
+
+    '' where there is no /proc (not Linux) or no such process. Together with the pid it
+    identifies a process: a pid reused by a later process has a later start time.
+    """
+    fields = process_stat_fields(pid)
+    return fields[22 - 3] if fields else ""
+
+
+def owner_tags(pid: int | None = None) -> dict[str, str]:
+    """Tags naming the process that will close a run (default: this one)."""
+    pid = os.getpid() if pid is None else pid
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_STARTED_TAG: process_start_time(pid)}
+
+
+def process_is_running(pid: int, started: str) -> bool:
+    """Whether process `pid` exists and, where `started` is known, is the one that started then.
+
+    A zombie counts as ended: it can no longer close anything. Where it cannot be told
+    (no /proc, another user's hidden process), a live pid counts as the owner.
+    """
+    try:
+        os.kill(pid, 0)
+        other_users = False
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        other_users = True
+    if not Path("/proc/self/stat").exists():
+        return True  # not Linux: the pid is all we can compare
+    fields = process_stat_fields(pid)
+    if fields is None:
+        # Gone since os.kill looked, unless /proc hides other users' processes (hidepid).
+        return other_users
+    state, start_time = fields[3 - 3], fields[22 - 3]
+    if state in ("Z", "X"):
+        return False
+    return not started or start_time == started
+
+
+def mark_abandoned_runs(client, experiment_id: str, marked_by: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose owner process has ended; return their ids.
+
+    Their owner was killed (SIGKILL, the OOM killer, a lost terminal) before it could close
+    them. Runs without owner tags (not opened by imgpipe) and runs of other hosts (a cluster
+    node whose processes we cannot see) are left alone. One query, then one update per run
+    marked: this runs at the start of every invocation. `marked_by` describes the caller
+    for the tag on each marked run.
+    """
+    this_host = socket.gethostname()
+    marked_by = marked_by or f"process {os.getpid()}"
+    abandoned = []
+    page_token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  page_token=page_token)
+        for run in page:
+            tags = run.data.tags
+            if tags.get(HOST_TAG) != this_host:
+                continue
+            try:
+                owner_pid = int(tags[PID_TAG])
+            except (KeyError, ValueError):
+                continue
+            if owner_pid <= 0 or process_is_running(owner_pid, tags.get(PID_STARTED_TAG, "")):
+                continue
+            reason = (f"process {owner_pid} on host {this_host} ended without closing this run; "
+                      f"marked KILLED by {marked_by}")
+            client.set_tag(run.info.run_id, ABANDONED_TAG, reason)
+            client.set_terminated(run.info.run_id, "KILLED")
+            log.info("MLflow: run '%s' (%s) was left RUNNING by process %d, which has ended; marked KILLED",
+                     run.info.run_name, run.info.run_id, owner_pid)
+            abandoned.append(run.info.run_id)
+        page_token = page.token
+        if not page_token:
+            return abandoned
+
+
 def start_invocation(tracking_uri: str | None, experiment: str, config: dict) -> str:
     """Create the store and experiment if needed, open the invocation's parent run, export both.
 
@@ -64,6 +167,13 @@ def start_invocation(tracking_uri: str | None, experiment: str, config: dict) ->
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    # Before our own run exists: what a killed invocation left RUNNING is closed first.
+    abandoned = mark_abandoned_runs(
+        client, experiment_id, marked_by=f"the snakemake invocation started by process {os.getpid()}")
+    if abandoned:
+        log.info("MLflow: marked %d run(s) left RUNNING by ended processes as KILLED", len(abandoned))
+    else:
+        log.debug("MLflow: no run left RUNNING by an ended process")
     run = client.create_run(
         experiment_id,
         run_name=f"snakemake {config['experiment']}",
@@ -72,6 +182,7 @@ def start_invocation(tracking_uri: str | None, experiment: str, config: dict) ->
             f"{TAG_PREFIX}experiment": config["experiment"],
             f"{TAG_PREFIX}command": " ".join(sys.argv),
             f"{TAG_PREFIX}workdir": str(Path.cwd()),
+            **owner_tags(),  # this Snakemake process closes it, in onsuccess / onerror
         },
     )
     client.log_dict(run.info.run_id, redact_secrets(config), "config.resolved.yaml")
@@ -97,26 +208,39 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
     """An MLflow run for one job: a child of the invocation's run, or `resume_run_id` resumed.
 
     A job that raises leaves its run FAILED. A run to resume that the store no longer has
-    (the database was deleted or moved) is replaced by a new one, with a warning.
+    (the database was deleted or moved) is replaced by a new one, with a warning. The run
+    is tagged with this process as its owner, also when resumed (a run marked KILLED
+    after its process was killed can be resumed).
     """
     import mlflow
+    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
     run = None
     if resume_run_id:
         # The run keeps its own experiment: setting ours first would refuse to resume it
         # if mlflow.experiment changed since.
+        resume_tags = owner_tags()
+        if os.environ.get(PARENT_RUN_ENV):
+            resume_tags[f"{TAG_PREFIX}last_invocation"] = os.environ[PARENT_RUN_ENV]
         try:
+            # Owner first, then RUNNING: an invocation starting meanwhile never sees the run
+            # RUNNING under its previous, ended owner and marks it KILLED under our feet.
+            MlflowClient().log_batch(resume_run_id, tags=[RunTag(k, v) for k, v in resume_tags.items()])
             run = mlflow.start_run(run_id=resume_run_id)
-            if os.environ.get(PARENT_RUN_ENV):
-                mlflow.set_tag(f"{TAG_PREFIX}last_invocation", os.environ[PARENT_RUN_ENV])
         except MlflowException as error:
             log.warning("MLflow run %s cannot be resumed (%s); starting a new one", resume_run_id, error)
+        if run is not None and ABANDONED_TAG in run.data.tags:
+            # The tag says why the run is KILLED; running again, it no longer is.
+            log.info("MLflow: resuming run %s, which had been marked KILLED (%s)", resume_run_id,
+                     run.data.tags[ABANDONED_TAG])
+            mlflow.delete_tag(ABANDONED_TAG)
     if run is None:
         experiment = os.environ.get(EXPERIMENT_ENV)
         if experiment:
             mlflow.set_experiment(experiment)
-        all_tags = {f"{TAG_PREFIX}kind": "job", **(tags or {})}
+        all_tags = {f"{TAG_PREFIX}kind": "job", **(tags or {}), **owner_tags()}
         run = mlflow.start_run(run_name=run_name, parent_run_id=os.environ.get(PARENT_RUN_ENV), tags=all_tags)
     try:
         yield run
@@ -137,11 +261,13 @@ def write_run_reference(run, path: Path | str) -> None:
     }, indent=2) + "\n")
 
 
-def read_run_reference(path: Path | str) -> str | None:
+def read_run_reference(path: Path | str) -> str:
+    """The run id `write_run_reference` recorded; a missing or damaged file is an error, not a new run."""
     try:
         return json.loads(Path(path).read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"cannot read the MLflow run reference {path} ({error_text(error)}); it is written by "
+                         f"the model's train job: rerun it (snakemake --forcerun train)") from error
 
 
 def log_epoch(row: dict) -> None:
@@ -149,6 +275,23 @@ def log_epoch(row: dict) -> None:
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+def log_missing_epochs(run_id: str, history: list[dict]) -> int:
+    """Log the history rows a run lacks (a job killed after saving an epoch, before logging it).
+
+    A resumed job calls this with the history of its resume state, so every epoch appears
+    exactly once in the run's curves. Returns how many rows were logged.
+    """
+    from mlflow.tracking import MlflowClient
+
+    logged = {metric.step for metric in MlflowClient().get_metric_history(run_id, "val_accuracy")}
+    missing = [row for row in history if int(row["epoch"]) not in logged]
+    for row in missing:
+        log_epoch(row)
+    if missing:
+        log.info("logged %d epoch(s) the interrupted job had saved but not logged", len(missing))
+    return len(missing)
 
 
 def log_torch_model(model, example_input, name: str = "model") -> None:
