@@ -1,0 +1,1 @@
+"""Training: strategies, resume, devices, the loop."""
