@@ -70,3 +70,37 @@ def write_shape_images(folder: Path, kind: str, count: int, size: int = 48, seed
         Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L").convert("RGB").save(path)
         paths.append(path)
     return paths
+
+
+def make_shapes_manifest(root: Path, per_class: int = 40, size: int = 32, counts: dict | None = None) -> Path:
+    """A split manifest of preprocessed 'bright' and 'dark' shape images (grayscale, size x size)."""
+    import pandas as pd
+
+    from imgpipe.preprocess import prepare_image
+    from imgpipe.split import stratified_group_split, write_manifest
+
+    rows = []
+    for seed, kind in enumerate(("bright", "dark")):
+        for path in write_shape_images(root / "raw" / kind, kind, (counts or {}).get(kind, per_class), seed=seed):
+            target = root / "images" / kind / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            prepare_image(path, size, "grayscale", "stretch").save(target)
+            rows.append((str(target), kind, str(target)))
+    path = root / "manifest.csv"
+    write_manifest(stratified_group_split(pd.DataFrame(rows, columns=["path", "label", "group"]),
+                                          {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shapes_manifest(tmp_path_factory) -> Path:
+    return make_shapes_manifest(tmp_path_factory.mktemp("shapes"))
+
+
+def model_settings(**overrides) -> dict:
+    """A model entry as the pipeline passes it to training: validated, defaults filled."""
+    from imgpipe.config import load_schema, validate_config
+
+    config = {"experiment": "x", "classes": {"a": {"sources": [{"digits": 1}]}, "b": {"sources": [{"digits": 2}]}},
+              "images": {"size": 32}, "models": {"m": {"arch": "simple_cnn", "seed": 5, "device": "cpu", **overrides}}}
+    return validate_config(config, load_schema(REPO / "workflow/schemas/config.schema.yaml"))["models"]["m"]

@@ -126,3 +126,115 @@ def test_example_configs_are_valid(example, tmp_path):
                 (tmp_path / source["folder"]).mkdir(parents=True, exist_ok=True)
     check_config_files([example])
     assert validate_config(config, SCHEMA, tmp_path)["experiment"] == example.stem
+
+
+def models_config(tmp_path, models):
+    config = base_config(tmp_path)
+    config["models"] = models
+    return config
+
+
+def test_a_sweep_expands_into_one_readable_model_per_combination(tmp_path):
+    config = models_config(tmp_path, {
+        "resnet50": {"arch": "resnet50", "lr": 0.001, "sweep": {"optimizer": ["sgd", "adam"], "batch_size": [8, 16, 32]}},
+        "cnn": {"arch": "simple_cnn", "sweep": {"augment": ["none", "light"], "lr": [0.01, 1e-4]}},
+    })
+    models = validate_config(config, SCHEMA, tmp_path)["models"]
+    assert sorted(models) == sorted(["cnn-aug-light-lr0.01", "cnn-aug-light-lr0.0001", "cnn-aug-none-lr0.01",
+                                     "cnn-aug-none-lr0.0001"] +
+                                    [f"resnet50-bs{b}-{o}" for b in (8, 16, 32) for o in ("sgd", "adam")])
+    assert models["resnet50-bs16-sgd"]["batch_size"] == 16 and models["resnet50-bs16-sgd"]["optimizer"] == "sgd"
+    assert models["resnet50-bs16-sgd"]["lr"] == 0.001 and "sweep" not in models["resnet50-bs16-sgd"]
+    assert models["cnn-aug-light-lr0.0001"]["epochs"] == 10  # defaults filled per expanded model
+
+
+@pytest.mark.parametrize("models, key, message", [
+    ({"m": {"arch": "simple_cnn", "sweep": {"batch_size": [8, 0]}}}, "models.m.sweep.batch_size[1]", "minimum"),
+    ({"m": {"arch": "simple_cnn", "sweep": {"colour": [1]}}}, "models.m.sweep.colour", "not a model setting"),
+    ({"m": {"arch": "simple_cnn", "lr": 0.1, "sweep": {"lr": [0.1, 0.2]}}}, "models.m.sweep.lr", "both set and swept"),
+    ({"m": {"arch": "simple_cnn", "sweep": {"lr": [0.1]}}, "m-lr0.1": {"arch": "simple_cnn"}}, "models.m.sweep",
+     "also made by"),
+    ({"m": {"arch": "simple_cnn", "sweep": {"batch_size": []}}}, "models.m.sweep.batch_size", "should be non-empty"),
+])
+def test_sweep_mistakes_name_the_key(tmp_path, models, key, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        validate_config(models_config(tmp_path, models), SCHEMA, tmp_path)
+    assert f"'{key}'" in str(error.value)
+
+
+@pytest.mark.parametrize("models, key, message", [
+    ({"a": {"arch": "simple_cnn", "init_from": "nope"}}, "models.a.init_from", "no model named 'nope'"),
+    ({"a": {"arch": "simple_cnn", "init_from": "a"}}, "models.a.init_from", "cannot start from itself"),
+    ({"a": {"arch": "simple_cnn", "init_from": "b"}, "b": {"arch": "simple_cnn", "init_from": "c"},
+      "c": {"arch": "simple_cnn", "init_from": "a"}}, "models.a.init_from", "a -> b -> c -> a"),
+    ({"a": {"arch": "simple_cnn", "init_from": "cnn"}, "cnn": {"arch": "simple_cnn", "sweep": {"lr": [0.1, 0.2]}}},
+     "models.a.init_from", "'cnn' is a sweep; name one of its models: cnn-lr0.1, cnn-lr0.2"),
+    ({"a": {"arch": "resnet18"}, "b": {"arch": "resnet18", "init_from": "a", "weights": "imagenet"}},
+     "models.b.init_from", "keep one"),
+    ({"a": {"arch": "resnet18", "strategy": "staged", "epochs": 3, "head_epochs": 3}}, "models.a.head_epochs",
+     "must be below epochs"),
+    ({"a": {"arch": "resnet18", "epochs": 3, "warmup_epochs": 3}}, "models.a.warmup_epochs", "leave none"),
+    ({"a": {"arch": "simple_cnn", "truncate": "layer4"}}, "models.a.truncate", "cannot be truncated"),
+    ({"a": {"arch": "resnet18", "head_hidden": [64]}}, "models.a.head_hidden", "set truncate too"),
+    ({"a": {"arch": "resnet18", "strategy": "freeze"}}, "models.a.strategy", "is not one of"),
+    ({"a": {"arch": "resnet18", "early_stopping": {"metric": "val_loss"}}}, "models.a.early_stopping", "patience"),
+])
+def test_model_mistakes_name_the_key(tmp_path, models, key, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        validate_config(models_config(tmp_path, models), SCHEMA, tmp_path)
+    assert f"'{key}" in str(error.value)
+
+
+def test_init_from_chains_are_fine(tmp_path):
+    models = {"a": {"arch": "simple_cnn"}, "b": {"arch": "simple_cnn", "init_from": "a"},
+              "c": {"arch": "simple_cnn", "init_from": "b", "sweep": {"lr": [0.1, 0.2]}}}
+    validated = validate_config(models_config(tmp_path, models), SCHEMA, tmp_path)["models"]
+    assert validated["c-lr0.2"]["init_from"] == "b" and validated["a"]["init_from"] is None
+
+
+def test_the_same_settings_in_another_key_order_give_an_identical_config(tmp_path):
+    config = models_config(tmp_path, {"m": {"arch": "resnet18", "lr": 0.01, "epochs": 10.0,
+                                            "early_stopping": {"patience": 2, "metric": "val_loss"},
+                                            "sweep": {"optimizer": ["sgd", "adam"], "batch_size": [8, 16]}}})
+    config["images"] = {"size": 48, "color": "rgb"}
+    reordered = {key: config[key] for key in reversed(list(config))}
+    reordered["images"] = {"color": "rgb", "size": 48.0}
+    reordered["models"] = {"m": {key: value for key, value in reversed(list(config["models"]["m"].items()))}}
+    reordered["models"]["m"]["sweep"] = {"batch_size": [8, 16], "optimizer": ["sgd", "adam"]}
+    reordered["models"]["m"]["early_stopping"] = {"metric": "val_loss", "patience": 2}
+    first, second = validate_config(config, SCHEMA, tmp_path), validate_config(reordered, SCHEMA, tmp_path)
+    # Snakemake compares params by their repr: key order and 10 vs 10.0 must not show
+    assert repr(first) == repr(second)
+    assert list(first["models"]["m-bs8-sgd"]) == sorted(first["models"]["m-bs8-sgd"])
+
+
+def test_yaml_anchors_and_merge_keys_work(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""
+experiment: anchors
+x-base: &base {{arch: resnet18, optimizer: sgd, lr: 0.001, momentum: 0.9}}
+classes:
+  cat: {{sources: [{{folder: {tmp_path / 'cats'}}}]}}
+  dog: {{sources: [{{digits: 1}}]}}
+models:
+  finetune:
+    <<: *base
+    lr: 0.01
+  frozen:
+    <<: *base
+    strategy: feature_extract
+""")
+    (tmp_path / "cats").mkdir()
+    check_config_files([path])  # the override of lr next to the merge key is not a duplicate
+    models = validate_config(yaml.safe_load(path.read_text()), SCHEMA, tmp_path)["models"]
+    assert models["finetune"]["lr"] == 0.01 and models["frozen"]["lr"] == 0.001
+    assert models["frozen"]["strategy"] == "feature_extract" and models["frozen"]["momentum"] == 0.9
+    path.write_text(path.read_text() + "    strategy: staged\n")
+    with pytest.raises(ConfigError, match=r"'strategy' \(line 14\)"):
+        check_config_files([path])
+
+
+def test_anchor_keys_are_dropped_from_the_resolved_config(tmp_path):
+    config = base_config(tmp_path)
+    config["x-defaults"] = {"arch": "resnet18"}
+    assert "x-defaults" not in validate_config(config, SCHEMA, tmp_path)

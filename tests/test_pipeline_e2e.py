@@ -254,15 +254,18 @@ def test_one_failing_model_does_not_take_the_others_down(workdir):
         "images": {"size": 32},
         "dedupe": {"near_distance": 0},
         "models": {"cnn": {"arch": "simple_cnn", "epochs": 1},
-                   "broken": {"arch": "simple_cnn", "epochs": 1, "weights": "junk.pt"}},
+                   "broken": {"arch": "simple_cnn", "epochs": 1, "weights": "junk.pt"},
+                   "diverging": {"arch": "simple_cnn", "epochs": 3, "optimizer": "sgd", "lr": 1e12}},
     })
     result = snakemake(workdir, check=False)
     assert result.returncode != 0
-    assert "junk.pt" in (workdir / "logs/partial/train/broken.log").read_text()
+    assert "junk.pt' is not a PyTorch checkpoint" in (workdir / "logs/partial/train/broken.log").read_text()
+    assert re.search(r"diverging: the loss became (nan|inf) at epoch \d; training stopped. Lower "
+                     r"models.diverging.lr", (workdir / "logs/partial/train/diverging.log").read_text())
     assert json.loads((workdir / "results/partial/eval/cnn/metrics.json").read_text())["n_test"] > 0
     assert not (workdir / "results/partial/report/report.md").exists()
 
     runs = runs_by_name(store(workdir), "partial")
-    assert runs["broken"].info.status == "FAILED"
+    assert runs["broken"].info.status == runs["diverging"].info.status == "FAILED"
     assert runs["cnn"].info.status == "FINISHED" and "test_accuracy" in runs["cnn"].data.metrics
     assert runs["snakemake partial"].info.status == "FAILED"

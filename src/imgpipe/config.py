@@ -19,6 +19,7 @@ import jsonschema
 import yaml
 
 from imgpipe.files import walk_files
+from imgpipe.sweeps import SweepError, expand_sweeps
 
 MIN_SIMPLE_CNN_SIZE = 32
 
@@ -90,7 +91,11 @@ def _schema_error_message(error: jsonschema.ValidationError) -> str:
 
 
 def find_duplicate_keys(yaml_path: Path | str) -> list[str]:
-    """Keys given twice in one mapping of a YAML file (YAML loaders silently keep the last)."""
+    """Keys given twice in one mapping of a YAML file (YAML loaders silently keep the last).
+
+    Keys that a mapping sets next to a merge key (`<<: *base`) override the merged ones:
+    that is what merge keys are for, so only keys written twice by hand count.
+    """
 
     class StrictLoader(yaml.SafeLoader):
         pass
@@ -100,6 +105,8 @@ def find_duplicate_keys(yaml_path: Path | str) -> list[str]:
     def construct_mapping(loader, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = loader.construct_object(key_node, deep=deep)
             if key in seen:
                 duplicates.append(f"'{key}' (line {key_node.start_mark.line + 1})")
@@ -173,39 +180,89 @@ def _check_split(config: dict) -> None:
         )
 
 
-def _check_models(config: dict, base_dir: Path) -> None:
+def _check_models(config: dict, base_dir: Path, swept: dict[str, list[str]]) -> None:
     known = None
     for model_name, model in config["models"].items():
+        key = f"models.{model_name}"
         arch = model["arch"]
         if arch == "simple_cnn":
             if config["images"]["size"] < MIN_SIMPLE_CNN_SIZE:
                 raise ConfigError(
-                    f"config key 'models.{model_name}.arch': simple_cnn needs images.size >= "
+                    f"config key '{key}.arch': simple_cnn needs images.size >= "
                     f"{MIN_SIMPLE_CNN_SIZE}, got {config['images']['size']}"
                 )
+            if model["truncate"] is not None:
+                raise ConfigError(f"config key '{key}.truncate': simple_cnn cannot be truncated "
+                                  f"(truncate cuts a torchvision backbone)")
         else:
             known = torchvision_classification_models() if known is None else known
             if arch not in known:
                 close = difflib.get_close_matches(arch, sorted(known), n=5, cutoff=0.6)
                 hint = f"; similar: {', '.join(close)}" if close else ""
                 raise ConfigError(
-                    f"config key 'models.{model_name}.arch': unknown architecture '{arch}' "
+                    f"config key '{key}.arch': unknown architecture '{arch}' "
                     f"(simple_cnn or a torchvision classification model{hint})"
                 )
+        if model["truncate"] is None:
+            for own_head_key, unset in (("head_hidden", []), ("head_dropout", 0)):
+                if model[own_head_key] != unset:
+                    raise ConfigError(f"config key '{key}.{own_head_key}': only a truncated backbone has an "
+                                      f"own dense head; set truncate too, or remove {own_head_key}")
         weights = model["weights"]
         if weights not in ("none", "imagenet") and not (base_dir / weights).is_file():
             raise ConfigError(
-                f"config key 'models.{model_name}.weights': '{weights}' is neither 'none', "
+                f"config key '{key}.weights': '{weights}' is neither 'none', "
                 f"'imagenet' nor an existing checkpoint file"
             )
         if weights == "imagenet" and arch == "simple_cnn":
-            raise ConfigError(f"config key 'models.{model_name}.weights': simple_cnn has no ImageNet weights")
+            raise ConfigError(f"config key '{key}.weights': simple_cnn has no ImageNet weights")
+        if model["init_from"] is not None and weights != "none":
+            raise ConfigError(f"config key '{key}.init_from': init_from and weights ('{weights}') both give "
+                              f"starting weights; keep one")
+        if model["strategy"] == "staged" and model["head_epochs"] >= model["epochs"]:
+            raise ConfigError(f"config key '{key}.head_epochs': staged trains the head alone for head_epochs, "
+                              f"then all layers, so head_epochs ({model['head_epochs']}) must be below epochs "
+                              f"({model['epochs']})")
+        if model["warmup_epochs"] >= model["epochs"]:
+            raise ConfigError(f"config key '{key}.warmup_epochs': {model['warmup_epochs']} warm-up epochs leave "
+                              f"none of the {model['epochs']} epochs to train at lr")
+    _check_init_from(config["models"], swept)
+
+
+def _check_init_from(models: dict, swept: dict[str, list[str]]) -> None:
+    """init_from names another model of this config, and following init_from never loops."""
+    for model_name, model in models.items():
+        source = model["init_from"]
+        if source is None:
+            continue
+        key = f"models.{model_name}.init_from"
+        if source == model_name:
+            raise ConfigError(f"config key '{key}': a model cannot start from itself")
+        if source not in models:
+            if source in swept:
+                raise ConfigError(f"config key '{key}': '{source}' is a sweep; name one of its models: "
+                                  f"{', '.join(swept[source])}")
+            close = difflib.get_close_matches(source, sorted(models), n=3, cutoff=0.6)
+            hint = f"; similar: {', '.join(close)}" if close else f"; models: {', '.join(sorted(models))}"
+            raise ConfigError(f"config key '{key}': no model named '{source}' in this config{hint}")
+    for model_name in models:
+        chain = [model_name]
+        while models[chain[-1]]["init_from"] is not None:
+            chain.append(models[chain[-1]]["init_from"])
+            if chain[-1] in chain[:-1]:
+                cycle = chain[chain.index(chain[-1]):]
+                raise ConfigError(f"config key 'models.{cycle[0]}.init_from': init_from goes round in a circle: "
+                                  f"{' -> '.join(cycle)}")
 
 
 def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> dict:
-    """Validate against the schema, fill its defaults, run the cross-key checks.
+    """Validate against the schema, expand sweeps, fill defaults, run the cross-key checks.
 
-    Returns a new dict (the input is not modified). Raises ConfigError naming the key.
+    Returns a new, canonical dict (the input is not modified): mapping keys sorted at every
+    level and whole-number floats as ints, so a config re-saved with its keys in another
+    order, or with `epochs: 10.0`, gives Snakemake the same params and reruns nothing.
+    Top-level `x-...` keys (a home for YAML anchors) are dropped. Raises ConfigError naming
+    the key.
     """
     config = copy.deepcopy(config)
     errors = sorted(
@@ -213,13 +270,47 @@ def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> d
     )
     if errors:
         raise ConfigError(_schema_error_message(errors[0]))
+    config = {key: value for key, value in config.items() if not key.startswith("x-")}
+    sweeps = {name: model for name, model in config["models"].items() if "sweep" in model}
+    config["models"] = _expanded_models(config["models"], schema)
+    swept = {name: list(expand_sweeps({name: model})) for name, model in sweeps.items()}
     fill_defaults(config, schema, schema)
     base_dir = Path(base_dir)
     _check_sources(config, base_dir)
     _check_dedupe(config, base_dir)
     _check_split(config)
-    _check_models(config, base_dir)
-    return config
+    _check_models(config, base_dir, swept)
+    return canonical(config)
+
+
+def canonical(value):
+    """Mapping keys sorted at every level, whole-number floats as ints, lists kept in order."""
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(item) for item in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _expanded_models(models: dict, schema: dict) -> dict:
+    """Sweeps written out, each swept value checked against the model schema by its key."""
+    try:
+        expanded = expand_sweeps(models)
+    except SweepError as error:
+        raise ConfigError(str(error)) from None
+    model_schema = _resolve(schema["$defs"]["model"], schema) | {"$defs": schema["$defs"]}
+    validator = jsonschema.Draft202012Validator(model_schema)
+    for base_name, settings in models.items():
+        for key, values in settings.get("sweep", {}).items():
+            if key not in model_schema["properties"]:
+                raise ConfigError(f"config key 'models.{base_name}.sweep.{key}': not a model setting")
+            for index, value in enumerate(values):
+                error = jsonschema.exceptions.best_match(validator.iter_errors({"arch": "x", key: value}))
+                if error is not None:
+                    raise ConfigError(f"config key 'models.{base_name}.sweep.{key}[{index}]': {error.message}")
+    return expanded
 
 
 def check_config_files(paths) -> None:

@@ -16,7 +16,6 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from imgpipe.manifests import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +28,6 @@ class SplitTensors:
     images: torch.Tensor  # uint8, N x C x H x W
     labels: torch.Tensor  # int64, N
     paths: list[str]
-
-
-def read_split_manifest(path: Path | str) -> pd.DataFrame:
-    return read_manifest(path, ("path", "label", "split"))
 
 
 def class_names(manifest: pd.DataFrame) -> list[str]:

@@ -11,8 +11,10 @@ import pandas as pd
 import torch
 from sklearn import metrics as skm
 
-from imgpipe.datasets import load_split, normalize_batch, read_split_manifest
-from imgpipe.train import batches, load_trained_model, pick_device
+from imgpipe.checkpoints import load_trained_model
+from imgpipe.datasets import load_split, normalize_batch
+from imgpipe.manifests import read_split_manifest
+from imgpipe.training.devices import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +22,8 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def predict_probabilities(model, images: torch.Tensor, normalization, device, batch_size: int = 256) -> np.ndarray:
     outputs = []
-    for index in batches(len(images), batch_size):
-        logits = model(normalize_batch(images[index].to(device), normalization))
+    for start in range(0, len(images), batch_size):
+        logits = model(normalize_batch(images[start:start + batch_size].to(device), normalization))
         outputs.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(outputs).numpy()
 
@@ -62,11 +64,11 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
     }
 
 
-def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, device: str = "auto",
+def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, device: str | torch.device = "auto",
                         threads: int = 1) -> tuple[dict, pd.DataFrame, np.ndarray, np.ndarray]:
     """Metrics, per-image predictions, true labels and probabilities of one model on the test split."""
     torch.set_num_threads(threads)
-    device = pick_device(device)
+    device = device if isinstance(device, torch.device) else pick_device(device)
     model, checkpoint = load_trained_model(checkpoint_path, device)
     classes = checkpoint["classes"]
     manifest = read_split_manifest(manifest_path)

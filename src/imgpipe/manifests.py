@@ -1,4 +1,4 @@
-"""Reading the pipeline's CSV manifests."""
+"""The pipeline's CSV tables: reading manifests, and the columns other stages rely on."""
 
 from __future__ import annotations
 
@@ -19,3 +19,13 @@ def read_manifest(path: Path | str, required_columns: tuple[str, ...] = ()) -> p
         raise ValueError(f"manifest {path} lacks columns {', '.join(absent)} (has {', '.join(frame.columns)})")
     frame.attrs["source"] = str(path)
     return frame
+
+
+# A model's history.csv, one row per epoch (written by training, read by the report).
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "backbone_frozen",
+                   "seconds"]
+
+
+def read_split_manifest(path: Path | str) -> pd.DataFrame:
+    """split/manifest.csv: path, label, split (train | val | test)."""
+    return read_manifest(path, ("path", "label", "split"))

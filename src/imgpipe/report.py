@@ -21,7 +21,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from imgpipe.dedupe import REASONS as DEDUPE_REASONS
-from imgpipe.manifests import read_manifest
+from imgpipe.manifests import HISTORY_COLUMNS, read_manifest, read_split_manifest
 from imgpipe.plots import plot_learning_curves
 from imgpipe.split import SPLITS
 
@@ -34,7 +34,6 @@ RANK_METRICS = {
     "roc_auc": "ROC AUC",
 }
 REQUIRED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
 MISSING = "n/a"
 
 
@@ -209,10 +208,6 @@ def load_histories(history_paths: dict[str, Path]) -> tuple[dict[str, pd.DataFra
             continue
         histories[model] = history
     return histories, problems
-
-
-def read_split_manifest(path: Path) -> pd.DataFrame:
-    return read_manifest(path, ("path", "label", "split"))
 
 
 def read_dedupe_manifest(path: Path) -> pd.DataFrame:

@@ -6,6 +6,7 @@ import re
 from snakemake.exceptions import WorkflowError
 
 from imgpipe.config import ConfigError, check_config_files, load_schema, source_fingerprints, validate_config
+from imgpipe.training.devices import model_uses_gpu, visible_gpus
 
 try:
     check_config_files(workflow.configfiles)
@@ -14,6 +15,9 @@ except ConfigError as error:
     raise WorkflowError(str(error)) from None
 config.clear()
 config.update(_validated)
+# Found once, at DAG build, without importing torch: models with device auto hold the
+# `gpu` resource only when there is a GPU (IMGPIPE_GPUS declares the list explicitly).
+GPUS = visible_gpus()
 
 EXPERIMENT = config["experiment"]
 CLASSES = sorted(config["classes"])
@@ -46,18 +50,22 @@ def get_model_settings(wildcards):
     return config["models"][wildcards.model]
 
 
-def get_model_device(wildcards):
-    return config["models"][wildcards.model]["device"]
-
-
-def get_train_threads(wildcards):
+def get_model_threads(wildcards):
     return config["models"][wildcards.model]["threads"]
 
 
-def get_model_checkpoint_inputs(wildcards):
-    """A model that starts from a checkpoint file depends on it."""
-    weights = config["models"][wildcards.model]["weights"]
-    return [weights] if weights not in ("none", "imagenet") else []
+def get_model_gpus(wildcards):
+    """1 when the model's jobs run on a GPU (each then claims a free device), else 0,
+    so that CPU-only models train side by side on the cores."""
+    return int(model_uses_gpu(config["models"][wildcards.model]["device"], GPUS))
+
+
+def get_model_start_checkpoint(wildcards):
+    """The checkpoint a model starts from: another model's (init_from: a DAG edge) or a file."""
+    model = config["models"][wildcards.model]
+    if model["init_from"] is not None:
+        return [f"{RESULTS}/models/{model['init_from']}/model.pt"]
+    return [model["weights"]] if model["weights"] not in ("none", "imagenet") else []
 
 
 def start_tracking():

@@ -25,13 +25,13 @@ rule evaluate:
         ),
         predictions=f"{RESULTS}/eval/{{model}}/predictions.csv",
     params:
-        device=get_model_device,
+        device=lambda wildcards: config["models"][wildcards.model]["device"],
     log:
         f"{LOGS}/evaluate/{{model}}.log",
     benchmark:
         f"{BENCHMARKS}/evaluate/{{model}}.tsv"
-    threads: get_train_threads
+    threads: get_model_threads
     resources:
-        gpu=1,
+        gpu=get_model_gpus,
     script:
         "../scripts/evaluate.py"

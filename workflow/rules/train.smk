@@ -1,7 +1,7 @@
 rule train:
     input:
         manifest=f"{RESULTS}/split/manifest.csv",
-        start_from=get_model_checkpoint_inputs,
+        start_from=get_model_start_checkpoint,
     output:
         checkpoint=f"{RESULTS}/models/{{model}}/model.pt",
         history=f"{RESULTS}/models/{{model}}/history.csv",
@@ -14,8 +14,8 @@ rule train:
         f"{LOGS}/train/{{model}}.log",
     benchmark:
         f"{BENCHMARKS}/train/{{model}}.tsv"
-    threads: get_train_threads
+    threads: get_model_threads
     resources:
-        gpu=1,
+        gpu=get_model_gpus,
     script:
         "../scripts/train.py"

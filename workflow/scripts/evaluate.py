@@ -6,6 +6,11 @@ from imgpipe.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
+from imgpipe.training.devices import claim_gpu, pick_device
+
+# Before torch initialises CUDA: the job sees only the device it claimed.
+gpu_claim = claim_gpu() if snakemake.resources.gpu else None
+
 import mlflow
 
 from imgpipe.evaluate import evaluate_checkpoint
@@ -16,7 +21,8 @@ model_name = snakemake.wildcards.model
 run_id = read_run_reference(snakemake.input.mlflow_run)
 with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_name}, resume_run_id=run_id) as run:
     metrics, predictions, y_true, probabilities = evaluate_checkpoint(
-        snakemake.input.checkpoint, snakemake.input.manifest, snakemake.params.device, snakemake.threads)
+        snakemake.input.checkpoint, snakemake.input.manifest,
+        pick_device(snakemake.params.device, gpu_claimed=gpu_claim is not None), snakemake.threads)
     with open(snakemake.input.summary) as handle:
         training = json.load(handle)
     metrics = {"model": model_name, **metrics,

@@ -1,0 +1,343 @@
+"""Train one model: strategy phases, resume after a kill, early stopping, the best epoch kept.
+
+`train_model` is what the train job runs. It saves a resume state after every epoch
+(`imgpipe.training.resume`) and, given one, continues from it. The model checkpoint it
+writes is plain (tensors, numbers, strings), loads with `torch.load(weights_only=True)`
+and carries what inference needs: how to rebuild the network, the classes, the image
+settings and the normalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from imgpipe import __version__
+from imgpipe.checkpoints import model_build_spec, read_model_checkpoint, read_torch_file
+from imgpipe.datasets import SplitTensors, class_names, load_split, normalization_for
+from imgpipe.manifests import HISTORY_COLUMNS, read_split_manifest
+from imgpipe.models import WeightsLoad, build_model, count_parameters, load_matching_weights, load_start_weights
+from imgpipe.training import resume
+from imgpipe.training.augment import BatchAugment
+from imgpipe.training.loop import (Feeder, Normalizer, Precision, batch_indices, batches_per_epoch, choose_precision,
+                                   evaluate_epoch, image_preparation, train_epoch)
+from imgpipe.training.schedule import make_optimizer, make_scheduler
+from imgpipe.training.strategies import HeadInput, ModelParts, Phase, head_logits, parameter_groups, phase_of, plan_phases
+
+log = logging.getLogger(__name__)
+
+FEATURE_BATCH = 256
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss stopped being a finite number."""
+
+
+@dataclass
+class TrainingJob:
+    """One model to train. `start_checkpoint` is init_from's model.pt (or None)."""
+
+    model_name: str
+    settings: dict
+    image_settings: dict
+    manifest_path: Path
+    work_dir: Path
+    checkpoint_path: Path
+    device: torch.device
+    threads: int = 1
+    start_checkpoint: Path | None = None
+    metadata: dict = field(default_factory=dict)  # saved with the resume state (the MLflow run id)
+
+    def fingerprint(self) -> str:
+        start = self.start_checkpoint or (self.settings["weights"] if self.settings["weights"] not in ("none", "imagenet")
+                                          else None)
+        return resume.training_fingerprint(self.settings, self.image_settings, self.manifest_path, start)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    # cuBLAS needs this for deterministic matmuls on the GPU; harmless elsewhere.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def class_weight_tensor(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """n / (classes x n_class): sklearn's 'balanced' weights."""
+    counts = torch.bincount(labels, minlength=n_classes).double()
+    return (len(labels) / (n_classes * counts.clamp_min(1))).float()
+
+
+def balanced_sample_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Per-image draw weights that make every class equally likely."""
+    counts = torch.bincount(labels, minlength=n_classes).double()
+    return (1.0 / counts.clamp_min(1))[labels]
+
+
+def _better(row: dict, best: dict | None, metric: str) -> bool:
+    if best is None:
+        return True
+    if metric == "val_loss":
+        return (-row["val_loss"], row["val_accuracy"]) > (-best["val_loss"], best["val_accuracy"])
+    return (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+
+
+class _Run:
+    """The pieces of one training run, built the same way whether it starts or resumes."""
+
+    def __init__(self, job: TrainingJob):
+        settings = self.settings = job.settings
+        self.job = job
+        self.device = job.device
+        manifest = read_split_manifest(job.manifest_path)
+        self.classes = class_names(manifest)
+        self.train_data: SplitTensors = load_split(manifest, "train", self.classes)
+        self.val_data: SplitTensors = load_split(manifest, "val", self.classes)
+        self.in_channels = self.train_data.images.shape[1]
+        self.model = build_model(settings["arch"], len(self.classes), self.in_channels,
+                                 job.image_settings["size"], settings["truncate"], settings["head_hidden"],
+                                 settings["head_dropout"])
+        self.weights_load, self.normalization = self._starting_point()
+        self.precision: Precision = choose_precision(settings["precision"], self.device)
+        self.channels_last = settings["channels_last"] is True or (settings["channels_last"] == "auto"
+                                                                   and self.device.type == "cuda")
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.parts = ModelParts(self.model) if settings["strategy"] != "finetune" else None
+        self.phases: list[Phase] = plan_phases(settings)
+        groups = parameter_groups(self.parts, settings) if self.parts else [
+            {"params": list(self.model.parameters()), "lr": settings["lr"], "name": "all"}]
+        self.optimizer = make_optimizer(groups, settings)
+        self.steps_per_epoch = batches_per_epoch(len(self.train_data.labels), settings["batch_size"])
+        self.scheduler = make_scheduler(self.optimizer, settings, self.phases, self.steps_per_epoch)
+        self.scaler = self.precision.scaler()
+        self.generators = {"shuffle": torch.Generator().manual_seed(settings["seed"]),
+                           "augment": torch.Generator().manual_seed(settings["seed"] + 1)}
+        self.augment = BatchAugment(settings["augment"], self.in_channels)
+        n_classes = len(self.classes)
+        weights = (class_weight_tensor(self.train_data.labels, n_classes).to(self.device)
+                   if settings["class_weights"] == "balanced" else None)
+        self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=settings["label_smoothing"])
+        self.sample_weights = (balanced_sample_weights(self.train_data.labels, n_classes)
+                               if settings["sampler"] == "balanced" else None)
+        self.normalizer = Normalizer(self.normalization, self.device, self.channels_last)
+        self.forward = torch.compile(self.model) if settings["compile"] else self.model
+        self.feeders = {
+            # +1: a lone last training sample joins the batch before it (batch_indices)
+            "train": Feeder(self.train_data.images, self.device, settings["batch_size"] + 1),
+            "val": Feeder(self.val_data.images, self.device, FEATURE_BATCH),
+        }
+        self.feature_cache: dict[str, Feeder] = {}
+
+    def _starting_point(self) -> tuple[WeightsLoad | None, dict]:
+        """Load the starting weights; return what loaded and the input normalisation to use.
+
+        A model started from another imgpipe model keeps that model's normalisation, so
+        the features it learnt see the inputs they were trained on.
+        """
+        settings, job = self.settings, self.job
+        if job.start_checkpoint is not None:
+            source = read_model_checkpoint(job.start_checkpoint)
+            origin = f"model '{source.get('model_name', '?')}' ({job.start_checkpoint})"
+            return load_matching_weights(self.model, source["state_dict"], origin), source["normalization"]
+        report = load_start_weights(self.model, settings["arch"], settings["weights"])
+        if settings["weights"] not in ("none", "imagenet"):
+            payload = read_torch_file(settings["weights"])
+            if isinstance(payload, dict) and isinstance(payload.get("normalization"), dict):
+                return report, payload["normalization"]
+        return report, normalization_for(self.train_data.images, settings["weights"])
+
+    def frozen_inputs(self, phase: Phase) -> bool:
+        """Train the head on features cached once: the backbone is frozen and sees fixed inputs."""
+        return phase.backbone_frozen and not self.augment.active
+
+    def cached_features(self, split: str) -> Feeder:
+        if split not in self.feature_cache:
+            data = self.train_data if split == "train" else self.val_data
+            started = time.perf_counter()
+            extract = HeadInput(self.parts)
+            prepare = image_preparation(None, self.normalizer, None)
+            source = self.feeders[split]
+            self.parts.set_training_mode(backbone_frozen=True)
+            chunks = []
+            with torch.no_grad(), self.precision.autocast():
+                for index in batch_indices(len(data.labels), FEATURE_BATCH):
+                    chunks.append(extract(prepare(source(index))).float())
+            features = torch.cat(chunks)
+            self.feature_cache[split] = Feeder(features.cpu(), self.device,
+                                               max(FEATURE_BATCH, self.settings["batch_size"] + 1))
+            log.info("%s: backbone features of the %s split computed once: %d x %s, %.1f MB, %.1f s",
+                     self.job.model_name, split, features.shape[0], tuple(features.shape[1:]),
+                     features.numel() * 4 / 1e6, time.perf_counter() - started)
+        return self.feature_cache[split]
+
+    def epoch(self, phase: Phase) -> tuple:
+        settings = self.settings
+        if self.parts is not None:
+            self.parts.freeze_backbone(phase.backbone_frozen)
+            self.parts.set_training_mode(phase.backbone_frozen)
+        else:
+            self.model.train()
+        indices = batch_indices(len(self.train_data.labels), settings["batch_size"], self.generators["shuffle"],
+                                self.sample_weights)
+        if self.parts is not None and self.frozen_inputs(phase):
+            head = lambda features: head_logits(self.parts, features)  # noqa: E731
+            keep = lambda batch: batch  # noqa: E731
+            train = train_epoch(head, self.cached_features("train"), self.train_data.labels, indices, keep,
+                                self.criterion, self.optimizer, self.scheduler, self.scaler, self.precision)
+            self.model.eval()
+            val = evaluate_epoch(head, self.cached_features("val"), self.val_data.labels, FEATURE_BATCH, keep,
+                                 self.precision)
+            return train, val
+        prepare = image_preparation(self.augment, self.normalizer, self.generators["augment"])
+        forward = self.forward
+        if self.parts is not None and phase.backbone_frozen:
+            extract = HeadInput(self.parts)
+
+            def forward(images):  # the frozen backbone needs no graph: only the head learns
+                with torch.no_grad():
+                    features = extract(images)
+                return head_logits(self.parts, features)
+
+        train = train_epoch(forward, self.feeders["train"], self.train_data.labels, indices, prepare, self.criterion,
+                            self.optimizer, self.scheduler, self.scaler, self.precision)
+        self.model.eval()
+        val = evaluate_epoch(self.forward, self.feeders["val"], self.val_data.labels, FEATURE_BATCH,
+                             image_preparation(None, self.normalizer, None), self.precision)
+        return train, val
+
+    def model_payload(self, epoch: int, row: dict) -> dict:
+        return {
+            "imgpipe_version": __version__,
+            "model_name": self.job.model_name,
+            "arch": self.settings["arch"],
+            "build": model_build_spec(self.settings),
+            "classes": self.classes,
+            "in_channels": self.in_channels,
+            "image": dict(self.job.image_settings),
+            "normalization": self.normalization,
+            "epoch": epoch,
+            "val_accuracy": row["val_accuracy"],
+            "val_loss": row["val_loss"],
+            "state_dict": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+        }
+
+
+def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None,
+                resume_state: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """Train `job`, continuing `resume_state` if given; write job.checkpoint_path (the best epoch).
+
+    Returns (history, summary). `on_epoch` gets each new history row once its epoch is
+    saved (for live curves in MLflow).
+    """
+    settings = job.settings
+    torch.set_num_threads(job.threads)
+    seed_everything(settings["seed"])
+    run = _Run(job)
+    fingerprint = job.fingerprint()
+    early = settings["early_stopping"]
+    metric = early["metric"] if early else "val_accuracy"
+    history: list[dict] = []
+    best, since_best, first_epoch = None, 0, 1
+    if resume_state is not None:
+        run.model.load_state_dict(resume_state["model"])
+        run.optimizer.load_state_dict(resume_state["optimizer"])
+        run.scheduler.load_state_dict(resume_state["scheduler"])
+        run.scaler.load_state_dict(resume_state["scaler"])
+        resume.restore_random_state(resume_state["random"], run.generators)
+        history = [dict(row) for row in resume_state["history"]]
+        best, since_best = resume_state["best"], resume_state["since_best"]
+        first_epoch = resume_state["epoch"] + 1
+    log.info("%s: %s (%s) on %s, %s precision, %d classes, %d train / %d val images of %s, %d parameters, "
+             "%d thread(s)%s", job.model_name, settings["arch"], settings["strategy"], run.device, run.precision.name,
+             len(run.classes), len(run.train_data.labels), len(run.val_data.labels),
+             tuple(run.train_data.images.shape[1:]), count_parameters(run.model), job.threads,
+             f", resuming at epoch {first_epoch}" if resume_state else "")
+    started = time.perf_counter()
+    stopped_early = False
+    if best is not None and early and since_best >= early["patience"]:
+        stopped_early = True  # killed right after the epoch that triggered the stop
+    for epoch in range(first_epoch, settings["epochs"] + 1):
+        if stopped_early:
+            break
+        phase = phase_of(run.phases, epoch)
+        epoch_start = time.perf_counter()
+        lr = run.optimizer.param_groups[-1]["lr"]
+        train, val = run.epoch(phase)
+        row = dict(zip(HISTORY_COLUMNS, (epoch, train.loss, train.accuracy, val.loss, val.accuracy, lr,
+                                         int(phase.backbone_frozen), time.perf_counter() - epoch_start)))
+        log.info("%s epoch %d/%d%s: train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.3g (%.1f s)",
+                 job.model_name, epoch, settings["epochs"], " (backbone frozen)" if phase.backbone_frozen else "",
+                 train.loss, train.accuracy, val.loss, val.accuracy, lr, row["seconds"])
+        if not (np.isfinite(train.loss) and np.isfinite(val.loss)):
+            raise TrainingDiverged(
+                f"{job.model_name}: the loss became {train.loss if not np.isfinite(train.loss) else val.loss} at "
+                f"epoch {epoch}; training stopped. Lower models.{job.model_name}.lr (now {settings['lr']}), add "
+                f"warmup_epochs, or use precision: fp32")
+        history.append(row)
+        if _better(row, best, metric):
+            best, since_best = row, 0
+            resume.save_best(job.work_dir, run.model_payload(epoch, row))
+        else:
+            since_best += 1
+        stopped_early = bool(early) and since_best >= early["patience"]
+        resume.save_resume_state(job.work_dir, {
+            "fingerprint": fingerprint,
+            "epoch": epoch,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "random": resume.capture_random_state(run.generators),
+            "history": history,
+            "best": best,
+            "since_best": since_best,
+            "metadata": job.metadata,
+        })
+        if on_epoch is not None:
+            on_epoch(row)
+        if stopped_early:
+            log.info("%s: early stop after epoch %d: %s has not improved for %d epochs (best: epoch %d)",
+                     job.model_name, epoch, metric, early["patience"], best["epoch"])
+    resume.finish(job.work_dir, job.checkpoint_path)
+    summary = {
+        "model": job.model_name,
+        "arch": settings["arch"],
+        "strategy": settings["strategy"],
+        "n_parameters": count_parameters(run.model),
+        "n_trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        "train_seconds": sum(row["seconds"] for row in history),
+        "best_epoch": best["epoch"],
+        "epochs": settings["epochs"],
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "best_metric": metric,
+        "best_val_accuracy": best["val_accuracy"],
+        "best_val_loss": best["val_loss"],
+        "resumed_at_epoch": first_epoch if resume_state else None,
+        "device": str(run.device),
+        "precision": run.precision.name,
+        "channels_last": run.channels_last,
+        "threads": job.threads,
+        "dataloader_workers": 0,
+        "n_train": len(run.train_data.labels),
+        "n_val": len(run.val_data.labels),
+        "classes": run.classes,
+        "start_weights": run.weights_load.as_dict() if run.weights_load else None,
+    }
+    log.info("%s: best epoch %d (%s %.4f), %.1f s of training in this job", job.model_name, best["epoch"], metric,
+             best[metric], time.perf_counter() - started)
+    return pd.DataFrame(history, columns=HISTORY_COLUMNS), summary

@@ -1,0 +1,131 @@
+"""Never lose work: the state of a training run after every epoch, and resuming from it.
+
+A job's resume folder (`results/<experiment>/models/<model>/resume/`, deliberately not a
+Snakemake output, so Snakemake never deletes it as incomplete) holds:
+
+- `last.pt`: everything the next epoch depends on: model, optimizer, scheduler and
+  gradient-scaler states, the epoch, every random generator, the history, the best epoch
+  so far and the early-stopping count, plus metadata (the MLflow run to continue);
+- `best.pt`: the best epoch's model checkpoint, copied to model.pt when training ends.
+
+Each is written to a temporary file and renamed. A state is used only if its fingerprint
+(the model's settings, the image settings, the split manifest's and the starting
+checkpoint's contents) matches the job's: after a config change training starts over.
+On CPU with the same threads, a resumed run ends with exactly the weights and metrics of
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgpipe.checkpoints import CheckpointError, read_torch_file, save_atomically
+
+log = logging.getLogger(__name__)
+
+RESUME_FORMAT = 1
+LAST = "last.pt"
+BEST = "best.pt"
+# Settings that may differ between an interrupted run and its resumption: where and how
+# fast it runs, not what it computes (thread count changes the last bits; it is logged).
+RESUMABLE_ACROSS = ("threads", "device")
+
+
+def file_digest(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def training_fingerprint(settings: dict, image_settings: dict, manifest_path: Path | str,
+                         start_checkpoint: Path | str | None) -> str:
+    """What a resume state must match: settings, image settings, data and starting weights."""
+    identity = {
+        "format": RESUME_FORMAT,
+        "settings": {k: v for k, v in settings.items() if k not in RESUMABLE_ACROSS},
+        "image": image_settings,
+        "manifest": file_digest(manifest_path),
+        "start": file_digest(start_checkpoint) if start_checkpoint else None,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_resume_state(work_dir: Path | str, fingerprint: str) -> dict | None:
+    """The saved state of an interrupted run of these exact settings, or None (and why, logged)."""
+    path = Path(work_dir) / LAST
+    if not path.exists():
+        return None
+    try:
+        state = read_torch_file(path)
+    except CheckpointError as error:
+        log.warning("ignoring resume state: %s; training starts at epoch 1", error)
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        log.warning("resume state %s was saved for other settings, data or starting weights; "
+                    "training starts at epoch 1", path)
+        return None
+    if not (Path(work_dir) / BEST).exists():
+        log.warning("resume state %s has no %s beside it; training starts at epoch 1", path, BEST)
+        return None
+    log.info("resuming from %s: %d epoch(s) done", path, state["epoch"])
+    return state
+
+
+def save_resume_state(work_dir: Path | str, state: dict) -> None:
+    save_atomically(state, Path(work_dir) / LAST)
+
+
+def save_best(work_dir: Path | str, payload: dict) -> None:
+    save_atomically(payload, Path(work_dir) / BEST)
+
+
+def finish(work_dir: Path | str, checkpoint_path: Path | str) -> None:
+    """Copy the best epoch to the job's output (atomically)."""
+    partial = Path(checkpoint_path).with_name(f".{Path(checkpoint_path).name}.partial")
+    shutil.copyfile(Path(work_dir) / BEST, partial)
+    partial.replace(checkpoint_path)
+
+
+def clear(work_dir: Path | str) -> None:
+    """Remove the resume folder once every output of the job is written."""
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def capture_random_state(generators: dict[str, torch.Generator]) -> dict:
+    """Every random generator a training run draws from, as tensors and plain numbers
+    (so the state loads with weights_only=True)."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+        "generators": {name: generator.get_state() for name, generator in generators.items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_random_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached"]))
+    torch.set_rng_state(state["torch"])
+    for name, generator in generators.items():
+        generator.set_state(state["generators"][name])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
