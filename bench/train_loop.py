@@ -1,20 +1,24 @@
 """How close imgpipe's training loop runs to the compute bound, on one CPU thread. Prints JSON.
 
-    python bench/train_loop.py [--cnn-images 2048] [--resnet-images 384] [--epochs 4]
+    python bench/train_loop.py [--cnn-images 2048] [--resnet-images 384] [--epochs 4] [--rounds 3]
+                               [--archs simple_cnn resnet18] [--no-feature-extract]
 
 For simple_cnn and resnet18 at 40x40x1 (batch 32, Adam), in one process:
 
 - loop_none / loop_light: images/s of `imgpipe.training.engine.train_model` itself, with
-  augment none and light. Each epoch's time includes what the engine does every epoch: a
-  validation pass over a small split (1/16 of the training images) and the resume
-  checkpoint (model, optimizer, random states) written to disk and renamed. The first
-  epoch is left out (warm-up).
+  augment none and light. Each epoch's time includes what the engine does every epoch:
+  the resume checkpoint (model, optimizer, random states) written, flushed to disk and
+  renamed, the best epoch's checkpoint when it improves, and a validation pass over one
+  batch of images (kept small, as its cost belongs to the data, not to the loop). The
+  first epoch is left out (warm-up).
 - compute_bound: the same model, batch size and optimizer fed one preloaded, normalised
-  tensor: forward, loss, backward, step, nothing else.
+  batch of the same images: forward, loss, backward, step, nothing else.
 - imagefolder: torchvision's ImageFolder + DataLoader (num_workers=0) over the same PNGs,
   decoding and normalising every image every epoch, as hand-written notebooks do.
 
-Each figure is printed with its ratio to the compute bound. Then the feature_extract
+This machine's speed drifts by 10-20% from minute to minute, so the four are measured in
+turn, `--rounds` times, and each figure is the median. Each is printed with its ratio to
+the compute bound. Then the feature_extract
 speedup: resnet18 trained with the backbone frozen (its features computed once) against
 finetune, same epochs and images, wall time of the whole `train_model` call.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +52,7 @@ def write_digit_pngs(root: Path, n_train: int) -> Path:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    n_val = max(BATCH, n_train // 16)
+    n_val = BATCH
     rows = []
     for index in range(n_train + n_val):
         source = index % len(digits.images)
@@ -77,12 +82,14 @@ def engine_images_per_second(arch: str, manifest: Path, n_train: int, epochs: in
     return n_train * (epochs - 1) / history["seconds"].iloc[1:].sum()
 
 
-def compute_bound(arch: str, n_train: int, epochs: int) -> float:
+def compute_bound(arch: str, data: Path, n_train: int, epochs: int) -> float:
     torch.manual_seed(0)
     model = build_model(arch, 10, 1, SIZE).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
-    images = torch.randn(BATCH, 1, SIZE, SIZE)
-    labels = torch.randint(0, 10, (BATCH,))
+    paths = sorted((data / "train").rglob("*.png"))[:BATCH]
+    images = torch.stack([torch.from_numpy(np.array(Image.open(path))) for path in paths]).unsqueeze(1)
+    images = (images.float() / 255 - 0.5) / 0.25
+    labels = torch.tensor([int(path.parent.name) for path in paths])
     steps = -(-n_train // BATCH)
 
     def step():
@@ -119,23 +126,25 @@ def imagefolder_images_per_second(arch: str, root: Path, epochs: int) -> float:
     return len(dataset) * (epochs - 1) / seconds
 
 
-def measure(arch: str, n_train: int, epochs: int, scratch: Path) -> dict:
+def measure(arch: str, n_train: int, epochs: int, rounds: int, scratch: Path) -> dict:
     data = scratch / f"{arch}-data"
     manifest = write_digit_pngs(data, n_train)
-    bound = compute_bound(arch, n_train, epochs)
-    figures = {
-        "train_images": n_train,
-        "epochs_timed": epochs - 1,
-        "compute_bound": bound,
-        "loop_none": engine_images_per_second(arch, manifest, n_train, epochs, scratch / f"{arch}-none"),
-        "loop_light": engine_images_per_second(arch, manifest, n_train, epochs, scratch / f"{arch}-light",
-                                               augment="light"),
-        "imagefolder": imagefolder_images_per_second(arch, data, epochs),
-    }
-    result = {key: round(value, 1) if isinstance(value, float) else value for key, value in figures.items()}
+    samples: dict[str, list[float]] = {"compute_bound": [], "loop_none": [], "loop_light": [], "imagefolder": []}
+    for round_index in range(rounds):
+        samples["compute_bound"].append(compute_bound(arch, data, n_train, epochs))
+        samples["loop_none"].append(engine_images_per_second(arch, manifest, n_train, epochs,
+                                                             scratch / f"{arch}-none-{round_index}"))
+        samples["loop_light"].append(engine_images_per_second(arch, manifest, n_train, epochs,
+                                                              scratch / f"{arch}-light-{round_index}", augment="light"))
+        samples["imagefolder"].append(imagefolder_images_per_second(arch, data, epochs))
+    figures = {key: float(np.median(values)) for key, values in samples.items()}
+    bound = figures["compute_bound"]
+    result = {"train_images": n_train, "epochs_timed": epochs - 1, "rounds": rounds}
+    result |= {key: round(value, 1) for key, value in figures.items()}
     for key in ("loop_none", "loop_light", "imagefolder"):
         result[f"{key}_to_bound"] = round(figures[key] / bound, 3)
     result["loop_none_to_imagefolder"] = round(figures["loop_none"] / figures["imagefolder"], 2)
+    result["samples"] = {key: [round(value, 1) for value in values] for key, values in samples.items()}
     return result
 
 
@@ -159,23 +168,28 @@ def main() -> None:
     parser.add_argument("--cnn-images", type=int, default=2048)
     parser.add_argument("--resnet-images", type=int, default=384)
     parser.add_argument("--epochs", type=int, default=4, help="per measurement; the first is warm-up")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements of each figure; the median is printed")
+    parser.add_argument("--archs", nargs="+", default=["simple_cnn", "resnet18"], choices=["simple_cnn", "resnet18"])
+    parser.add_argument("--no-feature-extract", action="store_true", help="skip the feature_extract comparison")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="imgpipe-train-loop-") as scratch:
         scratch = Path(scratch)
         figures = {
-            "command": "python bench/train_loop.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            "command": "python " + " ".join(sys.argv),
             "threads": 1,
             "machine": platform.machine(),
             "torch": torch.__version__,
             "input": f"{SIZE}x{SIZE}x1, batch {BATCH}, adam",
             "images_per_second": {
-                "simple_cnn": measure("simple_cnn", args.cnn_images, args.epochs, scratch),
-                "resnet18": measure("resnet18", args.resnet_images, args.epochs, scratch),
+                arch: measure(arch, args.cnn_images if arch == "simple_cnn" else args.resnet_images, args.epochs,
+                              args.rounds, scratch)
+                for arch in args.archs
             },
-            "feature_extract_vs_finetune_resnet18": feature_extract_speedup(args.resnet_images, args.epochs, scratch),
         }
+        if not args.no_feature_extract:
+            figures["feature_extract_vs_finetune_resnet18"] = feature_extract_speedup(args.resnet_images, args.epochs,
+                                                                                       scratch)
     print(json.dumps(figures, indent=2))
 
 

@@ -155,6 +155,8 @@ def test_a_sweep_expands_into_one_readable_model_per_combination(tmp_path):
     ({"m": {"arch": "simple_cnn", "sweep": {"lr": [0.1]}}, "m-lr0.1": {"arch": "simple_cnn"}}, "models.m.sweep",
      "also made by"),
     ({"m": {"arch": "simple_cnn", "sweep": {"batch_size": []}}}, "models.m.sweep.batch_size", "should be non-empty"),
+    ({"m": {"arch": "simple_cnn", "sweep": {"lr": ["1e-4"]}}}, "models.m.sweep.lr[0]",
+     r"YAML reads 1e-4 as text; write 0.0001 or 1.0e-04 with a dot"),
 ])
 def test_sweep_mistakes_name_the_key(tmp_path, models, key, message):
     with pytest.raises(ConfigError, match=message) as error:
@@ -178,6 +180,7 @@ def test_sweep_mistakes_name_the_key(tmp_path, models, key, message):
     ({"a": {"arch": "resnet18", "head_hidden": [64]}}, "models.a.head_hidden", "set truncate too"),
     ({"a": {"arch": "resnet18", "strategy": "freeze"}}, "models.a.strategy", "is not one of"),
     ({"a": {"arch": "resnet18", "early_stopping": {"metric": "val_loss"}}}, "models.a.early_stopping", "patience"),
+    ({"a": {"arch": "resnet18", "lr": "1e-3"}}, "models.a.lr", r"YAML reads 1e-3 as text; write 0.001"),
 ])
 def test_model_mistakes_name_the_key(tmp_path, models, key, message):
     with pytest.raises(ConfigError, match=message) as error:

@@ -361,3 +361,13 @@ def test_pick_device_auto_without_a_claim_decision_does_not_warn(caplog):
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     assert device.type == expected
     assert not caplog.records
+
+
+def test_a_model_job_makes_idle_threads_sleep_unless_the_user_chose_otherwise():
+    from imgpipe.training.devices import prepare_model_job
+
+    environ = {}
+    assert prepare_model_job(0, environ) is None and environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
+    prepare_model_job(0, chosen)
+    assert chosen["OMP_WAIT_POLICY"] == "ACTIVE"

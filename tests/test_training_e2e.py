@@ -97,6 +97,10 @@ def test_strategies_side_by_side_and_reruns_that_follow_the_config(tmp_path, mlf
     assert planned_jobs(workdir) == {}
     write_config(workdir, reordered(config))  # same settings, every key order reversed
     assert planned_jobs(workdir) == {}
+    faster = json.loads(json.dumps(config))
+    faster["models"]["cnn"].update(threads=2, device="cpu")  # where and how fast, not what it learns
+    write_config(workdir, faster)
+    assert planned_jobs(workdir) == {}
 
     changed = json.loads(json.dumps(config))
     changed["models"]["cnn"]["lr"] = 0.02  # retrains cnn, and transfer, which starts from it

@@ -22,6 +22,9 @@ from imgpipe.files import walk_files
 from imgpipe.sweeps import SweepError, expand_sweeps
 
 MIN_SIMPLE_CNN_SIZE = 32
+# Model settings that say where and how fast a model trains, not what it learns: changing
+# them neither retrains a finished model nor discards an interrupted one's resume state.
+EXECUTION_KEYS = ("threads", "device")
 
 
 class ConfigError(ValueError):
@@ -87,7 +90,18 @@ def _schema_error_message(error: jsonschema.ValidationError) -> str:
     best = jsonschema.exceptions.best_match([error])
     if best.context:
         best = jsonschema.exceptions.best_match(best.context)
-    return f"config key '{key_path(best.absolute_path)}': {best.message}"
+    return f"config key '{key_path(best.absolute_path)}': {best.message}{_number_as_text_hint(best)}"
+
+
+def _number_as_text_hint(error: jsonschema.ValidationError) -> str:
+    """YAML 1.1 (PyYAML, Snakemake) reads `1e-3` as text: say so where a number was wanted."""
+    if error.validator != "type" or not isinstance(error.instance, str):
+        return ""
+    try:
+        value = float(error.instance)
+    except ValueError:
+        return ""
+    return f" (YAML reads {error.instance} as text; write {value!r} or {value:.1e} with a dot)"
 
 
 def find_duplicate_keys(yaml_path: Path | str) -> list[str]:
@@ -283,6 +297,11 @@ def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> d
     return canonical(config)
 
 
+def training_settings(model: dict) -> dict:
+    """A model's settings without EXECUTION_KEYS: what its train job's rerun trigger compares."""
+    return {key: value for key, value in model.items() if key not in EXECUTION_KEYS}
+
+
 def canonical(value):
     """Mapping keys sorted at every level, whole-number floats as ints, lists kept in order."""
     if isinstance(value, dict):
@@ -309,7 +328,8 @@ def _expanded_models(models: dict, schema: dict) -> dict:
             for index, value in enumerate(values):
                 error = jsonschema.exceptions.best_match(validator.iter_errors({"arch": "x", key: value}))
                 if error is not None:
-                    raise ConfigError(f"config key 'models.{base_name}.sweep.{key}[{index}]': {error.message}")
+                    raise ConfigError(f"config key 'models.{base_name}.sweep.{key}[{index}]': {error.message}"
+                                      f"{_number_as_text_hint(error)}")
     return expanded
 
 

@@ -277,6 +277,27 @@ def log_epoch(row: dict) -> None:
     mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
+def log_params_once(params: dict) -> None:
+    """Log params on the active run unless it has them: a resumed run keeps its first ones
+    (MLflow refuses to change a param, and a resumed job may run on other threads)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if not mlflow.get_run(run.info.run_id).data.params:
+        mlflow.log_params(params)
+
+
+def log_start_weights(start_weights: dict | None) -> None:
+    """What loading the starting weights did (imgpipe.models.WeightsLoad.as_dict), on the active run."""
+    if not start_weights:
+        return
+    import mlflow
+
+    mlflow.log_dict(start_weights, "start_weights.json")
+    mlflow.set_tag(f"{TAG_PREFIX}start_weights", f"{len(start_weights['loaded'])} tensors loaded, "
+                   f"{len(start_weights['fresh'])} fresh, from {start_weights['origin']}")
+
+
 def log_missing_epochs(run_id: str, history: list[dict]) -> int:
     """Log the history rows a run lacks (a job killed after saving an epoch, before logging it).
 

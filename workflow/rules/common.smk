@@ -5,7 +5,14 @@ import re
 
 from snakemake.exceptions import WorkflowError
 
-from imgpipe.config import ConfigError, check_config_files, load_schema, source_fingerprints, validate_config
+from imgpipe.config import (
+    ConfigError,
+    check_config_files,
+    load_schema,
+    source_fingerprints,
+    training_settings,
+    validate_config,
+)
 from imgpipe.training.devices import model_uses_gpu, visible_gpus
 
 try:
@@ -47,7 +54,9 @@ def get_exclude_list(wildcards):
 
 
 def get_model_settings(wildcards):
-    return config["models"][wildcards.model]
+    """What the model learns from; its threads and device reach the job outside params, so
+    changing them never retrains a finished model."""
+    return training_settings(config["models"][wildcards.model])
 
 
 def get_model_threads(wildcards):

@@ -24,8 +24,6 @@ rule evaluate:
             subcategory="{model}",
         ),
         predictions=f"{RESULTS}/eval/{{model}}/predictions.csv",
-    params:
-        device=lambda wildcards: config["models"][wildcards.model]["device"],
     log:
         f"{LOGS}/evaluate/{{model}}.log",
     benchmark:

@@ -6,10 +6,9 @@ from imgpipe.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
-from imgpipe.training.devices import claim_gpu, pick_device
+from imgpipe.training.devices import pick_device, prepare_model_job
 
-# Before torch initialises CUDA: the job sees only the device it claimed.
-gpu_claim = claim_gpu() if snakemake.resources.gpu else None
+gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is imported
 
 import mlflow
 
@@ -18,11 +17,12 @@ from imgpipe.plots import plot_confusion_matrix, plot_roc_curves
 from imgpipe.tracking import job_run, read_run_reference
 
 model_name = snakemake.wildcards.model
+device_setting = snakemake.config["models"][model_name]["device"]  # not a param: moving it reruns nothing
 run_id = read_run_reference(snakemake.input.mlflow_run)
 with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_name}, resume_run_id=run_id) as run:
     metrics, predictions, y_true, probabilities = evaluate_checkpoint(
         snakemake.input.checkpoint, snakemake.input.manifest,
-        pick_device(snakemake.params.device, gpu_claimed=gpu_claim is not None), snakemake.threads)
+        pick_device(device_setting, gpu_claimed=gpu_claim is not None), snakemake.threads)
     with open(snakemake.input.summary) as handle:
         training = json.load(handle)
     metrics = {"model": model_name, **metrics,

@@ -7,22 +7,22 @@ from imgpipe.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
-from imgpipe.training.devices import claim_gpu
+from imgpipe.training.devices import prepare_model_job
 
-# Before torch initialises CUDA: the job sees only the device it claimed.
-gpu_claim = claim_gpu() if snakemake.resources.gpu else None
+gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is imported
 
 import mlflow
 
 from imgpipe.checkpoints import example_input, load_trained_model
-from imgpipe.tracking import (flatten, job_run, log_epoch, log_missing_epochs, log_torch_model,
-                              write_run_reference)
+from imgpipe.tracking import (flatten, job_run, log_epoch, log_missing_epochs, log_params_once, log_start_weights,
+                              log_torch_model, write_run_reference)
 from imgpipe.training import resume
 from imgpipe.training.devices import pick_device
 from imgpipe.training.engine import TrainingJob, train_model
 
 model_name = snakemake.wildcards.model
 settings = snakemake.params.settings
+device_setting = snakemake.config["models"][model_name]["device"]  # not a param: moving it retrains nothing
 job = TrainingJob(
     model_name=model_name,
     settings=settings,
@@ -30,7 +30,7 @@ job = TrainingJob(
     manifest_path=Path(snakemake.input.manifest),
     work_dir=Path(snakemake.output.checkpoint).parent / "resume",
     checkpoint_path=Path(snakemake.output.checkpoint),
-    device=pick_device(settings["device"], gpu_claimed=gpu_claim is not None),
+    device=pick_device(device_setting, gpu_claimed=gpu_claim is not None),
     threads=snakemake.threads,
     start_checkpoint=Path(snakemake.input.start_from[0]) if settings["init_from"] else None,
 )
@@ -40,10 +40,9 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
              resume_run_id=resumed_run) as run:
     job.metadata = {"mlflow_run_id": run.info.run_id}
     write_run_reference(run, snakemake.output.mlflow_run)
-    if not mlflow.get_run(run.info.run_id).data.params:
-        mlflow.log_params({**flatten(settings), **flatten(snakemake.params.image, "image."),
-                           "threads": snakemake.threads, "dataloader_workers": 0,
-                           "gpu": gpu_claim.device_id if gpu_claim else "none"})
+    log_params_once({**flatten(settings), **flatten(snakemake.params.image, "image."), "device": device_setting,
+                     "threads": snakemake.threads, "dataloader_workers": 0,
+                     "gpu": gpu_claim.device_id if gpu_claim else "none"})
     if state is not None:
         log_missing_epochs(run.info.run_id, state["history"])
     history, summary = train_model(job, on_epoch=log_epoch, resume_state=state)
@@ -52,11 +51,7 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
         json.dump(summary, handle, indent=2)
     mlflow.log_metrics({k: float(summary[k]) for k in ("n_parameters", "n_trainable_parameters", "train_seconds",
                                                         "best_epoch", "epochs_run", "best_val_accuracy")})
-    if summary["start_weights"]:
-        mlflow.log_dict(summary["start_weights"], "start_weights.json")
-        mlflow.set_tag("imgpipe.start_weights",
-                       f"{len(summary['start_weights']['loaded'])} tensors loaded, "
-                       f"{len(summary['start_weights']['fresh'])} fresh, from {summary['start_weights']['origin']}")
+    log_start_weights(summary["start_weights"])
     mlflow.log_artifact(snakemake.output.checkpoint)
     mlflow.log_artifact(snakemake.output.history)
     model, checkpoint = load_trained_model(snakemake.output.checkpoint)

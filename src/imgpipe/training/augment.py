@@ -34,10 +34,9 @@ of F.affine_grid, which alone cost three times as much as grid_sample at this si
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -79,16 +78,10 @@ class AugmentParams:
     saturation: torch.Tensor | None = None
 
 
-@functools.lru_cache(maxsize=32)
-def _theta_constants(height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 2 x 1 mask of theta's x row, and half the image size (x, y): cached, as making even
-    a tiny tensor costs as much as a few operations on one."""
-    return (torch.tensor([[True], [False]], device=device),
-            torch.tensor([width / 2, height / 2], device=device))
-
-
-def _affine_theta(params: AugmentParams, height: int, width: int) -> torch.Tensor:
-    """N x 2 x 3 matrices from output to input coordinates in [-1, 1] (F.affine_grid's theta).
+def _affine_theta(params: AugmentParams, height: int, width: int) -> np.ndarray:
+    """N x 6 rows of the 2 x 3 matrices from output to input coordinates in [-1, 1]
+    (F.affine_grid's theta), computed with numpy on the CPU: for a batch of small vectors
+    each numpy operation costs a microsecond where a torch one costs several.
 
     The inverse matrix of torchvision's _get_inverse_affine_matrix (centre 0, no shear),
     which works in pixels from the image centre, conjugated by diag(width / 2, height / 2)
@@ -97,17 +90,15 @@ def _affine_theta(params: AugmentParams, height: int, width: int) -> torch.Tenso
     in: sampling a flipped image at x is sampling the image at -x, so A's x row (and with
     it the x offset) changes sign.
     """
-    x_row, half_size = _theta_constants(height, width, params.angle.device)
-    radians = params.angle * (math.pi / 180)
-    cos = torch.cos(radians).div_(params.scale)
-    sin = torch.sin(radians).div_(params.scale)
-    rotation = torch.stack([cos, sin * (height / width), sin * (-width / height), cos], 1).view(-1, 2, 2)
+    radians = np.deg2rad(params.angle.numpy().astype(np.float64))
+    scale = params.scale.numpy().astype(np.float64)
+    cos, sin = np.cos(radians) / scale, np.sin(radians) / scale
+    rotation = np.stack([cos, sin * (height / width), sin * (-width / height), cos], 1).reshape(-1, 2, 2)
     if params.flip is not None:
-        rotation = torch.where(params.flip.view(-1, 1, 1) & x_row, -rotation, rotation)
-    shift = params.translate / half_size
-    # Elementwise rather than a matmul: at this size a matmul costs more than its own work.
-    offset = (rotation * shift.view(-1, 1, 2)).sum(2, keepdim=True).neg_()
-    return torch.cat([rotation, offset], dim=2)
+        rotation[params.flip.numpy(), 0, :] *= -1
+    shift = params.translate.numpy().astype(np.float64) / np.array([width / 2, height / 2])
+    offset = -(rotation * shift[:, None, :]).sum(axis=2, keepdims=True)
+    return np.concatenate([rotation, offset], axis=2).reshape(-1, 6)
 
 
 def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -239,17 +230,17 @@ class BatchAugment:
         On the CPU the packing is one needless small copy, kept so that every device runs
         the same code.
         """
-        columns: dict[str, torch.Tensor] = {}
+        columns: dict[str, np.ndarray] = {}
         if params.angle is not None:
-            columns["theta"] = _affine_theta(params, height, width).view(-1, 6)
+            columns["theta"] = _affine_theta(params, height, width)
         elif params.flip is not None:
-            columns["flip"] = params.flip.view(-1, 1)
+            columns["flip"] = params.flip.numpy().reshape(-1, 1)
         for name in ("brightness", "contrast", "saturation"):
             if getattr(params, name) is not None:
-                columns[name] = getattr(params, name).view(-1, 1)
+                columns[name] = getattr(params, name).numpy().reshape(-1, 1)
         if not columns:
             return {}
-        packed = torch.cat([column.to(torch.float32) for column in columns.values()], dim=1).to(device)
+        packed = torch.from_numpy(np.concatenate(list(columns.values()), axis=1, dtype=np.float32)).to(device)
         return dict(zip(columns, packed.split([column.shape[1] for column in columns.values()], dim=1)))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

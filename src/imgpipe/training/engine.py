@@ -64,13 +64,18 @@ class TrainingJob:
         return resume.training_fingerprint(self.settings, self.image_settings, self.manifest_path, start)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, compiling: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     # cuBLAS needs this for deterministic matmuls on the GPU; harmless elsewhere.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if compiling or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        # What use_deterministic_algorithms does, minus importing torch._inductor (2.2 s per
+        # job here) to set a flag that only torch.compile reads.
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
 
 
@@ -153,6 +158,10 @@ class _Run:
             source = read_model_checkpoint(job.start_checkpoint)
             origin = f"model '{source.get('model_name', '?')}' ({job.start_checkpoint})"
             return load_matching_weights(self.model, source["state_dict"], origin), source["normalization"]
+        if settings["weights"] == "none" and settings["strategy"] != "finetune":
+            log.warning("%s: strategy %s with weights: none trains on a randomly initialised, frozen backbone; "
+                        "start from weights: imagenet, a checkpoint or init_from for transfer learning",
+                        job.model_name, settings["strategy"])
         report = load_start_weights(self.model, settings["arch"], settings["weights"])
         if settings["weights"] not in ("none", "imagenet"):
             payload = read_torch_file(settings["weights"])
@@ -245,7 +254,7 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
     """
     settings = job.settings
     torch.set_num_threads(job.threads)
-    seed_everything(settings["seed"])
+    seed_everything(settings["seed"], compiling=settings["compile"])
     run = _Run(job)
     fingerprint = job.fingerprint()
     early = settings["early_stopping"]

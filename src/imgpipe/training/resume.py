@@ -28,15 +28,13 @@ import numpy as np
 import torch
 
 from imgpipe.checkpoints import CheckpointError, read_torch_file, save_atomically
+from imgpipe.config import training_settings
 
 log = logging.getLogger(__name__)
 
 RESUME_FORMAT = 1
 LAST = "last.pt"
 BEST = "best.pt"
-# Settings that may differ between an interrupted run and its resumption: where and how
-# fast it runs, not what it computes (thread count changes the last bits; it is logged).
-RESUMABLE_ACROSS = ("threads", "device")
 
 
 def file_digest(path: Path | str) -> str:
@@ -52,7 +50,8 @@ def training_fingerprint(settings: dict, image_settings: dict, manifest_path: Pa
     """What a resume state must match: settings, image settings, data and starting weights."""
     identity = {
         "format": RESUME_FORMAT,
-        "settings": {k: v for k, v in settings.items() if k not in RESUMABLE_ACROSS},
+        # where and how fast it runs may change between the kill and the resumption
+        "settings": training_settings(settings),
         "image": image_settings,
         "manifest": file_digest(manifest_path),
         "start": file_digest(start_checkpoint) if start_checkpoint else None,
