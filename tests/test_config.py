@@ -151,7 +151,6 @@ def test_a_sweep_expands_into_one_readable_model_per_combination(tmp_path):
 @pytest.mark.parametrize("models, key, message", [
     ({"m": {"arch": "simple_cnn", "sweep": {"batch_size": [8, 0]}}}, "models.m.sweep.batch_size[1]", "minimum"),
     ({"m": {"arch": "simple_cnn", "sweep": {"colour": [1]}}}, "models.m.sweep.colour", "not a model setting"),
-    ({"m": {"arch": "simple_cnn", "lr": 0.1, "sweep": {"lr": [0.1, 0.2]}}}, "models.m.sweep.lr", "both set and swept"),
     ({"m": {"arch": "simple_cnn", "sweep": {"lr": [0.1]}}, "m-lr0.1": {"arch": "simple_cnn"}}, "models.m.sweep",
      "also made by"),
     ({"m": {"arch": "simple_cnn", "sweep": {"batch_size": []}}}, "models.m.sweep.batch_size", "should be non-empty"),
@@ -181,6 +180,19 @@ def test_sweep_mistakes_name_the_key(tmp_path, models, key, message):
     ({"a": {"arch": "resnet18", "strategy": "freeze"}}, "models.a.strategy", "is not one of"),
     ({"a": {"arch": "resnet18", "early_stopping": {"metric": "val_loss"}}}, "models.a.early_stopping", "patience"),
     ({"a": {"arch": "resnet18", "lr": "1e-3"}}, "models.a.lr", r"YAML reads 1e-3 as text; write 0.001"),
+    ({"a": {"arch": "resnet18", "head_epochs": 2}}, "models.a.head_epochs",
+     "only used with strategy: staged .this model has strategy: finetune"),
+    ({"a": {"arch": "resnet18", "strategy": "feature_extract", "backbone_lr_factor": 0.1}},
+     "models.a.backbone_lr_factor", "only used with strategy: staged or finetune"),
+    ({"a": {"arch": "resnet18", "scheduler": "cosine", "step_epochs": 3}}, "models.a.step_epochs",
+     "only used with scheduler: step"),
+    ({"a": {"arch": "resnet18", "truncate": "layer5"}}, "models.a.truncate",
+     "resnet18 has no module 'layer5' to cut at .similar: layer4, layer3, layer2.; one of: bn1, relu, maxpool"),
+    ({"a": {"arch": "vit_b_16", "truncate": "encoder"}}, "models.a.truncate", "vit_b_16 is a transformer"),
+    ({"a": {"arch": "simple_cnn"}, "b": {"arch": "resnet18", "init_from": "a"}}, "models.b.init_from",
+     "'a' is a simple_cnn and this model a resnet18; weights carry over only between the same network"),
+    ({"a": {"arch": "resnet18"}, "b": {"arch": "resnet18", "truncate": "layer4", "init_from": "a"}},
+     "models.b.init_from", "'a' is a resnet18 and this model a resnet18 cut at layer4"),
 ])
 def test_model_mistakes_name_the_key(tmp_path, models, key, message):
     with pytest.raises(ConfigError, match=message) as error:
@@ -241,3 +253,40 @@ def test_anchor_keys_are_dropped_from_the_resolved_config(tmp_path):
     config = base_config(tmp_path)
     config["x-defaults"] = {"arch": "resnet18"}
     assert "x-defaults" not in validate_config(config, SCHEMA, tmp_path)
+
+
+def test_a_mistake_in_a_swept_model_points_at_its_sweep_entry(tmp_path):
+    config = models_config(tmp_path, {"resnet50": {"arch": "resnet50", "strategy": "staged", "head_epochs": 3,
+                                                   "sweep": {"epochs": [5, 3]}}})
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA, tmp_path)
+    assert str(error.value).startswith(
+        "config key 'models.resnet50.head_epochs' (sweep model 'resnet50-ep3'): staged trains the head alone")
+
+
+def test_a_swept_key_overrides_the_same_key_merged_from_an_anchor(tmp_path):
+    path = tmp_path / "config.yaml"
+    (tmp_path / "cats").mkdir()
+    path.write_text(f"""
+experiment: sweep
+x-base: &base {{arch: resnet50, batch_size: 16, optimizer: sgd}}
+classes:
+  cat: {{sources: [{{folder: {tmp_path / 'cats'}}}]}}
+  dog: {{sources: [{{digits: 1}}]}}
+models:
+  resnet50:
+    <<: *base
+    sweep: {{batch_size: [8, 32]}}
+""")
+    models = validate_config(yaml.safe_load(path.read_text()), SCHEMA, tmp_path)["models"]
+    assert {name: model["batch_size"] for name, model in models.items()} == {"resnet50-bs8": 8, "resnet50-bs32": 32}
+    assert models["resnet50-bs8"]["optimizer"] == "sgd"
+
+
+def test_backbone_lr_factor_applies_to_finetune_only_when_set(tmp_path):
+    from imgpipe.training.strategies import needs_parts
+
+    models = validate_config(models_config(tmp_path, {
+        "plain": {"arch": "resnet18"}, "discriminative": {"arch": "resnet18", "backbone_lr_factor": 0.2}}),
+        SCHEMA, tmp_path)["models"]
+    assert not needs_parts(models["plain"]) and needs_parts(models["discriminative"])

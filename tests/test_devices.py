@@ -45,9 +45,11 @@ sys.stdin.readline()
 
 @pytest.fixture(autouse=True)
 def no_declared_devices(monkeypatch):
-    """Tests start from a machine state they declare themselves."""
+    """Tests start from a machine state they declare themselves, and leave none behind: a
+    claim sets CUDA_VISIBLE_DEVICES in this process, which later tests' subprocesses inherit."""
     for name in (GPUS_ENV, GPU_LOCK_DIR_ENV, "CUDA_VISIBLE_DEVICES"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "recorded so that monkeypatch restores the original state")
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture

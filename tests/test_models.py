@@ -97,7 +97,7 @@ def test_loading_nothing_is_an_error_that_names_the_file(tmp_path):
     path = tmp_path / "cnn.pt"
     torch.save({"state_dict": SimpleCNN(1, 2).state_dict()}, path)
     model = build_model("mobilenet_v3_small", 2, 1)
-    with pytest.raises(ValueError, match=r"cnn.pt.*none of its 10 tensors fits"):
+    with pytest.raises(ValueError, match=r"cnn.pt.*none of its 10 tensors fit this"):
         load_start_weights(model, "mobilenet_v3_small", str(path))
 
 

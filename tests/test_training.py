@@ -52,35 +52,42 @@ def test_training_keeps_the_best_validation_epoch_and_is_reproducible(shapes_man
     pd.testing.assert_frame_equal(history.drop(columns="seconds"), again.drop(columns="seconds"))
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize("overrides, killed_after", [
     # every random draw a run makes: shuffling, augmentation, dropout, the balanced sampler
-    dict(arch="resnet18", truncate="layer3", head_hidden=[16], head_dropout=0.5, augment="standard",
-         sampler="balanced", class_weights="balanced", optimizer="sgd", scheduler="cosine", warmup_epochs=1),
-    dict(strategy="staged", head_epochs=2, scheduler="step", step_epochs=1, step_gamma=0.5, label_smoothing=0.1),
-    dict(arch="resnet18", strategy="feature_extract", augment="none", early_stopping={"patience": 3}),
-], ids=["finetune-augmented", "staged", "feature-extract-cached"])
-def test_a_run_killed_after_an_epoch_resumes_to_exactly_the_uninterrupted_result(shapes_manifest, tmp_path, overrides):
-    settings = dict(epochs=5, lr=0.01, batch_size=8, **overrides)
+    (dict(arch="resnet18", truncate="layer3", head_hidden=[16], head_dropout=0.5, augment="standard",
+          sampler="balanced", class_weights="balanced", optimizer="sgd", scheduler="cosine", warmup_epochs=1), 3),
+    (dict(strategy="staged", head_epochs=2, scheduler="step", step_epochs=1, step_gamma=0.5, label_smoothing=0.1), 3),
+    # killed in the head phase: the feature cache is rebuilt, then the backbone unfreezes
+    (dict(arch="resnet18", strategy="staged", head_epochs=3, backbone_lr_factor=0.5), 2),
+    (dict(arch="resnet18", strategy="feature_extract", augment="none", early_stopping={"patience": 3}), 3),
+    # the early stop falls after the resumption (lr too small to improve on epoch 1)
+    (dict(lr=1e-7, early_stopping={"patience": 2, "metric": "val_loss"}), 1),
+], ids=["finetune-augmented", "staged", "staged-killed-in-head-phase", "feature-extract-cached", "early-stop"])
+def test_a_run_killed_after_an_epoch_resumes_to_exactly_the_uninterrupted_result(shapes_manifest, tmp_path, overrides,
+                                                                                 killed_after):
+    settings = {"epochs": 5, "lr": 0.01, "batch_size": 8, **overrides}
     uninterrupted = job(tmp_path, shapes_manifest, "whole", **settings)
     history, summary = train_model(uninterrupted)
 
     interrupted = job(tmp_path, shapes_manifest, "killed", **settings)
     interrupted.metadata = {"mlflow_run_id": "abc"}
 
-    def kill_after_epoch_3(row):
-        if row["epoch"] == 3:
+    def kill(row):
+        if row["epoch"] == killed_after:
             raise Killed
 
     with pytest.raises(Killed):
-        train_model(interrupted, on_epoch=kill_after_epoch_3)
+        train_model(interrupted, on_epoch=kill)
     assert not interrupted.checkpoint_path.exists()
     state = resume.load_resume_state(interrupted.work_dir, interrupted.fingerprint())
-    assert state["epoch"] == 3 and state["metadata"] == {"mlflow_run_id": "abc"}
+    assert state["epoch"] == killed_after and state["metadata"] == {"mlflow_run_id": "abc"}
     logged = []
     resumed_history, resumed_summary = train_model(interrupted, on_epoch=logged.append, resume_state=state)
 
-    assert [row["epoch"] for row in logged] == [4, 5]
-    assert resumed_summary["resumed_at_epoch"] == 4
+    assert [row["epoch"] for row in logged] == list(range(killed_after + 1, summary["epochs_run"] + 1))
+    assert resumed_summary["resumed_at_epoch"] == killed_after + 1
+    assert resumed_summary["stopped_early"] == summary["stopped_early"]
+    assert resumed_summary["n_trainable_parameters"] == summary["n_trainable_parameters"]
     pd.testing.assert_frame_equal(history.drop(columns="seconds"), resumed_history.drop(columns="seconds"))
     whole = torch.load(uninterrupted.checkpoint_path, weights_only=True)
     again = torch.load(interrupted.checkpoint_path, weights_only=True)
@@ -186,9 +193,17 @@ def test_init_from_starts_from_that_model_and_keeps_its_normalisation(shapes_man
     assert "donor" in summary["start_weights"]["origin"]
 
 
+def test_a_start_that_fits_only_the_head_is_refused(tmp_path):
+    # simple_cnn's head.bias fits a Swin's head by name and shape: a "transfer" of 2 numbers
+    from imgpipe.models import SimpleCNN, load_matching_weights
+
+    with pytest.raises(ValueError, match=r"only head tensors \(head.bias\) of its 10 tensors fit this SwinTransformer"):
+        load_matching_weights(build_model("swin_t", 2, 1, image_size=32), SimpleCNN(1, 2).state_dict(), "the cnn")
+
+
 def test_starting_from_a_checkpoint_of_another_architecture_fails_naming_it(shapes_manifest, tmp_path):
     donor = donor_checkpoint(tmp_path, shapes_manifest)  # simple_cnn
-    with pytest.raises(ValueError, match=r"model 'donor' .*none of its 10 tensors fits this MobileNetV3"):
+    with pytest.raises(ValueError, match=r"model 'donor' .*none of its 10 tensors fit this MobileNetV3"):
         train_model(job(tmp_path, shapes_manifest, "mobile", start_checkpoint=donor, arch="mobilenet_v3_small"))
 
 
@@ -208,10 +223,39 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(shapes_m
 
 def test_precision_and_memory_format_branches_run_on_the_cpu(shapes_manifest, tmp_path):
     # bf16 / fp16 autocast (fp16 with a gradient scaler) and channels_last, as on a GPU
-    for precision in ("bf16", "fp16"):
-        _, summary = train_model(job(tmp_path, shapes_manifest, precision, precision=precision, channels_last=True,
-                                     epochs=1))
+    weights = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        trained = job(tmp_path, shapes_manifest, precision, precision=precision, channels_last=True, epochs=1)
+        states = []
+        _, summary = train_model(trained, on_epoch=lambda row: states.append(
+            read_torch_file(trained.work_dir / resume.LAST)))
         assert summary["precision"] == precision and summary["channels_last"]
+        assert bool(states[0]["scaler"]) == (precision == "fp16")  # a live gradient scaler only for fp16
+        weights[precision] = read_torch_file(trained.checkpoint_path)["state_dict"]["head.weight"]
+    # autocast really computed in lower precision: same seed, same data, other weights
+    assert not torch.equal(weights["fp32"], weights["bf16"]) and not torch.equal(weights["fp32"], weights["fp16"])
+
+
+def test_a_resume_state_of_another_precision_starts_over(shapes_manifest, tmp_path, caplog):
+    bf16 = job(tmp_path, shapes_manifest, "m", precision="bf16", epochs=2)
+    train_model(bf16)
+    state = resume.load_resume_state(bf16.work_dir, bf16.fingerprint())
+    state["precision"] = "fp16"  # as if saved on a GPU without bf16
+    with caplog.at_level(logging.WARNING):
+        _, summary = train_model(bf16, resume_state=state)
+    assert "trained in fp16, this device trains in bf16" in caplog.text and summary["resumed_at_epoch"] is None
+
+
+def test_a_feeder_on_a_device_gathers_batches_there():
+    # the branch a GPU takes when the split fits in its memory; torch's meta device stands in
+    from imgpipe.training.loop import Feeder, epoch_order
+
+    feeder = Feeder(torch.zeros(10, 1, 4, 4, dtype=torch.uint8), torch.device("meta"))
+    assert feeder.resident and feeder.data.device.type == "meta"
+    batches = [feeder(host, device) for host, device in epoch_order([torch.tensor([0, 3]), torch.tensor([5])],
+                                                                     torch.device("meta"))]
+    assert [tuple(b.shape) for b in batches] == [(2, 1, 4, 4), (1, 1, 4, 4)]
+    assert all(b.device.type == "meta" for b in batches)
 
 
 def test_compile_keeps_plain_checkpoint_names(shapes_manifest, tmp_path):

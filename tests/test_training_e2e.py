@@ -58,7 +58,8 @@ def reordered(value):
     return value
 
 
-def test_strategies_side_by_side_and_reruns_that_follow_the_config(tmp_path, mlflow_template_db):
+def test_strategies_side_by_side_and_reruns_that_follow_the_config(tmp_path, mlflow_template_db, monkeypatch):
+    monkeypatch.setenv("IMGPIPE_GPUS", "")  # a machine without a GPU, even where the tests run on one
     workdir = tmp_path
     shutil.copy(mlflow_template_db, workdir / "mlflow.db")
     write_shapes(workdir)

@@ -194,19 +194,76 @@ def _check_split(config: dict) -> None:
         )
 
 
-def _check_models(config: dict, base_dir: Path, swept: dict[str, list[str]]) -> None:
+class ModelKeys:
+    """Names config keys of models as the user wrote them: a swept model's mistake points at
+    its sweep entry (`models.resnet50.head_epochs (sweep model 'resnet50-bs16-sgd')`)."""
+
+    def __init__(self, origins: dict[str, str]):
+        self.origins = origins
+
+    def __call__(self, model_name: str, key: str | None = None) -> str:
+        path = f"models.{self.origins.get(model_name, model_name)}" + (f".{key}" if key else "")
+        where = f" (sweep model '{model_name}')" if model_name in self.origins else ""
+        return f"config key '{path}'{where}"
+
+
+# Set without the strategy or schedule that reads them, these keys would be ignored.
+KEYS_READ_ONLY_WITH = {
+    "head_epochs": ("strategy", ("staged",)),
+    "backbone_lr_factor": ("strategy", ("staged", "finetune")),
+    "step_epochs": ("scheduler", ("step",)),
+    "step_gamma": ("scheduler", ("step",)),
+}
+# Transformers: their feature maps are not N x C x H x W (Swin is channels-last, ViT a
+# token sequence), so "cut, pool, dense head" does not apply.
+UNTRUNCATABLE_PREFIXES = ("vit_", "swin", "maxvit")
+
+
+def _check_keys_have_effect(models: dict, keys: ModelKeys) -> None:
+    """Before defaults are filled: a key the model's strategy or schedule never reads is a mistake."""
+    for model_name, model in models.items():
+        for key, (switch, values) in KEYS_READ_ONLY_WITH.items():
+            current = model.get(switch, "finetune" if switch == "strategy" else "none")
+            if key in model and model[key] is not None and current not in values:
+                raise ConfigError(f"{keys(model_name, key)}: only used with {switch}: {' or '.join(values)} "
+                                  f"(this model has {switch}: {current}); remove it or change {switch}")
+
+
+def _check_truncation(model_name: str, model: dict, keys: ModelKeys) -> None:
+    """The cut point exists in the architecture (builds the network on torch's meta device:
+    no memory, no weights, but torchvision's import, only for configs that truncate)."""
+    arch, cut = model["arch"], model["truncate"]
+    if arch.startswith(UNTRUNCATABLE_PREFIXES):
+        raise ConfigError(f"{keys(model_name, 'truncate')}: {arch} is a transformer; truncate (cut, pool, dense "
+                          f"head) works on convolutional backbones (resnet, efficientnet, mobilenet, vgg, "
+                          f"densenet, regnet, convnext, ...)")
+    import torch
+    import torchvision
+
+    from imgpipe.models import truncation_points
+
+    with torch.device("meta"):
+        network = torchvision.models.get_model(arch, weights=None)
+    points = truncation_points(network)
+    if cut not in points:
+        close = difflib.get_close_matches(cut, points, n=3, cutoff=0.5)
+        raise ConfigError(f"{keys(model_name, 'truncate')}: {arch} has no module '{cut}' to cut at"
+                          + (f" (similar: {', '.join(close)})" if close else "")
+                          + f"; one of: {', '.join(points)}")
+
+
+def _check_models(config: dict, base_dir: Path, swept: dict[str, list[str]], keys: ModelKeys) -> None:
     known = None
     for model_name, model in config["models"].items():
-        key = f"models.{model_name}"
         arch = model["arch"]
         if arch == "simple_cnn":
             if config["images"]["size"] < MIN_SIMPLE_CNN_SIZE:
                 raise ConfigError(
-                    f"config key '{key}.arch': simple_cnn needs images.size >= "
+                    f"{keys(model_name, 'arch')}: simple_cnn needs images.size >= "
                     f"{MIN_SIMPLE_CNN_SIZE}, got {config['images']['size']}"
                 )
             if model["truncate"] is not None:
-                raise ConfigError(f"config key '{key}.truncate': simple_cnn cannot be truncated "
+                raise ConfigError(f"{keys(model_name, 'truncate')}: simple_cnn cannot be truncated "
                                   f"(truncate cuts a torchvision backbone)")
         else:
             known = torchvision_classification_models() if known is None else known
@@ -214,58 +271,66 @@ def _check_models(config: dict, base_dir: Path, swept: dict[str, list[str]]) -> 
                 close = difflib.get_close_matches(arch, sorted(known), n=5, cutoff=0.6)
                 hint = f"; similar: {', '.join(close)}" if close else ""
                 raise ConfigError(
-                    f"config key '{key}.arch': unknown architecture '{arch}' "
+                    f"{keys(model_name, 'arch')}: unknown architecture '{arch}' "
                     f"(simple_cnn or a torchvision classification model{hint})"
                 )
+            if model["truncate"] is not None:
+                _check_truncation(model_name, model, keys)
         if model["truncate"] is None:
             for own_head_key, unset in (("head_hidden", []), ("head_dropout", 0)):
                 if model[own_head_key] != unset:
-                    raise ConfigError(f"config key '{key}.{own_head_key}': only a truncated backbone has an "
+                    raise ConfigError(f"{keys(model_name, own_head_key)}: only a truncated backbone has an "
                                       f"own dense head; set truncate too, or remove {own_head_key}")
         weights = model["weights"]
         if weights not in ("none", "imagenet") and not (base_dir / weights).is_file():
             raise ConfigError(
-                f"config key '{key}.weights': '{weights}' is neither 'none', "
+                f"{keys(model_name, 'weights')}: '{weights}' is neither 'none', "
                 f"'imagenet' nor an existing checkpoint file"
             )
         if weights == "imagenet" and arch == "simple_cnn":
-            raise ConfigError(f"config key '{key}.weights': simple_cnn has no ImageNet weights")
+            raise ConfigError(f"{keys(model_name, 'weights')}: simple_cnn has no ImageNet weights")
         if model["init_from"] is not None and weights != "none":
-            raise ConfigError(f"config key '{key}.init_from': init_from and weights ('{weights}') both give "
+            raise ConfigError(f"{keys(model_name, 'init_from')}: init_from and weights ('{weights}') both give "
                               f"starting weights; keep one")
         if model["strategy"] == "staged" and model["head_epochs"] >= model["epochs"]:
-            raise ConfigError(f"config key '{key}.head_epochs': staged trains the head alone for head_epochs, "
+            raise ConfigError(f"{keys(model_name, 'head_epochs')}: staged trains the head alone for head_epochs, "
                               f"then all layers, so head_epochs ({model['head_epochs']}) must be below epochs "
                               f"({model['epochs']})")
         if model["warmup_epochs"] >= model["epochs"]:
-            raise ConfigError(f"config key '{key}.warmup_epochs': {model['warmup_epochs']} warm-up epochs leave "
+            raise ConfigError(f"{keys(model_name, 'warmup_epochs')}: {model['warmup_epochs']} warm-up epochs leave "
                               f"none of the {model['epochs']} epochs to train at lr")
-    _check_init_from(config["models"], swept)
+    _check_init_from(config["models"], swept, keys)
 
 
-def _check_init_from(models: dict, swept: dict[str, list[str]]) -> None:
-    """init_from names another model of this config, and following init_from never loops."""
+def _check_init_from(models: dict, swept: dict[str, list[str]], keys: ModelKeys) -> None:
+    """init_from names another model of this config with the same network, and never loops."""
     for model_name, model in models.items():
         source = model["init_from"]
         if source is None:
             continue
-        key = f"models.{model_name}.init_from"
         if source == model_name:
-            raise ConfigError(f"config key '{key}': a model cannot start from itself")
+            raise ConfigError(f"{keys(model_name, 'init_from')}: a model cannot start from itself")
         if source not in models:
             if source in swept:
-                raise ConfigError(f"config key '{key}': '{source}' is a sweep; name one of its models: "
-                                  f"{', '.join(swept[source])}")
+                raise ConfigError(f"{keys(model_name, 'init_from')}: '{source}' is a sweep; name one of its "
+                                  f"models: {', '.join(swept[source])}")
             close = difflib.get_close_matches(source, sorted(models), n=3, cutoff=0.6)
             hint = f"; similar: {', '.join(close)}" if close else f"; models: {', '.join(sorted(models))}"
-            raise ConfigError(f"config key '{key}': no model named '{source}' in this config{hint}")
+            raise ConfigError(f"{keys(model_name, 'init_from')}: no model named '{source}' in this config{hint}")
+        network = (model["arch"], model["truncate"])
+        source_network = (models[source]["arch"], models[source]["truncate"])
+        if network != source_network:
+            describe = lambda arch, cut: arch + (f" cut at {cut}" if cut else "")  # noqa: E731
+            raise ConfigError(f"{keys(model_name, 'init_from')}: '{source}' is a {describe(*source_network)} and "
+                              f"this model a {describe(*network)}; weights carry over only between the same "
+                              f"network (arch and truncate)")
     for model_name in models:
         chain = [model_name]
         while models[chain[-1]]["init_from"] is not None:
             chain.append(models[chain[-1]]["init_from"])
             if chain[-1] in chain[:-1]:
                 cycle = chain[chain.index(chain[-1]):]
-                raise ConfigError(f"config key 'models.{cycle[0]}.init_from': init_from goes round in a circle: "
+                raise ConfigError(f"{keys(cycle[0], 'init_from')}: init_from goes round in a circle: "
                                   f"{' -> '.join(cycle)}")
 
 
@@ -288,12 +353,14 @@ def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> d
     sweeps = {name: model for name, model in config["models"].items() if "sweep" in model}
     config["models"] = _expanded_models(config["models"], schema)
     swept = {name: list(expand_sweeps({name: model})) for name, model in sweeps.items()}
+    keys = ModelKeys({expanded: name for name, names in swept.items() for expanded in names})
+    _check_keys_have_effect(config["models"], keys)
     fill_defaults(config, schema, schema)
     base_dir = Path(base_dir)
     _check_sources(config, base_dir)
     _check_dedupe(config, base_dir)
     _check_split(config)
-    _check_models(config, base_dir, swept)
+    _check_models(config, base_dir, swept, keys)
     return canonical(config)
 
 

@@ -77,8 +77,16 @@ def normalization_for(images: torch.Tensor, weights: str) -> dict[str, list[floa
     return {"mean": mean.tolist(), "std": std.tolist()}
 
 
-def normalize_batch(batch: torch.Tensor, normalization: dict[str, list[float]]) -> torch.Tensor:
-    """uint8 batch (on any device) -> normalised float32."""
-    mean = torch.tensor(normalization["mean"], device=batch.device).view(1, -1, 1, 1)
-    std = torch.tensor(normalization["std"], device=batch.device).view(1, -1, 1, 1)
-    return (batch.float().div_(255) - mean) / std
+class Normalizer:
+    """uint8 or [0, 1] float batch -> normalised float32, with mean/std held on the device once."""
+
+    def __init__(self, normalization: dict[str, list[float]], device: torch.device | str, channels_last: bool = False):
+        self.mean = torch.tensor(normalization["mean"], device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(normalization["std"], device=device).view(1, -1, 1, 1)
+        self.channels_last = channels_last
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dtype == torch.uint8:
+            batch = batch.float().div_(255)
+        batch = (batch - self.mean) / self.std
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch

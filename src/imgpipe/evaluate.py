@@ -12,7 +12,7 @@ import torch
 from sklearn import metrics as skm
 
 from imgpipe.checkpoints import load_trained_model
-from imgpipe.datasets import load_split, normalize_batch
+from imgpipe.datasets import Normalizer, load_split
 from imgpipe.manifests import read_split_manifest
 from imgpipe.training.devices import pick_device
 
@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def predict_probabilities(model, images: torch.Tensor, normalization, device, batch_size: int = 256) -> np.ndarray:
+    normalize = Normalizer(normalization, device)
     outputs = []
     for start in range(0, len(images), batch_size):
-        logits = model(normalize_batch(images[start:start + batch_size].to(device), normalization))
+        logits = model(normalize(images[start:start + batch_size].to(device)))
         outputs.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(outputs).numpy()
 

@@ -246,8 +246,9 @@ def _listing(names: list[str], limit: int = 8) -> str:
 def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> WeightsLoad:
     """Copy every tensor whose name and shape fit; RGB first-conv kernels are summed for 1 channel.
 
-    Loading nothing is an error (the source was made for another architecture); a partial
-    load (a new head, another class count) is logged as a warning with what did not fit.
+    Loading nothing of the backbone is an error (the source was made for another
+    architecture); a partial load (a new head, another class count) is logged as a warning
+    with what did not fit.
     """
     own = model.state_dict()
     usable = {}
@@ -261,8 +262,16 @@ def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor],
             usable[name] = tensor
     report = WeightsLoad(origin, loaded=list(usable), fresh=[name for name in own if name not in usable],
                          unused=[name for name in state_dict if name not in usable])
-    if not usable:
-        raise ValueError(f"{origin}: none of its {len(state_dict)} tensors fits this {type(model).__name__} "
+    try:
+        head_prefix = f"{head_name(model)}."
+    except ValueError:  # no named head: every tensor counts
+        head_prefix = None
+    # A head alone (names like head.bias fit many models) is no transfer: the backbone would
+    # start from random weights.
+    backbone_loaded = [name for name in usable if head_prefix is None or not name.startswith(head_prefix)]
+    if not backbone_loaded:
+        what = "none of its" if not usable else f"only head tensors ({_listing(list(usable), 3)}) of its"
+        raise ValueError(f"{origin}: {what} {len(state_dict)} tensors fit this {type(model).__name__} "
                          f"(e.g. it has {_listing(list(state_dict), 3)}; the model wants {_listing(list(own), 3)}): "
                          f"it was made for another architecture")
     model.load_state_dict(usable, strict=False)

@@ -85,11 +85,8 @@ def expand_sweeps(models: dict[str, dict]) -> dict[str, dict]:
             continue
         sweep = settings["sweep"]
         keys = sorted(sweep)
+        # A swept key overrides the entry's own value (one merged in from an anchor, say).
         fixed = {key: value for key, value in settings.items() if key != "sweep"}
-        for key in keys:
-            if key in fixed:
-                raise SweepError(f"config key 'models.{base_name}.sweep.{key}': {key} is both set and swept; "
-                                 f"remove one")
         for values in itertools.product(*(sweep[key] for key in keys)):
             name = "-".join([base_name] + [name_part(key, value) for key, value in zip(keys, values)])
             add(name, {**fixed, **dict(zip(keys, values))}, f"models.{base_name}.sweep")

@@ -287,12 +287,14 @@ def log_params_once(params: dict) -> None:
         mlflow.log_params(params)
 
 
-def log_start_weights(start_weights: dict | None) -> None:
-    """What loading the starting weights did (imgpipe.models.WeightsLoad.as_dict), on the active run."""
-    if not start_weights:
+def log_start_weights(load) -> None:
+    """What loading the starting weights did (an imgpipe.models.WeightsLoad, or None for
+    random initialisation), on the active run, before training starts."""
+    if load is None:
         return
     import mlflow
 
+    start_weights = load.as_dict()
     mlflow.log_dict(start_weights, "start_weights.json")
     mlflow.set_tag(f"{TAG_PREFIX}start_weights", f"{len(start_weights['loaded'])} tensors loaded, "
                    f"{len(start_weights['fresh'])} fresh, from {start_weights['origin']}")

@@ -45,13 +45,12 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
                      "gpu": gpu_claim.device_id if gpu_claim else "none"})
     if state is not None:
         log_missing_epochs(run.info.run_id, state["history"])
-    history, summary = train_model(job, on_epoch=log_epoch, resume_state=state)
+    history, summary = train_model(job, on_epoch=log_epoch, resume_state=state, on_start=log_start_weights)
     history.to_csv(snakemake.output.history, index=False, lineterminator="\n")
     with open(snakemake.output.summary, "w") as handle:
         json.dump(summary, handle, indent=2)
     mlflow.log_metrics({k: float(summary[k]) for k in ("n_parameters", "n_trainable_parameters", "train_seconds",
                                                         "best_epoch", "epochs_run", "best_val_accuracy")})
-    log_start_weights(summary["start_weights"])
     mlflow.log_artifact(snakemake.output.checkpoint)
     mlflow.log_artifact(snakemake.output.history)
     model, checkpoint = load_trained_model(snakemake.output.checkpoint)

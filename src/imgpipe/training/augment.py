@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imgpipe.training.transfer import PinnedStaging, to_device
+
 AUGMENT_PRESETS = ("none", "light", "standard")
 
 
@@ -128,6 +130,7 @@ class BatchAugment:
         self.ranges = PRESET_RANGES.get(preset)
         self._draw_bounds: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._grid_bases: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._staging: dict[torch.device, PinnedStaging] = {}
 
     @property
     def active(self) -> bool:
@@ -220,15 +223,13 @@ class BatchAugment:
             output = _blend(output, rgb_to_grayscale(output), per_image["saturation"])
         return output
 
-    @staticmethod
-    def _per_image_columns(params: AugmentParams, height: int, width: int,
+    def _per_image_columns(self, params: AugmentParams, height: int, width: int,
                            device: torch.device) -> dict[str, torch.Tensor]:
         """The parameters as float32 columns on `device`, moved there in one copy.
 
-        The affine matrices are built where the parameters are (the CPU, normally): on CUDA
-        that saves a dozen tiny kernel launches, and one host-to-device copy replaces four.
-        On the CPU the packing is one needless small copy, kept so that every device runs
-        the same code.
+        The affine matrices are built on the CPU with numpy, where the parameters are drawn:
+        on CUDA that saves a dozen tiny kernel launches, and one asynchronous copy from
+        pinned memory carries everything.
         """
         columns: dict[str, np.ndarray] = {}
         if params.angle is not None:
@@ -240,7 +241,10 @@ class BatchAugment:
                 columns[name] = getattr(params, name).numpy().reshape(-1, 1)
         if not columns:
             return {}
-        packed = torch.from_numpy(np.concatenate(list(columns.values()), axis=1, dtype=np.float32)).to(device)
+        packed = torch.from_numpy(np.concatenate(list(columns.values()), axis=1, dtype=np.float32))
+        if device.type == "cuda" and device not in self._staging:
+            self._staging[device] = PinnedStaging(device)
+        packed = to_device(packed, device, self._staging.get(device))
         return dict(zip(columns, packed.split([column.shape[1] for column in columns.values()], dim=1)))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -24,15 +24,16 @@ from torch import nn
 
 from imgpipe import __version__
 from imgpipe.checkpoints import model_build_spec, read_model_checkpoint, read_torch_file
-from imgpipe.datasets import SplitTensors, class_names, load_split, normalization_for
+from imgpipe.datasets import Normalizer, SplitTensors, class_names, load_split, normalization_for
 from imgpipe.manifests import HISTORY_COLUMNS, read_split_manifest
 from imgpipe.models import WeightsLoad, build_model, count_parameters, load_matching_weights, load_start_weights
 from imgpipe.training import resume
 from imgpipe.training.augment import BatchAugment
-from imgpipe.training.loop import (Feeder, Normalizer, Precision, batch_indices, batches_per_epoch, choose_precision,
+from imgpipe.training.loop import (Feeder, Precision, batch_indices, batches_per_epoch, choose_precision, epoch_order,
                                    evaluate_epoch, image_preparation, train_epoch)
 from imgpipe.training.schedule import make_optimizer, make_scheduler
-from imgpipe.training.strategies import HeadInput, ModelParts, Phase, head_logits, parameter_groups, phase_of, plan_phases
+from imgpipe.training.strategies import (HeadInput, ModelParts, Phase, head_logits, needs_parts, parameter_groups,
+                                         phase_of, plan_phases)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,22 @@ def seed_everything(seed: int, compiling: bool = False) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def available_memory_bytes() -> int | None:
+    """Memory available for new allocations (Linux's MemAvailable, which counts reclaimable
+    page cache; elsewhere the free pages); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def class_weight_tensor(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """n / (classes x n_class): sklearn's 'balanced' weights."""
     counts = torch.bincount(labels, minlength=n_classes).double()
@@ -121,7 +138,7 @@ class _Run:
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.parts = ModelParts(self.model) if settings["strategy"] != "finetune" else None
+        self.parts = ModelParts(self.model) if needs_parts(settings) else None
         self.phases: list[Phase] = plan_phases(settings)
         groups = parameter_groups(self.parts, settings) if self.parts else [
             {"params": list(self.model.parameters()), "lr": settings["lr"], "name": "all"}]
@@ -140,12 +157,10 @@ class _Run:
                                if settings["sampler"] == "balanced" else None)
         self.normalizer = Normalizer(self.normalization, self.device, self.channels_last)
         self.forward = torch.compile(self.model) if settings["compile"] else self.model
-        self.feeders = {
-            # +1: a lone last training sample joins the batch before it (batch_indices)
-            "train": Feeder(self.train_data.images, self.device, settings["batch_size"] + 1),
-            "val": Feeder(self.val_data.images, self.device, FEATURE_BATCH),
-        }
+        self.feeders = {"train": Feeder(self.train_data.images, self.device),
+                        "val": Feeder(self.val_data.images, self.device)}
         self.feature_cache: dict[str, Feeder] = {}
+        self._cache_fits: bool | None = None
 
     def _starting_point(self) -> tuple[WeightsLoad | None, dict]:
         """Load the starting weights; return what loaded and the input normalisation to use.
@@ -165,29 +180,49 @@ class _Run:
         report = load_start_weights(self.model, settings["arch"], settings["weights"])
         if settings["weights"] not in ("none", "imagenet"):
             payload = read_torch_file(settings["weights"])
-            if isinstance(payload, dict) and isinstance(payload.get("normalization"), dict):
-                return report, payload["normalization"]
+            saved = payload.get("normalization") if isinstance(payload, dict) else None
+            if isinstance(saved, dict) and len(saved.get("mean", ())) == self.in_channels:
+                return report, saved
+            if isinstance(saved, dict):
+                log.info("%s: %s was trained on %d-channel images, these have %d: normalising with their own "
+                         "statistics", job.model_name, settings["weights"], len(saved["mean"]), self.in_channels)
         return report, normalization_for(self.train_data.images, settings["weights"])
 
     def frozen_inputs(self, phase: Phase) -> bool:
         """Train the head on features cached once: the backbone is frozen and sees fixed inputs."""
-        return phase.backbone_frozen and not self.augment.active
+        return phase.backbone_frozen and not self.augment.active and self.features_fit_in_memory()
+
+    def head_inputs(self, split: str, rows: int | None = None) -> torch.Tensor:
+        """The frozen backbone's output for the split's first `rows` images (all by default)."""
+        data = self.train_data if split == "train" else self.val_data
+        indices = batch_indices(len(data.labels) if rows is None else rows, FEATURE_BATCH)
+        extract = HeadInput(self.parts)
+        self.parts.set_training_mode(backbone_frozen=True)
+        chunks = []
+        with torch.no_grad(), self.precision.autocast():
+            for host_index, device_index in epoch_order(indices, self.device):
+                chunks.append(extract(self.normalizer(self.feeders[split](host_index, device_index))).float().cpu())
+        return torch.cat(chunks)
+
+    def features_fit_in_memory(self) -> bool:
+        """Whether caching the backbone's features of both splits takes under a quarter of the
+        available memory (VGG16 gives 25,088 floats per image: 10 GB for 100,000 images)."""
+        if self._cache_fits is None:
+            per_image = self.head_inputs("train", rows=1)[0].numel() * 4
+            needed = per_image * (len(self.train_data.labels) + len(self.val_data.labels))
+            available = available_memory_bytes()
+            self._cache_fits = available is None or needed < available / 4
+            if not self._cache_fits:
+                log.warning("%s: the frozen backbone's features would take %.1f GB of the %.1f GB available; "
+                            "they are computed again every epoch instead of cached (slower, same result)",
+                            self.job.model_name, needed / 1e9, available / 1e9)
+        return self._cache_fits
 
     def cached_features(self, split: str) -> Feeder:
         if split not in self.feature_cache:
-            data = self.train_data if split == "train" else self.val_data
             started = time.perf_counter()
-            extract = HeadInput(self.parts)
-            prepare = image_preparation(None, self.normalizer, None)
-            source = self.feeders[split]
-            self.parts.set_training_mode(backbone_frozen=True)
-            chunks = []
-            with torch.no_grad(), self.precision.autocast():
-                for index in batch_indices(len(data.labels), FEATURE_BATCH):
-                    chunks.append(extract(prepare(source(index))).float())
-            features = torch.cat(chunks)
-            self.feature_cache[split] = Feeder(features.cpu(), self.device,
-                                               max(FEATURE_BATCH, self.settings["batch_size"] + 1))
+            features = self.head_inputs(split)
+            self.feature_cache[split] = Feeder(features, self.device)
             log.info("%s: backbone features of the %s split computed once: %d x %s, %.1f MB, %.1f s",
                      self.job.model_name, split, features.shape[0], tuple(features.shape[1:]),
                      features.numel() * 4 / 1e6, time.perf_counter() - started)
@@ -246,29 +281,38 @@ class _Run:
 
 
 def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None,
-                resume_state: dict | None = None) -> tuple[pd.DataFrame, dict]:
+                resume_state: dict | None = None,
+                on_start: Callable[[WeightsLoad | None], None] | None = None) -> tuple[pd.DataFrame, dict]:
     """Train `job`, continuing `resume_state` if given; write job.checkpoint_path (the best epoch).
 
-    Returns (history, summary). `on_epoch` gets each new history row once its epoch is
-    saved (for live curves in MLflow).
+    Returns (history, summary). `on_start` gets what loading the starting weights did,
+    before the first epoch; `on_epoch` gets each new history row once its epoch is saved
+    (for live curves in MLflow).
     """
     settings = job.settings
     torch.set_num_threads(job.threads)
     seed_everything(settings["seed"], compiling=settings["compile"])
     run = _Run(job)
+    if on_start is not None:
+        on_start(run.weights_load)
     fingerprint = job.fingerprint()
     early = settings["early_stopping"]
     metric = early["metric"] if early else "val_accuracy"
     history: list[dict] = []
-    best, since_best, first_epoch = None, 0, 1
+    best, best_file, since_best, first_epoch = None, None, 0, 1
+    if resume_state is not None and resume_state.get("precision") != run.precision.name:
+        log.warning("%s: the resume state was trained in %s, this device trains in %s; training starts at epoch 1",
+                    job.model_name, resume_state.get("precision"), run.precision.name)
+        resume_state = None
     if resume_state is not None:
         run.model.load_state_dict(resume_state["model"])
         run.optimizer.load_state_dict(resume_state["optimizer"])
         run.scheduler.load_state_dict(resume_state["scheduler"])
-        run.scaler.load_state_dict(resume_state["scaler"])
+        if resume_state["scaler"]:
+            run.scaler.load_state_dict(resume_state["scaler"])
         resume.restore_random_state(resume_state["random"], run.generators)
         history = [dict(row) for row in resume_state["history"]]
-        best, since_best = resume_state["best"], resume_state["since_best"]
+        best, best_file, since_best = resume_state["best"], resume_state["best_file"], resume_state["since_best"]
         first_epoch = resume_state["epoch"] + 1
     log.info("%s: %s (%s) on %s, %s precision, %d classes, %d train / %d val images of %s, %d parameters, "
              "%d thread(s)%s", job.model_name, settings["arch"], settings["strategy"], run.device, run.precision.name,
@@ -276,9 +320,8 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
              tuple(run.train_data.images.shape[1:]), count_parameters(run.model), job.threads,
              f", resuming at epoch {first_epoch}" if resume_state else "")
     started = time.perf_counter()
-    stopped_early = False
-    if best is not None and early and since_best >= early["patience"]:
-        stopped_early = True  # killed right after the epoch that triggered the stop
+    final_phase = run.phases[-1]
+    stopped_early = bool(resume_state and resume_state["stopped_early"])
     for epoch in range(first_epoch, settings["epochs"] + 1):
         if stopped_early:
             break
@@ -299,13 +342,17 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
         history.append(row)
         if _better(row, best, metric):
             best, since_best = row, 0
-            resume.save_best(job.work_dir, run.model_payload(epoch, row))
+            # A new file per best epoch, named in the resume state only once written: a kill
+            # between the two writes leaves the state and its best epoch in agreement.
+            best_file = resume.save_best(job.work_dir, epoch, run.model_payload(epoch, row))
         else:
             since_best += 1
-        stopped_early = bool(early) and since_best >= early["patience"]
+        # Patience counts in the last phase only: staged never stops before it unfreezes.
+        stopped_early = bool(early) and phase == final_phase and since_best >= early["patience"]
         resume.save_resume_state(job.work_dir, {
             "fingerprint": fingerprint,
             "epoch": epoch,
+            "precision": run.precision.name,
             "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
@@ -313,21 +360,25 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
             "random": resume.capture_random_state(run.generators),
             "history": history,
             "best": best,
+            "best_file": best_file,
             "since_best": since_best,
+            "stopped_early": stopped_early,
             "metadata": job.metadata,
         })
+        resume.remove_other_best_files(job.work_dir, keep=best_file)
         if on_epoch is not None:
             on_epoch(row)
         if stopped_early:
             log.info("%s: early stop after epoch %d: %s has not improved for %d epochs (best: epoch %d)",
                      job.model_name, epoch, metric, early["patience"], best["epoch"])
-    resume.finish(job.work_dir, job.checkpoint_path)
+    resume.finish(job.work_dir, best_file, job.checkpoint_path)
+    trainable = run.parts.head_parameters if final_phase.backbone_frozen else list(run.model.parameters())
     summary = {
         "model": job.model_name,
         "arch": settings["arch"],
         "strategy": settings["strategy"],
         "n_parameters": count_parameters(run.model),
-        "n_trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        "n_trainable_parameters": sum(p.numel() for p in trainable),
         "train_seconds": sum(row["seconds"] for row in history),
         "best_epoch": best["epoch"],
         "epochs": settings["epochs"],

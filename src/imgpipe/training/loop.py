@@ -1,9 +1,10 @@
 """The training loop: one epoch over preloaded tensors, as close to the compute bound as we can.
 
 Each split is decoded once into a uint8 tensor (`imgpipe.datasets`); a batch is gathered
-by index, moved to the device, augmented and normalised there. Losses and correct counts
-are summed on the device and read once per epoch, so a GPU is never made to wait for
-the host between batches.
+by index, moved to the device, augmented and normalised there. On a GPU nothing in an
+epoch makes the host wait for the device: the epoch's batch order is copied there once,
+host-to-device copies go through pinned buffers, and losses and correct counts are summed
+on the device and read once per epoch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from imgpipe.datasets import Normalizer
 from imgpipe.training.augment import BatchAugment
+from imgpipe.training.transfer import PinnedStaging, to_device
 
 
 def batch_indices(n_items: int, batch_size: int, generator: torch.Generator | None = None,
@@ -47,41 +50,44 @@ def batches_per_epoch(n_items: int, batch_size: int) -> int:
 class Feeder:
     """Batches of one split's tensor on the training device.
 
-    On a GPU the whole split moves there when it takes under a quarter of the free memory;
-    otherwise it stays in pinned host memory and batches are copied asynchronously through
-    two pinned buffers. On the CPU a batch is plain indexing.
+    Resident: the whole split lives on the device (the CPU; a GPU when it takes under a
+    quarter of the free memory; MPS) and a batch is a gather there. Otherwise the split
+    stays in pinned host memory and each batch is gathered into a pinned buffer and copied
+    asynchronously.
     """
 
-    def __init__(self, data: torch.Tensor, device: torch.device, max_batch: int):
+    def __init__(self, data: torch.Tensor, device: torch.device):
         self.device = device
-        self.data = data
-        self.buffers: list[torch.Tensor] = []
-        self.events: list = []
-        self.turn = 0
+        self.resident = True
+        self.staging: PinnedStaging | None = None
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)
             if data.numel() * data.element_size() < free / 4:
-                self.data = data.to(device)
+                data = data.to(device)
             else:
-                self.data = data.pin_memory()
-                self.buffers = [torch.empty((max_batch, *data.shape[1:]), dtype=data.dtype).pin_memory()
-                                for _ in range(2)]
-                self.events = [None, None]
+                data = data.pin_memory()
+                self.resident = False
+                self.staging = PinnedStaging(device)
         elif device.type != "cpu":
-            self.data = data.to(device)
+            data = data.to(device)
+        self.data = data
 
-    def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        if self.data.device == self.device:
-            return self.data[index.to(self.device)] if self.device.type != "cpu" else self.data[index]
-        buffer, event = self.buffers[self.turn], self.events[self.turn]
-        if event is not None:
-            event.synchronize()  # the copy that last used this buffer must be done before we overwrite it
-        staged = torch.index_select(self.data, 0, index, out=buffer[: len(index)])
-        batch = staged.to(self.device, non_blocking=True)
-        self.events[self.turn] = torch.cuda.Event()
-        self.events[self.turn].record()
-        self.turn = 1 - self.turn
-        return batch
+    def __call__(self, host_index: torch.Tensor, device_index: torch.Tensor) -> torch.Tensor:
+        """The batch of rows `host_index` (a CPU tensor; `device_index` is the same on the device)."""
+        if self.resident:
+            return self.data[device_index]
+        buffer = self.staging.buffer((len(host_index), *self.data.shape[1:]), self.data.dtype)
+        torch.index_select(self.data, 0, host_index, out=buffer)
+        return self.staging.send(buffer)
+
+
+def epoch_order(indices: list[torch.Tensor], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(host index, device index) per batch; the whole order is copied to the device once."""
+    if device.type == "cpu":
+        return [(index, index) for index in indices]
+    order = torch.cat(indices)
+    on_device = to_device(order, device, PinnedStaging(device) if device.type == "cuda" else None)
+    return list(zip(indices, on_device.split([len(index) for index in indices])))
 
 
 @dataclass
@@ -113,19 +119,6 @@ def choose_precision(setting: str, device: torch.device) -> Precision:
     return Precision(device.type, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[setting])
 
 
-class Normalizer:
-    """[0, 1] float batch -> normalised, with mean/std held on the device once."""
-
-    def __init__(self, normalization: dict[str, list[float]], device: torch.device, channels_last: bool = False):
-        self.mean = torch.tensor(normalization["mean"], device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(normalization["std"], device=device).view(1, -1, 1, 1)
-        self.channels_last = channels_last
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = (batch - self.mean) / self.std
-        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
-
-
 @dataclass
 class EpochTotals:
     loss: float
@@ -143,9 +136,9 @@ def train_epoch(forward: Callable[[torch.Tensor], torch.Tensor], feeder: Feeder,
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
-    for index in indices:
-        inputs = prepare(feeder(index))
-        targets = labels[index.to(device)] if device.type != "cpu" else labels[index]
+    for host_index, device_index in epoch_order(indices, device):
+        inputs = prepare(feeder(host_index, device_index))
+        targets = labels[device_index]
         with precision.autocast():
             logits = forward(inputs)
             loss = criterion(logits.float(), targets)
@@ -154,9 +147,9 @@ def train_epoch(forward: Callable[[torch.Tensor], torch.Tensor], feeder: Feeder,
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        loss_sum += loss.detach() * len(index)
+        loss_sum += loss.detach() * len(host_index)
         correct += (logits.detach().argmax(dim=1) == targets).sum()
-        seen += len(index)
+        seen += len(host_index)
     return EpochTotals(loss_sum.item() / seen, correct.item() / seen)
 
 
@@ -169,10 +162,10 @@ def evaluate_epoch(forward: Callable[[torch.Tensor], torch.Tensor], feeder: Feed
     labels = labels.to(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    for index in batch_indices(len(labels), batch_size):
-        targets = labels[index.to(device)] if device.type != "cpu" else labels[index]
+    for host_index, device_index in epoch_order(batch_indices(len(labels), batch_size), device):
+        targets = labels[device_index]
         with precision.autocast():
-            logits = forward(prepare(feeder(index))).float()
+            logits = forward(prepare(feeder(host_index, device_index))).float()
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
         correct += (logits.argmax(dim=1) == targets).sum()
     return EpochTotals(loss_sum.item() / len(labels), correct.item() / len(labels))
@@ -183,4 +176,4 @@ def image_preparation(augment: BatchAugment | None, normalizer: Normalizer,
     """uint8 batch -> (augmented) normalised float batch."""
     if augment is not None and augment.active:
         return lambda batch: normalizer(augment(batch, generator))
-    return lambda batch: normalizer(batch.float().div_(255))
+    return normalizer

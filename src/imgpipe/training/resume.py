@@ -6,17 +6,20 @@ Snakemake output, so Snakemake never deletes it as incomplete) holds:
 - `last.pt`: everything the next epoch depends on: model, optimizer, scheduler and
   gradient-scaler states, the epoch, every random generator, the history, the best epoch
   so far and the early-stopping count, plus metadata (the MLflow run to continue);
-- `best.pt`: the best epoch's model checkpoint, copied to model.pt when training ends.
+- `best-epochNNNN.pt`: the best epoch's model checkpoint, copied to model.pt when training
+  ends. It is written before the state that names it, so the two always agree.
 
 Each is written to a temporary file and renamed. A state is used only if its fingerprint
 (the model's settings, the image settings, the split manifest's and the starting
-checkpoint's contents) matches the job's: after a config change training starts over.
+checkpoint's contents, and the training code) matches the job's: after a change to any
+of them training starts over.
 On CPU with the same threads, a resumed run ends with exactly the weights and metrics of
 an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,9 +35,10 @@ from imgpipe.config import training_settings
 
 log = logging.getLogger(__name__)
 
-RESUME_FORMAT = 1
+RESUME_FORMAT = 2
 LAST = "last.pt"
-BEST = "best.pt"
+BEST_PATTERN = "best-epoch{epoch:04d}.pt"
+BEST_GLOB = "best-epoch*.pt"
 
 
 def file_digest(path: Path | str) -> str:
@@ -45,9 +49,23 @@ def file_digest(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+# The code a resumed run must share with the interrupted one, or its epochs would mix two loops.
+TRAINING_CODE = ("training/*.py", "models.py", "datasets.py", "checkpoints.py")
+
+
+@functools.lru_cache(maxsize=1)
+def training_code_digest() -> str:
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for pattern in TRAINING_CODE:
+        for path in sorted(package.glob(pattern)):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def training_fingerprint(settings: dict, image_settings: dict, manifest_path: Path | str,
                          start_checkpoint: Path | str | None) -> str:
-    """What a resume state must match: settings, image settings, data and starting weights."""
+    """What a resume state must match: settings, image settings, data, starting weights, code."""
     identity = {
         "format": RESUME_FORMAT,
         # where and how fast it runs may change between the kill and the resumption
@@ -55,6 +73,7 @@ def training_fingerprint(settings: dict, image_settings: dict, manifest_path: Pa
         "image": image_settings,
         "manifest": file_digest(manifest_path),
         "start": file_digest(start_checkpoint) if start_checkpoint else None,
+        "code": training_code_digest(),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -73,8 +92,8 @@ def load_resume_state(work_dir: Path | str, fingerprint: str) -> dict | None:
         log.warning("resume state %s was saved for other settings, data or starting weights; "
                     "training starts at epoch 1", path)
         return None
-    if not (Path(work_dir) / BEST).exists():
-        log.warning("resume state %s has no %s beside it; training starts at epoch 1", path, BEST)
+    if not (Path(work_dir) / state["best_file"]).exists():
+        log.warning("resume state %s names %s, which is missing; training starts at epoch 1", path, state["best_file"])
         return None
     log.info("resuming from %s: %d epoch(s) done", path, state["epoch"])
     return state
@@ -84,14 +103,24 @@ def save_resume_state(work_dir: Path | str, state: dict) -> None:
     save_atomically(state, Path(work_dir) / LAST)
 
 
-def save_best(work_dir: Path | str, payload: dict) -> None:
-    save_atomically(payload, Path(work_dir) / BEST)
+def save_best(work_dir: Path | str, epoch: int, payload: dict) -> str:
+    """Write the model checkpoint of a new best epoch; returns its file name (for the state)."""
+    name = BEST_PATTERN.format(epoch=epoch)
+    save_atomically(payload, Path(work_dir) / name)
+    return name
 
 
-def finish(work_dir: Path | str, checkpoint_path: Path | str) -> None:
+def remove_other_best_files(work_dir: Path | str, keep: str) -> None:
+    """Drop best-epoch files the saved state no longer names."""
+    for path in Path(work_dir).glob(BEST_GLOB):
+        if path.name != keep:
+            path.unlink(missing_ok=True)
+
+
+def finish(work_dir: Path | str, best_file: str, checkpoint_path: Path | str) -> None:
     """Copy the best epoch to the job's output (atomically)."""
     partial = Path(checkpoint_path).with_name(f".{Path(checkpoint_path).name}.partial")
-    shutil.copyfile(Path(work_dir) / BEST, partial)
+    shutil.copyfile(Path(work_dir) / best_file, partial)
     partial.replace(checkpoint_path)
 
 

@@ -74,14 +74,23 @@ class ModelParts:
             self.model.train()
 
 
+DEFAULT_BACKBONE_LR_FACTOR = {"staged": 0.1, "finetune": 1.0}
+
+
+def needs_parts(settings: dict) -> bool:
+    """Whether training treats backbone and head differently (else one group of everything)."""
+    return settings["strategy"] != "finetune" or settings["backbone_lr_factor"] is not None
+
+
 def parameter_groups(parts: ModelParts, settings: dict) -> list[dict]:
-    """Optimizer groups: the head at lr; the backbone at lr (finetune), lr x backbone_lr_factor
-    (staged) or not at all (feature_extract: it never trains)."""
+    """Optimizer groups: the head at lr; the backbone at lr x backbone_lr_factor (finetune,
+    staged) or not at all (feature_extract: it never trains)."""
     lr, strategy = settings["lr"], settings["strategy"]
     head = {"params": parts.head_parameters, "lr": lr, "name": "head"}
     if strategy == "feature_extract":
         return [head]
-    factor = settings["backbone_lr_factor"] if strategy == "staged" else 1.0
+    factor = settings["backbone_lr_factor"]
+    factor = DEFAULT_BACKBONE_LR_FACTOR[strategy] if factor is None else factor
     return [{"params": parts.backbone_parameters, "lr": lr * factor, "name": "backbone"}, head]
 
 
