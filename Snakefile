@@ -23,11 +23,16 @@ include: "workflow/rules/split.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/predict.smk"
 
 
 rule all:
     input:
         rules.report.output,
+        # Listed too because after a failed model the report is written without it (onerror):
+        # the next run must still see that model's result missing and retry it.
+        expand(f"{RESULTS}/eval/{{model}}/metrics.json", model=MODELS),
+        PREDICT_OUTPUTS,  # empty unless predict.folders names folders
     default_target: True
 
 
@@ -37,7 +42,9 @@ onstart:
 
 onsuccess:
     end_tracking(success=True)
+    show_verdict()
 
 
 onerror:
+    write_report_after_failure()
     end_tracking(success=False)

@@ -40,7 +40,8 @@ def mlflow_uri(tmp_path, monkeypatch, mlflow_template_db) -> str:
     shutil.copy(mlflow_template_db, db)
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "IMGPIPE_MLFLOW_PARENT_RUN_ID"):
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "IMGPIPE_MLFLOW_PARENT_RUN_ID",
+                 "IMGPIPE_MLFLOW_INVOCATION_TAGS"):
         monkeypatch.delenv(name, raising=False)
     mlflow.set_tracking_uri(None)  # a process-wide URI would override the variable
     # Each pipeline job is a fresh process; in one test process, forget the previous
@@ -104,3 +105,23 @@ def model_settings(**overrides) -> dict:
     config = {"experiment": "x", "classes": {"a": {"sources": [{"digits": 1}]}, "b": {"sources": [{"digits": 2}]}},
               "images": {"size": 32}, "models": {"m": {"arch": "simple_cnn", "seed": 5, "device": "cpu", **overrides}}}
     return validate_config(config, load_schema(REPO / "workflow/schemas/config.schema.yaml"))["models"]["m"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless Chromium, installed with apt-get where it is missing and we are root
+    (a fresh CI machine). Without it, and without root to install it, the test fails saying so."""
+    import os
+    import subprocess
+
+    for name in ("chromium", "chromium-browser"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.fail("headless Chromium is needed to check the HTML report: install Debian's `chromium` package")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+        if result.returncode != 0:
+            pytest.fail(f"{' '.join(command)} failed: {result.stderr[-2000:]}")
+    return shutil.which("chromium")

@@ -138,7 +138,11 @@ def test_folder_experiment_end_to_end(folder_project):
     expected = {"crawl bright", "crawl dark", "dedupe", "preprocess bright", "preprocess dark", "split", "cnn",
                 "resnet", "report"}
     assert expected <= set(runs)
-    assert all(runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id for name in expected)
+    models = {"cnn", "resnet"}
+    # Data jobs nest under the invocation; each model is a top-level row that points to it.
+    assert all(runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id for name in expected - models)
+    assert all("mlflow.parentRunId" not in runs[name].data.tags and
+               runs[name].data.tags["imgpipe.invocation"] == parent.info.run_id for name in models)
     assert runs["dedupe"].data.metrics["dropped_cross_class_exact"] == 2
     assert runs["split"].data.metrics["n_test"] == (split["split"] == "test").sum()
     cnn = runs["cnn"]
@@ -263,7 +267,15 @@ def test_one_failing_model_does_not_take_the_others_down(workdir):
     assert re.search(r"diverging: the loss became (nan|inf) at epoch \d; training stopped. Lower "
                      r"models.diverging.lr", (workdir / "logs/partial/train/diverging.log").read_text())
     assert json.loads((workdir / "results/partial/eval/cnn/metrics.json").read_text())["n_test"] > 0
-    assert not (workdir / "results/partial/report/report.md").exists()
+    # The report is still written: the good model compared, the failed ones listed with their logs' ends.
+    report = (workdir / "results/partial/report/report.md").read_text()
+    failed = report.split("## Failed models", 1)[1].split("\n## ", 1)[0]
+    assert "- broken: training did not finish (no model.pt)" in failed
+    assert "junk.pt' is not a PyTorch checkpoint" in failed and "the loss became" in failed
+    summary = json.loads((workdir / "results/partial/report/summary.json").read_text())
+    assert summary["ranking"] == ["cnn"] and set(summary["failed_models"]) == {"broken", "diverging"}
+    assert f"Verdict: {summary['verdict']}" in result.stderr
+    assert "2 model(s) failed: broken, diverging" in summary["verdict"]
 
     runs = runs_by_name(store(workdir), "partial")
     assert runs["broken"].info.status == runs["diverging"].info.status == "FAILED"

@@ -1,12 +1,18 @@
+import html as html_module
 import json
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from imgpipe.plots import plot_confusion_matrix, plot_roc_curves
 from imgpipe.report import rank_models, write_report
+from imgpipe.stats import roc_curves
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -37,6 +43,19 @@ def metrics_json(model, figures):
     }
 
 
+# Test images each model gets wrong: resnet18 and mobilenet disagree on 2 images (a tie
+# for McNemar); the CNN is wrong on 27 that resnet18 gets right (a significant gap).
+WRONG = {"resnet18": range(0, 3), "mobilenet": range(0, 5), "cnn": range(0, 30)}
+
+
+def write_predictions(path, y, wrong):
+    predicted = [CLASSES[(label + 1) % 3] if i in wrong else CLASSES[label] for i, label in enumerate(y)]
+    frame = pd.DataFrame({"path": [f"test/{i}.png" for i in range(len(y))], "label": [CLASSES[i] for i in y],
+                          "predicted": predicted, "confidence": 0.9})
+    frame.to_csv(path, index=False)
+    return path
+
+
 def write_history(path, epochs):
     epoch = np.arange(1, epochs + 1)
     pd.DataFrame({
@@ -51,17 +70,19 @@ def experiment(tmp_path_factory):
     root = tmp_path_factory.mktemp("results") / "pets"
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 30)
-    metrics_paths, history_paths = {}, {}
+    metrics_paths, history_paths, predictions_paths = {}, {}, {}
     for model, figures in MODELS.items():
         eval_dir, model_dir = root / "eval" / model, root / "models" / model
         model_dir.mkdir(parents=True)
         metrics = metrics_json(model, figures)
         plot_confusion_matrix(metrics["confusion_matrix"], CLASSES, eval_dir / "confusion_matrix.png", model)
         probabilities = rng.dirichlet(np.ones(3), size=len(y)) + np.eye(3)[y]
-        plot_roc_curves(y, probabilities / probabilities.sum(1, keepdims=True), CLASSES, eval_dir / "roc.png", model)
+        plot_roc_curves(roc_curves(y, probabilities / probabilities.sum(1, keepdims=True), CLASSES),
+                        eval_dir / "roc.png", model)
         (eval_dir / "metrics.json").write_text(json.dumps(metrics))
         write_history(model_dir / "history.csv", figures["epochs"])
         metrics_paths[model], history_paths[model] = eval_dir / "metrics.json", model_dir / "history.csv"
+        predictions_paths[model] = write_predictions(eval_dir / "predictions.csv", y, WRONG[model])
 
     (root / "split").mkdir()
     counts = {"cat": (70, 15, 15), "dog": (56, 12, 12), "fox": (35, 8, 7)}
@@ -81,6 +102,7 @@ def experiment(tmp_path_factory):
     )
     dedupe.to_csv(root / "dedupe" / "manifest.csv", index=False)
     return dict(root=root, metrics_paths=metrics_paths, history_paths=history_paths,
+                predictions_paths=predictions_paths,
                 split_manifest=root / "split" / "manifest.csv", dedupe_manifest=root / "dedupe" / "manifest.csv")
 
 
@@ -88,7 +110,7 @@ def report(experiment, out_name="report", rank_by="accuracy", **overrides):
     kwargs = dict(experiment="pets", metrics_paths=experiment["metrics_paths"],
                   history_paths=experiment["history_paths"], split_manifest=experiment["split_manifest"],
                   dedupe_manifest=experiment["dedupe_manifest"], out_dir=experiment["root"] / out_name,
-                  rank_by=rank_by)
+                  rank_by=rank_by, predictions_paths=experiment["predictions_paths"])
     kwargs.update(overrides)
     summary = write_report(**kwargs)
     out_dir = kwargs["out_dir"]
@@ -108,7 +130,7 @@ def test_report_ranks_models_and_names_the_best(experiment):
     assert md.startswith("# Model comparison: pets\n")
     assert table_row_order(md, list(MODELS)) == ["resnet18", "mobilenet", "cnn"]
     best = md.split("## Best model", 1)[1].split("\n## ", 1)[0]
-    assert best.strip().startswith("resnet18 (resnet18) is the best of 3 models by accuracy")
+    assert best.strip().startswith("resnet18 (resnet18) ranks first of 3 models by accuracy")
     assert "leads the runner-up, mobilenet, by 0.0200 accuracy" in best
     assert summary["best_model"] == "resnet18"
     assert summary["best_value"] == 0.97
@@ -122,8 +144,10 @@ def test_report_formats_numbers(experiment):
     _, md, _ = report(experiment)
     row = next(line for line in md.splitlines() if line.startswith("| resnet18 "))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells == ["resnet18", "resnet18", "0.9700", "0.9690", "0.9680", "0.9950", "11,177,538", "301.3",
-                     "2.500", "8 / 10"]
+    assert cells == ["resnet18", "resnet18", "0.9700", "0.9680", "0.9690", "n/a", "0.9950", "n/a", "n/a"]
+    cost = next(line for line in md.split("### Size and speed")[1].splitlines() if line.startswith("| resnet18 "))
+    assert [c.strip() for c in cost.strip("|").split("|")] == ["resnet18", "11,177,538", "n/a", "301.3", "2.500",
+                                                               "n/a", "8 / 10"]
     cnn_row = next(line for line in md.splitlines() if line.startswith("| cnn "))
     assert "n/a" in cnn_row  # no ROC AUC
     assert "cnn: no ROC AUC (probabilities not saved)" in md
@@ -150,7 +174,7 @@ def test_markdown_links_plots_relative_to_report(experiment):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert "learning_curves.png" in links
     assert "../eval/cnn/confusion_matrix.png" in links and "../eval/mobilenet/roc.png" in links
-    assert len(links) == 1 + 2 * len(MODELS)
+    assert len(links) == 1 + 2 * len(MODELS)  # the fixture draws 2 of each model's plots
     assert all((out_dir / link).is_file() for link in links)
     assert (out_dir / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -161,7 +185,7 @@ def test_html_is_self_contained(experiment):
     references = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)|url\(([^)]*)\)""", html)
     assert references and all(ref.startswith("data:") for pair in references for ref in pair if ref)
     assert "<table>" in html and "<th>model" in html.replace(" ", "")
-    assert "resnet18 (resnet18) is the best of 3 models" in html
+    assert "resnet18 (resnet18) ranks first of 3 models" in html
 
 
 def test_missing_and_broken_models_are_listed_not_fatal(experiment, tmp_path):
@@ -229,3 +253,82 @@ def test_invalid_rank_by_raises_before_writing(experiment, rank_by):
     with pytest.raises(ValueError, match=rf"rank_by '{rank_by}' is not one of accuracy, balanced_accuracy"):
         report(experiment, out_dir=out_dir, rank_by=rank_by)
     assert not out_dir.exists()
+
+
+def test_a_lead_that_mcnemar_cannot_confirm_is_called_a_tie(experiment):
+    summary, md, html = report(experiment, out_name="report_stats")
+    # resnet18 vs mobilenet: 2 images only resnet18 gets right, none the other way: p = 0.5.
+    tests = {(t["a"], t["b"]): t for t in summary["pairwise"]}
+    pair = tests.get(("resnet18", "mobilenet")) or tests[("mobilenet", "resnet18")]
+    assert {pair["a_only"], pair["b_only"]} == {2, 0} and pair["p_value"] == pytest.approx(0.5)
+    assert summary["tied_with_best"] == ["mobilenet"] and summary["significant_best"] is False
+    assert summary["verdict"].startswith("No significant winner: resnet18 ranks first by accuracy (0.9700) but "
+                                         "is statistically tied with mobilenet")
+    assert "mobilenet is the cheapest of them" in summary["verdict"]
+    assert md.split("\n\n")[1] == summary["verdict"]  # first thing under the title
+    assert "## Is the difference real?" in md and "corrected p < 0.05" in md
+    significance = md.split("## Is the difference real?", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^\| resnet18 +\| cnn +\| +27 \| +0 \| +< 0.0001 \| +< 0.0001 \| yes", significance, re.M)
+    trade = next(line for line in md.split("## Best model")[1].splitlines() if line.startswith("Trade-off"))
+    assert trade.startswith("Trade-off: against resnet18, mobilenet is 7.4x smaller (parameters 1,520,000 vs "
+                            "11,177,538)")
+    assert "3.8x faster to train (training 80.0 s vs 301.3 s)" in trade
+    assert html_module.escape(summary["verdict"]) in html
+
+
+def test_a_significant_lead_is_called_best(experiment, tmp_path):
+    paths = {m: experiment["predictions_paths"][m] for m in ("resnet18", "cnn")}
+    summary, md, _ = report(experiment, out_name="report_significant",
+                            metrics_paths={m: experiment["metrics_paths"][m] for m in paths},
+                            predictions_paths=paths)
+    assert summary["significant_best"] is True and summary["tied_with_best"] == []
+    assert summary["verdict"].startswith("Best: resnet18 (accuracy 0.9700); it is significantly more accurate")
+
+
+def test_predictions_over_different_images_are_compared_on_those_shared(experiment, tmp_path):
+    y = np.repeat([0, 1, 2], 30)
+    partial = write_predictions(tmp_path / "predictions.csv", y, range(0, 3))
+    frame = pd.read_csv(partial).iloc[:60]
+    frame.to_csv(partial, index=False)
+    summary, md, _ = report(experiment, out_name="report_partial",
+                            predictions_paths=dict(experiment["predictions_paths"], mobilenet=partial))
+    assert "compared on the 60 they share" in md
+    assert all(t["a_only"] + t["b_only"] <= 60 for t in summary["pairwise"])
+
+
+def test_failed_model_listed_with_the_end_of_its_log(experiment, tmp_path):
+    train_log, evaluate_log = tmp_path / "train.log", tmp_path / "evaluate.log"
+    train_log.write_text("".join(f"epoch {i}\n" for i in range(1, 30)) + "ValueError: loss is nan at epoch 30\n")
+    summary, md, html = report(experiment, out_name="report_failed_log",
+                               metrics_paths=dict(experiment["metrics_paths"], vit=tmp_path / "none.json"),
+                               log_paths={"vit": [train_log, evaluate_log]})
+    failed = md.split("## Failed models", 1)[1].split("\n## ", 1)[0]
+    assert f"vit: the last lines of {train_log}" in failed
+    assert "ValueError: loss is nan at epoch 30" in failed and "epoch 19\n" in failed and "epoch 18\n" not in failed
+    assert "1 model(s) failed: vit." in summary["verdict"]
+    assert "<pre>" in html and "loss is nan" in html
+
+
+def test_report_renders_in_headless_chromium(experiment, chromium, tmp_path):
+    """What a person sees: the page in a real browser, its comparison table and verdict."""
+    summary, _, _ = report(experiment, out_name="report_browser")
+    page = Path(summary["report_html"]).resolve().as_uri()
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(browser + ["--dump-dom", page], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # The rendered document holds the tables with the models' rows and the verdict.
+    assert dom.stdout.count("<table>") >= 4
+    assert re.search(r"<td[^>]*>\s*resnet18\s*</td>\s*<td[^>]*>\s*resnet18\s*</td>\s*<td[^>]*>\s*0\.9700",
+                     dom.stdout)
+    assert "No significant winner" in dom.stdout
+    screenshot = tmp_path / "report.png"
+    shot = subprocess.run(browser + [f"--screenshot={screenshot}", "--window-size=1280,1600", page],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-2000:]
+    with Image.open(screenshot) as image:
+        assert image.size == (1280, 1600)
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    # Not a blank page: text and tables give dark pixels on the white background.
+    assert (pixels < 128).mean() > 0.005 and pixels.std() > 10
+    shutil.copy(screenshot, experiment["root"] / "report_browser" / "screenshot.png")

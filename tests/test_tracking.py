@@ -1,3 +1,5 @@
+import hashlib
+import json
 import logging
 import os
 import select
@@ -10,9 +12,18 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from imgpipe.tracking import (PARENT_RUN_ENV, end_invocation, flatten, job_run, mark_abandoned_runs, owner_tags,
-                              process_is_running, process_start_time, read_run_reference, start_invocation,
-                              write_run_reference)
+from imgpipe.provenance import VERSION, config_hash
+from imgpipe.tracking import (INVOCATION_TAGS_ENV, PARENT_RUN_ENV, end_invocation, flatten, job_run, log_split_dataset,
+                              mark_abandoned_runs, owner_tags, process_is_running, process_start_time,
+                              read_run_reference, start_invocation, write_run_reference)
+
+
+@pytest.fixture(autouse=True)
+def no_invocation_tags():
+    """start_invocation exports its tags for the jobs it starts, not for the next test's runs."""
+    os.environ.pop(INVOCATION_TAGS_ENV, None)
+    yield
+    os.environ.pop(INVOCATION_TAGS_ENV, None)
 
 
 def test_flatten_nested_settings():
@@ -237,3 +248,123 @@ def test_a_zombie_owner_counts_as_ended():
     finally:
         process.kill()
         process.wait()
+
+
+# ---- what `mlflow ui` shows: model rows, data runs under the invocation, provenance -----------
+
+def make_git_checkout(folder, dirty: bool) -> str:
+    """A git checkout at `folder` with one commit (and, if `dirty`, an uncommitted change); its sha."""
+    folder.mkdir(parents=True, exist_ok=True)
+    git = ["git", "-C", str(folder), "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (folder / "Snakefile").write_text("rule all:\n")
+    subprocess.run([*git, "add", "Snakefile"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "workflow"], check=True)
+    if dirty:
+        (folder / "Snakefile").write_text("rule all:\n    input: []\n")
+    return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def write_split_manifest(path) -> None:
+    path.write_text("path,label,split\nimages/cat/a.png,cat,train\nimages/dog/b.png,dog,val\n"
+                    "images/cat/c.png,cat,test\n")
+
+
+def test_model_runs_are_top_level_rows_and_data_runs_sit_under_the_invocation(mlflow_uri, tmp_path):
+    config = {"experiment": "pets", "models": {"cnn": {"lr": 0.1}}}
+    commit = make_git_checkout(tmp_path / "workflow", dirty=True)
+    parent_id = start_invocation(None, "pets", config, workflow_folder=tmp_path / "workflow")
+    manifest = tmp_path / "manifest.csv"
+    write_split_manifest(manifest)
+    with job_run("crawl cat", tags={"imgpipe.stage": "crawl", "imgpipe.class": "cat"}):
+        mlflow.log_metrics({"images_ok": 12, "images_failed": 1})
+    with job_run("cnn", tags={"imgpipe.stage": "model", "imgpipe.model": "cnn"}) as train:
+        log_split_dataset(manifest, "training")
+        mlflow.log_metric("best_val_accuracy", 0.9)
+    with job_run("cnn", tags={"imgpipe.stage": "model", "imgpipe.model": "cnn"},
+                 resume_run_id=train.info.run_id) as evaluate:
+        log_split_dataset(manifest, "evaluation")
+        mlflow.log_metric("test_accuracy", 0.8)
+    end_invocation(success=True)
+
+    client = MlflowClient()
+    assert evaluate.info.run_id == train.info.run_id
+    model = client.get_run(train.info.run_id)
+    assert model.info.run_name == "cnn" and model.info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in model.data.tags
+    assert model.data.metrics == {"best_val_accuracy": 0.9, "test_accuracy": 0.8}
+    provenance = {"imgpipe.experiment": "pets", "imgpipe.config_hash": config_hash(config),
+                  "imgpipe.version": VERSION, "mlflow.source.git.commit": commit, "imgpipe.git_dirty": "true"}
+    assert model.data.tags.items() >= {
+        "imgpipe.invocation": parent_id, "imgpipe.model": "cnn", "imgpipe.stage": "model",
+        "mlflow.source.name": "imgpipe model cnn", "mlflow.source.type": "LOCAL", **provenance}.items()
+    # MLflow's own git tags would describe the folder of the running script (here pytest's), not the workflow.
+    assert not {"mlflow.source.git.branch", "mlflow.source.git.repoURL"} & set(model.data.tags)
+
+    crawl = next(run for run in client.search_runs([model.info.experiment_id]) if run.info.run_name == "crawl cat")
+    assert crawl.data.tags.items() >= {"mlflow.parentRunId": parent_id, "imgpipe.invocation": parent_id,
+                                       "mlflow.source.name": "imgpipe crawl cat", **provenance}.items()
+    invocation = client.get_run(parent_id)
+    assert invocation.data.tags.items() >= {"mlflow.source.name": "imgpipe snakemake pets", **provenance}.items()
+    # The data job's counts are on the invocation's row too; the model's metrics are not.
+    assert invocation.data.metrics == {"crawl/cat/images_ok": 12, "crawl/cat/images_failed": 1}
+
+    (dataset_input,) = model.inputs.dataset_inputs  # the evaluate job's logging of the same split adds nothing
+    dataset = dataset_input.dataset
+    assert dataset.name == "pets split"
+    assert dataset.digest == hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    assert str(manifest) in dataset.source
+    assert json.loads(dataset.profile)["num_rows"] == 3
+    assert {tag.key: tag.value for tag in dataset_input.tags}["mlflow.data.context"] == "training"
+
+
+def test_a_changed_split_is_a_new_dataset_version(mlflow_uri, tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    write_split_manifest(manifest)
+    with job_run("cnn", tags={"imgpipe.stage": "model", "imgpipe.model": "cnn"}) as first:
+        log_split_dataset(manifest, "training")
+    manifest.write_text(manifest.read_text().replace("cat,test", "cat,val"))
+    with job_run("cnn", tags={"imgpipe.stage": "model", "imgpipe.model": "cnn"}) as second:
+        log_split_dataset(manifest, "training", name="pets split")
+    client = MlflowClient()
+    (before,) = client.get_run(first.info.run_id).inputs.dataset_inputs
+    (after,) = client.get_run(second.info.run_id).inputs.dataset_inputs
+    assert before.dataset.name == "split"  # a run outside an invocation has no experiment tag
+    assert after.dataset.name == "pets split"
+    assert before.dataset.digest != after.dataset.digest
+
+
+def test_a_split_manifest_without_its_columns_is_refused(mlflow_uri, tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\na.png,cat\n")
+    with pytest.raises(ValueError, match="manifest.csv lacks columns split"):
+        with job_run("cnn", tags={"imgpipe.stage": "model", "imgpipe.model": "cnn"}):
+            log_split_dataset(manifest, "training")
+
+
+def test_outside_a_git_checkout_runs_carry_no_commit(mlflow_uri, tmp_path, caplog):
+    # The test runs from a git checkout (pytest's own files are in one): that commit must not leak in.
+    (tmp_path / "workflow").mkdir()
+    with caplog.at_level(logging.INFO, logger="imgpipe.tracking"):
+        parent_id = start_invocation(None, "pets", {"experiment": "pets"}, workflow_folder=tmp_path / "workflow")
+    assert "is not in a git checkout" in caplog.text
+    with job_run("cnn", tags={"imgpipe.stage": "model", "imgpipe.model": "cnn"}) as run:
+        pass
+    end_invocation(success=True)
+    client = MlflowClient()
+    for run_id in (parent_id, run.info.run_id):
+        tags = client.get_run(run_id).data.tags
+        assert not [key for key in tags if key.startswith("mlflow.source.git")], run_id
+        assert "imgpipe.git_dirty" not in tags and tags["imgpipe.config_hash"]
+    assert client.get_run(run.info.run_id).data.tags["imgpipe.invocation"] == parent_id
+
+
+def test_a_failed_data_job_mirrors_nothing_onto_the_invocation(mlflow_uri):
+    parent_id = start_invocation(None, "pets", {"experiment": "pets"})
+    with pytest.raises(OSError):
+        with job_run("split", tags={"imgpipe.stage": "split"}) as split:
+            mlflow.log_metric("n_test", 3)
+            raise OSError("disk full")
+    client = MlflowClient()
+    assert client.get_run(split.info.run_id).info.status == "FAILED"
+    assert client.get_run(parent_id).data.metrics == {}

@@ -13,7 +13,6 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from imgpipe.files import error_text
@@ -97,12 +96,6 @@ def load_trained_model(checkpoint_path: Path | str, device: torch.device | str =
         raise CheckpointError(f"checkpoint '{checkpoint_path}' does not fit the {checkpoint['arch']} it names: "
                               f"{error}") from error
     return model.to(device).eval(), checkpoint
-
-
-def example_input(checkpoint: dict) -> np.ndarray:
-    """One normalised-input-shaped batch (1 x C x H x W), for MLflow's model signature."""
-    size = checkpoint["image"]["size"]
-    return np.zeros((1, checkpoint["in_channels"], size, size), dtype=np.float32)
 
 
 def save_atomically(payload: Any, path: Path | str) -> None:

@@ -334,6 +334,32 @@ def _check_init_from(models: dict, swept: dict[str, list[str]], keys: ModelKeys)
                                   f"{' -> '.join(cycle)}")
 
 
+def _check_predict(config: dict, base_dir: Path, swept: dict[str, list[str]]) -> None:
+    """Predict folders exist, predict.models names models of this config, top_k fits the classes."""
+    predict = config["predict"]
+    for name, folder in predict["folders"].items():
+        path = base_dir / folder
+        if not path.is_dir():
+            problem = "is not a folder" if path.exists() else "does not exist"
+            raise ConfigError(f"config key 'predict.folders.{name}': '{folder}' {problem} "
+                              f"(relative paths are taken from {base_dir.resolve()})")
+    if predict["models"] != "best":
+        models = config["models"]
+        for index, model_name in enumerate(predict["models"]):
+            if model_name in models:
+                continue
+            if model_name in swept:
+                raise ConfigError(f"config key 'predict.models[{index}]': '{model_name}' is a sweep; name its "
+                                  f"models: {', '.join(swept[model_name])}")
+            close = difflib.get_close_matches(model_name, sorted(models), n=3, cutoff=0.6)
+            hint = f"; similar: {', '.join(close)}" if close else f"; models: {', '.join(sorted(models))}"
+            raise ConfigError(f"config key 'predict.models[{index}]': no model named '{model_name}' in this "
+                              f"config{hint} (or write models: best)")
+    n_classes = len(config["classes"])
+    if predict["top_k"] is not None and predict["top_k"] > n_classes:
+        raise ConfigError(f"config key 'predict.top_k': {predict['top_k']} is more than the {n_classes} classes")
+
+
 def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> dict:
     """Validate against the schema, expand sweeps, fill defaults, run the cross-key checks.
 
@@ -361,6 +387,7 @@ def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> d
     _check_dedupe(config, base_dir)
     _check_split(config)
     _check_models(config, base_dir, swept, keys)
+    _check_predict(config, base_dir, swept)
     return canonical(config)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pandas as pd
 import torch
 from sklearn import metrics as skm
 
+from imgpipe import stats
 from imgpipe.checkpoints import load_trained_model
 from imgpipe.datasets import Normalizer, load_split
 from imgpipe.manifests import read_split_manifest
@@ -29,47 +31,133 @@ def predict_probabilities(model, images: torch.Tensor, normalization, device, ba
     return torch.cat(outputs).numpy()
 
 
-def roc_auc(y_true: np.ndarray, probabilities: np.ndarray) -> tuple[float | None, str | None]:
-    """Binary AUC, or macro one-vs-rest AUC; (None, why) when the test split cannot give one."""
-    n_classes = probabilities.shape[1]
-    present = np.unique(y_true)
-    if len(present) < 2:
-        return None, "the test split holds a single class"
-    if n_classes == 2:
-        return float(skm.roc_auc_score(y_true, probabilities[:, 1])), None
-    if len(present) < n_classes:
-        return None, f"the test split lacks {n_classes - len(present)} of {n_classes} classes"
-    return float(skm.roc_auc_score(y_true, probabilities, multi_class="ovr", average="macro")), None
+def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str],
+                           bootstrap_seed: int = 0, roc: dict | None = None) -> dict:
+    """Every test figure of one model that depends only on labels and probabilities.
 
-
-def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
+    `roc`: stats.roc_curves of the same data, when the caller has it already (for the plot).
+    """
     y_pred = probabilities.argmax(axis=1)
     labels = list(range(len(classes)))
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
-    auc, auc_note = roc_auc(y_true, probabilities)
+    roc = roc if roc is not None else stats.roc_curves(y_true, probabilities, classes)
+    bins, ece = stats.calibration_bins(y_true, probabilities)
+    confusion = skm.confusion_matrix(y_true, y_pred, labels=labels)
     return {
         "n_test": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
         "macro_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "roc_auc": auc,
-        "roc_auc_note": auc_note,
+        "weighted_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        **{f"top{k}_accuracy": stats.top_k_accuracy(y_true, probabilities, k) for k in stats.top_k_values(len(classes))},
+        "log_loss": stats.log_loss(y_true, probabilities),
+        "ece": ece,
+        "calibration_bins": bins,
+        "roc_auc": roc["auc"],
+        "roc_auc_note": roc["note"],
+        "confidence_intervals": {name: list(interval) for name, interval in stats.bootstrap_intervals(
+            y_true, y_pred, len(classes), seed=bootstrap_seed).items()},
         "classes": list(classes),
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                    "support": int(support[i])}
             for i, name in enumerate(classes)
         },
-        "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix": confusion.tolist(),
+        "confused_pairs": most_confused_pairs(confusion, classes),
+    }
+
+
+def most_confused_pairs(confusion: np.ndarray, classes: list[str], top: int = 5) -> list[dict]:
+    """The (true, predicted) class pairs with the most mistakes, most first."""
+    mistakes = [(int(confusion[t, p]), classes[t], classes[p])
+                for t in range(len(classes)) for p in range(len(classes)) if t != p and confusion[t, p] > 0]
+    mistakes.sort(key=lambda m: (-m[0], m[1], m[2]))
+    return [{"true": t, "predicted": p, "count": n} for n, t, p in mistakes[:top]]
+
+
+@dataclass
+class Evaluation:
+    """One model on the test split: metrics.json's content and what the plots need."""
+
+    metrics: dict
+    predictions: pd.DataFrame  # path, label, predicted, confidence, one probability column per class
+    y_true: np.ndarray
+    probabilities: np.ndarray
+    features: np.ndarray  # the classifier layer's input per test image (for the embedding plot)
+    roc: dict  # stats.roc_curves: the curves the plot draws and the AUC the metrics report
+
+
+# metrics.json figures that MLflow shows as the run's test_* metrics.
+MLFLOW_TEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "log_loss", "ece",
+                       "n_test", "latency_ms_batch1", "throughput_images_per_s", "inference_ms_per_image",
+                       "n_parameters", "file_bytes")
+
+
+def mlflow_test_metrics(metrics: dict) -> dict[str, float]:
+    """The run's test_* metrics: headline figures, top-k and the interval bounds; None skipped."""
+    chosen = {key: metrics.get(key) for key in MLFLOW_TEST_METRICS}
+    chosen.update({key: value for key, value in metrics.items() if key.startswith("top") and key.endswith("_accuracy")})
+    for name, (low, high) in metrics.get("confidence_intervals", {}).items():
+        chosen[f"{name}_ci_low"], chosen[f"{name}_ci_high"] = low, high
+    return {f"test_{key}": float(value) for key, value in chosen.items() if value is not None}
+
+
+def penultimate_features(model: torch.nn.Module):
+    """(hook handle, list): the list collects the input of the model's last Linear layer
+    on each forward pass until the handle is removed.
+
+    In every architecture imgpipe builds, the classifier is the last Linear module
+    registered, and its input is the penultimate-layer representation.
+    """
+    linear = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    if not linear:
+        raise ValueError(f"{type(model).__name__} has no Linear layer to take penultimate features from")
+    collected: list[torch.Tensor] = []
+    handle = linear[-1].register_forward_hook(
+        lambda module, inputs, output: collected.append(inputs[0].detach().float().cpu()))
+    return handle, collected
+
+
+@torch.no_grad()
+def measure_speed(model, example: torch.Tensor, batch_size: int, device, budget_seconds: float = 3.0) -> dict:
+    """Latency at batch 1 and throughput at `batch_size`: medians after warm-up.
+
+    Each is timed for at most about `budget_seconds` (at least 3 repetitions), so a large
+    model on a CPU does not turn evaluation into a benchmark run.
+    """
+    def median_seconds(batch: torch.Tensor) -> float:
+        for _ in range(2):  # warm-up: first calls allocate and pick kernels
+            model(batch)
+        times: list[float] = []
+        deadline = time.perf_counter() + budget_seconds
+        while len(times) < 3 or (len(times) < 30 and time.perf_counter() < deadline):
+            started = time.perf_counter()
+            model(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - started)
+        return float(np.median(times))
+
+    single = example[:1].to(device)
+    batch = example[:1].expand(batch_size, *example.shape[1:]).contiguous().to(device)
+    return {
+        "latency_ms_batch1": 1000 * median_seconds(single),
+        "throughput_images_per_s": batch_size / median_seconds(batch),
+        "throughput_batch_size": batch_size,
     }
 
 
 def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, device: str | torch.device = "auto",
-                        threads: int = 1) -> tuple[dict, pd.DataFrame, np.ndarray, np.ndarray]:
-    """Metrics, per-image predictions, true labels and probabilities of one model on the test split."""
+                        threads: int = 1, batch_size: int = 32) -> Evaluation:
+    """One model on the test split: metrics, per-image predictions, features and speed.
+
+    `batch_size` is the batch the model was trained with: throughput is measured at it.
+    """
     torch.set_num_threads(threads)
     device = device if isinstance(device, torch.device) else pick_device(device)
+    checkpoint_path = Path(checkpoint_path)
     model, checkpoint = load_trained_model(checkpoint_path, device)
     classes = checkpoint["classes"]
     manifest = read_split_manifest(manifest_path)
@@ -78,18 +166,33 @@ def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, 
         raise ValueError(f"test labels {unknown} in {manifest_path} are not among the classes {checkpoint_path} "
                          f"was trained on ({classes})")
     test = load_split(manifest, "test", classes)
+    hook, collected = penultimate_features(model)
     started = time.perf_counter()
     probabilities = predict_probabilities(model, test.images, checkpoint["normalization"], device)
     seconds = time.perf_counter() - started
+    hook.remove()
+    features = torch.cat(collected).flatten(1).numpy()
     y_true = test.labels.numpy()
-    result = classification_metrics(y_true, probabilities, classes)
-    result["inference_ms_per_image"] = 1000 * seconds / len(y_true)
+    roc = stats.roc_curves(y_true, probabilities, classes)
+    result = classification_metrics(y_true, probabilities, classes, roc=roc)
+    normalized = Normalizer(checkpoint["normalization"], device)(test.images[:1].to(device))
+    speed = measure_speed(model, normalized, batch_size, device)
+    result.update({
+        "inference_ms_per_image": 1000 * seconds / len(y_true),
+        **speed,
+        "n_parameters": int(sum(p.numel() for p in model.parameters())),
+        "file_bytes": checkpoint_path.stat().st_size,
+        "eval_device": str(device),
+    })
     predictions = pd.DataFrame({
         "path": test.paths,
         "label": [classes[i] for i in y_true],
         "predicted": [classes[i] for i in probabilities.argmax(axis=1)],
         "confidence": probabilities.max(axis=1),
+        **{f"p_{name}": probabilities[:, i] for i, name in enumerate(classes)},
     })
-    log.info("%s: test accuracy %.4f, macro F1 %.4f on %d images", checkpoint["model_name"], result["accuracy"],
-             result["macro_f1"], result["n_test"])
-    return result, predictions, y_true, probabilities
+    log.info("%s: test accuracy %.4f (95%% CI %.4f-%.4f), macro F1 %.4f on %d images; %.2f ms per image at "
+             "batch 1, %.0f images/s at batch %d", checkpoint["model_name"], result["accuracy"],
+             *result["confidence_intervals"]["accuracy"], result["macro_f1"], result["n_test"],
+             speed["latency_ms_batch1"], speed["throughput_images_per_s"], batch_size)
+    return Evaluation(result, predictions, y_true, probabilities, features, roc)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -20,7 +21,9 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
+from imgpipe import stats
 from imgpipe.dedupe import REASONS as DEDUPE_REASONS
+from imgpipe.layout import MODEL_PLOTS
 from imgpipe.manifests import HISTORY_COLUMNS, read_manifest, read_split_manifest
 from imgpipe.plots import plot_learning_curves
 from imgpipe.split import SPLITS
@@ -35,6 +38,9 @@ RANK_METRICS = {
 }
 REQUIRED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 MISSING = "n/a"
+TOP_K_KEY = re.compile(r"top(\d+)_accuracy")
+SIGNIFICANCE = 0.05  # family-wise error rate of the pairwise McNemar tests (Holm)
+LOG_TAIL_LINES = 12
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,13 @@ class Bullets:
 
 
 @dataclass(frozen=True)
+class Preformatted:
+    """Text shown as is (the end of a log)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Table:
     headers: list[str]
     rows: list[list[str]]
@@ -67,7 +80,7 @@ class Figures:
     images: list[tuple[str, Path]]
 
 
-Block = Heading | Paragraph | Bullets | Table | Figures
+Block = Heading | Paragraph | Bullets | Preformatted | Table | Figures
 
 
 def write_report(
@@ -78,34 +91,47 @@ def write_report(
     dedupe_manifest: Path,
     out_dir: Path,
     rank_by: str = "accuracy",
+    predictions_paths: dict[str, Path] | None = None,
+    log_paths: dict[str, list[Path]] | None = None,
+    unavailable: dict[str, str] | None = None,
 ) -> dict:
-    """Write report.md, report.html and learning_curves.png to `out_dir`; return a summary.
+    """Write report.md, report.html, learning_curves.png and summary.json to `out_dir`;
+    return the summary.
 
-    A model whose metrics.json is missing or unreadable is listed under "Failed models"
-    instead of failing the report. Each model's confusion_matrix.png and roc.png are
-    taken from the folder of its metrics.json.
+    A model whose metrics.json is missing or unreadable is listed under "Failed models",
+    with the end of its newest log in `log_paths`, instead of failing the report. Each
+    model's plots (MODEL_PLOTS) are taken from the folder of its metrics.json. With
+    `predictions_paths` (each model's predictions.csv on the test split), every pair of
+    models is compared with McNemar's exact test, Holm-corrected, and "best" is said only
+    of a significant lead.
 
-    The summary (JSON-serialisable, for MLflow) holds experiment, rank_by, best_model,
-    best_value, runner_up, margin (best minus runner-up in rank_by), ranking (model names,
-    best first), failed_models ({model: reason}) and the paths written.
+    The summary (JSON-serialisable, for MLflow and summary.json) holds experiment,
+    rank_by, best_model, best_value, runner_up, margin (best minus runner-up in rank_by),
+    ranking (best first), tied_with_best, significant_best (bool), verdict (one line),
+    pairwise (the McNemar tests), failed_models ({model: reason}) and the paths written.
     """
     check_rank_by(rank_by)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    metrics, failed = load_metrics(metrics_paths)
+    unavailable = unavailable or {}
+    metrics, failed = load_metrics({m: p for m, p in metrics_paths.items() if m not in unavailable})
+    failed.update(unavailable)
     ranking = rank_models(metrics, rank_by)
+    comparison = compare_models(metrics, ranking, predictions_paths or {})
+    verdict = verdict_sentence(metrics, ranking, rank_by, comparison, failed)
     # Learning-curve colours follow the ranking; models without metrics come last.
     curve_order = ranking + [m for m in history_paths if m not in metrics]
     histories, history_problems = load_histories({m: history_paths[m] for m in curve_order if m in history_paths})
     curves_path = out_dir / "learning_curves.png"
     plot_learning_curves(histories, curves_path)
 
-    blocks = [Heading(f"Model comparison: {experiment}", 1)]
-    blocks += best_model_section(metrics, ranking, rank_by)
+    blocks = [Heading(f"Model comparison: {experiment}", 1), Paragraph(verdict)]
+    blocks += best_model_section(metrics, ranking, rank_by, comparison)
     blocks += comparison_section(metrics, ranking, rank_by)
+    blocks += significance_section(comparison)
     if failed:
-        blocks += [Heading("Failed models", 2), Bullets([f"{m}: {reason}" for m, reason in failed.items()])]
+        blocks += failed_section(failed, log_paths or {})
     blocks += per_class_section(metrics, ranking)
     blocks += data_section(read_split_manifest(split_manifest), read_dedupe_manifest(dedupe_manifest),
                            class_order=_class_order(metrics, ranking))
@@ -120,11 +146,11 @@ def write_report(
 
     best = ranking[0] if ranking else None
     runner_up = ranking[1] if len(ranking) > 1 else None
-    log.info("report of %d model(s) written to %s and %s; best by %s: %s", len(ranking), md_path, html_path,
-             rank_by, best)
+    log.info("report of %d model(s) written to %s and %s", len(ranking), md_path, html_path)
+    log.info("verdict: %s", verdict)
     for model, reason in failed.items():
         log.warning("model %s is missing from the comparison: %s", model, reason)
-    return {
+    summary = {
         "experiment": experiment,
         "rank_by": rank_by,
         "best_model": best,
@@ -132,11 +158,75 @@ def write_report(
         "runner_up": runner_up,
         "margin": _margin(metrics, best, runner_up, rank_by),
         "ranking": ranking,
+        "tied_with_best": comparison["tied"],
+        "significant_best": comparison["significant_best"],
+        "verdict": verdict,
+        "pairwise": comparison["tests"],
         "failed_models": failed,
         "report_md": str(md_path),
         "report_html": str(html_path),
+        "summary": str(out_dir / "summary.json"),
         "learning_curves": str(curves_path),
     }
+    summary_path = out_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def compare_models(metrics: dict[str, dict], ranking: list[str], predictions_paths: dict[str, Path]) -> dict:
+    """McNemar's exact test for every pair of ranked models on the test images they share.
+
+    Returns {"tests": [...], "tied": [models not significantly different from the best],
+    "significant_best": bool | None (None: nothing to compare), "n_images": int,
+    "problems": [why a model could not be compared]}.
+    """
+    correct, problems = {}, []
+    for model in ranking:
+        path = predictions_paths.get(model)
+        if path is None:
+            continue
+        try:
+            frame = pd.read_csv(path, usecols=["path", "label", "predicted"], dtype=str, keep_default_na=False)
+        except (OSError, ValueError) as error:
+            problems.append(f"{model}: cannot read its test predictions {path} ({error})")
+            continue
+        correct[model] = pd.Series((frame["label"] == frame["predicted"]).to_numpy(), index=frame["path"])
+    result = {"tests": [], "tied": [], "significant_best": None, "n_images": 0, "problems": problems}
+    if len(correct) < 2 or ranking[0] not in correct:
+        return result
+    shared = sorted(set.intersection(*(set(series.index) for series in correct.values())))
+    sizes = {model: len(series) for model, series in correct.items()}
+    if any(size != len(shared) for size in sizes.values()):
+        problems.append(f"the models' test predictions cover different images ({sizes}); compared on the "
+                        f"{len(shared)} they share")
+    aligned = {model: series.loc[shared].to_numpy() for model, series in correct.items()}
+    tests = stats.pairwise_mcnemar(aligned, alpha=SIGNIFICANCE)
+    tied = stats.tied_with_best(ranking[0], tests)
+    return {"tests": tests, "tied": [m for m in ranking if m in tied], "significant_best": not tied,
+            "n_images": len(shared), "problems": problems}
+
+
+def verdict_sentence(metrics: dict[str, dict], ranking: list[str], rank_by: str, comparison: dict,
+                     failed: dict[str, str]) -> str:
+    """The one line a person reads first (also printed at the end of the run)."""
+    failures = f" {len(failed)} model(s) failed: {', '.join(failed)}." if failed else ""
+    if not ranking:
+        return f"No model could be compared.{failures}"
+    best, label = ranking[0], RANK_METRICS[rank_by]
+    if len(ranking) == 1:
+        return f"Only {best} could be evaluated ({label} {_fmt_score(metrics[best][rank_by])}).{failures}"
+    if comparison["significant_best"] is None:
+        return (f"{best} ranks first by {label} ({_fmt_score(metrics[best][rank_by])}); without test predictions "
+                f"the lead's significance is unknown.{failures}")
+    if comparison["significant_best"]:
+        return (f"Best: {best} ({label} {_fmt_score(metrics[best][rank_by])}); it is significantly more accurate "
+                f"than every other model (McNemar, Holm-corrected p < {SIGNIFICANCE}).{failures}")
+    tied = comparison["tied"]
+    cheapest = _cheapest(metrics, [best] + tied)
+    advice = (f" {cheapest} is the cheapest of them." if cheapest != best else "")
+    return (f"No significant winner: {best} ranks first by {label} ({_fmt_score(metrics[best][rank_by])}) but "
+            f"is statistically tied with {_join(tied)} (McNemar, Holm-corrected p >= {SIGNIFICANCE}).{advice}"
+            f"{failures}")
 
 
 def check_rank_by(rank_by: str) -> None:
@@ -214,20 +304,23 @@ def read_dedupe_manifest(path: Path) -> pd.DataFrame:
     return read_manifest(path, ("file", "class", "status", "reason"))
 
 
-def best_model_section(metrics: dict[str, dict], ranking: list[str], rank_by: str) -> list[Block]:
+def best_model_section(metrics: dict[str, dict], ranking: list[str], rank_by: str,
+                       comparison: dict | None = None) -> list[Block]:
     blocks: list[Block] = [Heading("Best model", 2)]
     if not ranking:
         return blocks + [Paragraph("No model produced readable metrics; see Failed models.")]
     best = metrics[ranking[0]]
     label = RANK_METRICS[rank_by]
     size = [f"{_fmt_int(best['n_parameters'])} parameters"] if _is_number(best.get("n_parameters")) else []
-    if _is_number(best.get("inference_ms_per_image")):
-        size.append(f"{_fmt_ms(best['inference_ms_per_image'])} ms per image")
+    latency = best.get("latency_ms_batch1", best.get("inference_ms_per_image"))
+    if _is_number(latency):
+        size.append(f"{_fmt_ms(latency)} ms per image")
     text = (
-        f"{ranking[0]} ({best.get('arch', 'unknown arch')}) is the best of {len(ranking)} "
+        f"{ranking[0]} ({best.get('arch', 'unknown arch')}) ranks first of {len(ranking)} "
         f"{'model' if len(ranking) == 1 else 'models'} by {label}. "
-        f"{_on_test_images(best)}it reaches accuracy {_fmt_score(best['accuracy'])}, "
-        f"balanced accuracy {_fmt_score(best['balanced_accuracy'])}, macro F1 {_fmt_score(best['macro_f1'])} "
+        f"{_on_test_images(best)}it reaches accuracy {_fmt_score(best['accuracy'])}{_interval(best, 'accuracy')}, "
+        f"balanced accuracy {_fmt_score(best['balanced_accuracy'])}, "
+        f"macro F1 {_fmt_score(best['macro_f1'])}{_interval(best, 'macro_f1')} "
         f"and ROC AUC {_fmt_score(best['roc_auc'])}"
         + (f", with {' and '.join(size)}." if size else ".")
     )
@@ -235,33 +328,127 @@ def best_model_section(metrics: dict[str, dict], ranking: list[str], rank_by: st
         text += f" No model has a {label}, so the ranking falls back to macro F1, then fewer parameters."
     if len(ranking) > 1:
         text += " " + _versus_runner_up(metrics, ranking[0], ranking[1], rank_by)
-    return blocks + [Paragraph(text)]
+    blocks.append(Paragraph(text))
+    if len(ranking) > 1:
+        tied = (comparison or {}).get("tied") or []
+        alternative = _cheapest(metrics, tied) if tied else ranking[1]
+        trade = tradeoff_sentence(metrics, ranking[0], alternative)
+        if trade:
+            blocks.append(Paragraph(trade))
+    return blocks
+
+
+# How each cost figure is named and printed in the trade-off sentence; a ratio above 1
+# (best / other) means the other model is cheaper.
+COSTS = (
+    ("n_parameters", "parameters", ("smaller", "larger"), lambda v: f"{int(v):,}"),
+    ("file_bytes", "file", ("smaller", "larger"), lambda v: f"{v / 1e6:.2f} MB"),
+    ("latency_ms_batch1", "latency at batch 1", ("faster", "slower"), lambda v: f"{v:.3f} ms"),
+    ("train_seconds", "training", ("faster to train", "slower to train"), lambda v: f"{v:,.1f} s"),
+)
+
+
+def tradeoff_sentence(metrics: dict[str, dict], best: str, other: str) -> str | None:
+    """What choosing `other` instead of `best` saves or costs: size, latency, training time."""
+    a, b = metrics[best], metrics[other]
+    parts = []
+    for key, noun, (cheaper, dearer), fmt in COSTS:
+        if not (_is_number(a.get(key)) and _is_number(b.get(key))) or min(a[key], b[key]) <= 0:
+            continue
+        ratio = a[key] / b[key]
+        figures = f"{noun} {fmt(b[key])} vs {fmt(a[key])}"
+        if abs(math.log(ratio)) < math.log(1.1):
+            parts.append(f"about the same ({figures})")
+        elif ratio > 1:
+            parts.append(f"{ratio:.1f}x {cheaper} ({figures})")
+        else:
+            parts.append(f"{1 / ratio:.1f}x {dearer} ({figures})")
+    if not parts:
+        return None
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"Trade-off: against {best}, {other} is {listed}."
 
 
 def comparison_section(metrics: dict[str, dict], ranking: list[str], rank_by: str) -> list[Block]:
     if not ranking:
         return []
-    headers = ["model", "arch", "accuracy", "balanced accuracy", "macro F1", "ROC AUC",
-               "params", "train time s", "ms/image", "best epoch / epochs"]
-    rows = []
+    top_ks = sorted({key for m in ranking for key in metrics[m] if TOP_K_KEY.fullmatch(key)},
+                    key=lambda key: int(TOP_K_KEY.fullmatch(key).group(1)))
+    quality_headers = (["model", "arch", "accuracy [95% CI]", "macro F1 [95% CI]", "balanced accuracy",
+                        "weighted F1"] + [f"top-{TOP_K_KEY.fullmatch(key).group(1)} accuracy" for key in top_ks]
+                       + ["ROC AUC", "log loss", "ECE"])
+    quality, cost = [], []
     for model in ranking:
         m = metrics[model]
-        rows.append([
-            model, str(m.get("arch", MISSING)), _fmt_score(m["accuracy"]), _fmt_score(m["balanced_accuracy"]),
-            _fmt_score(m["macro_f1"]), _fmt_score(m["roc_auc"]), _fmt_int(m.get("n_parameters")),
-            _fmt_seconds(m.get("train_seconds")), _fmt_ms(m.get("inference_ms_per_image")),
+        quality.append([
+            model, str(m.get("arch", MISSING)), _fmt_score(m["accuracy"]) + _interval(m, "accuracy"),
+            _fmt_score(m["macro_f1"]) + _interval(m, "macro_f1"), _fmt_score(m["balanced_accuracy"]),
+            _fmt_score(m.get("weighted_f1"))] + [_fmt_score(m.get(key)) for key in top_ks] + [
+            _fmt_score(m["roc_auc"]), _fmt_score(m.get("log_loss")), _fmt_score(m.get("ece")),
+        ])
+        cost.append([
+            model, _fmt_int(m.get("n_parameters")), _fmt_megabytes(m.get("file_bytes")),
+            _fmt_seconds(m.get("train_seconds")), _fmt_ms(m.get("latency_ms_batch1", m.get("inference_ms_per_image"))),
+            _fmt_int(m.get("throughput_images_per_s")),
             f"{_fmt_int(m.get('best_epoch'))} / {_fmt_int(m.get('epochs'))}",
         ])
     blocks: list[Block] = [
         Heading("Comparison", 2),
-        Paragraph(f"Ranked by {RANK_METRICS[rank_by]}; ties broken by macro F1, then fewer parameters."),
-        Table(headers, rows, [False, False] + [True] * 8),
+        Paragraph(f"Ranked by {RANK_METRICS[rank_by]}; ties broken by macro F1, then fewer parameters. "
+                  f"Intervals: 95% bootstrap over the test images. ECE: expected calibration error "
+                  f"(0 when confidence matches accuracy)."),
+        Table(quality_headers, quality, [False, False] + [True] * (len(quality_headers) - 2)),
+        Heading("Size and speed", 3),
+        Table(["model", "params", "file MB", "train time s", "ms/image at batch 1", "images/s at training batch",
+               "best epoch / epochs"], cost, [False] + [True] * 6),
     ]
     notes = [f"{m}: no ROC AUC ({metrics[m].get('roc_auc_note') or 'no reason given'})"
              for m in ranking if metrics[m]["roc_auc"] is None]
+    notes += [f"{m}: ROC AUC is the {metrics[m]['roc_auc_note']}" for m in ranking
+              if metrics[m]["roc_auc"] is not None and metrics[m].get("roc_auc_note")]
     if notes:
         blocks.append(Bullets(notes))
     return blocks
+
+
+def significance_section(comparison: dict) -> list[Block]:
+    """Every pair of models on the same test images: where they disagree, and whether it matters."""
+    if not comparison["tests"] and not comparison["problems"]:
+        return []
+    blocks: list[Block] = [Heading("Is the difference real?", 2)]
+    if comparison["tests"]:
+        count = len(comparison["tests"])
+        blocks.append(Paragraph(
+            f"McNemar's exact test on the {comparison['n_images']:,} test images: only the images two models "
+            f"disagree on count. p-values are Holm-corrected for the {count} comparison{'s' if count != 1 else ''}; "
+            f"a difference is significant when the corrected p < {SIGNIFICANCE}."))
+        rows = [[t["a"], t["b"], f"{t['a_only']:,}", f"{t['b_only']:,}", _fmt_p(t["p_value"]), _fmt_p(t["p_holm"]),
+                 "yes" if t["significant"] else "no"] for t in comparison["tests"]]
+        blocks.append(Table(["model A", "model B", "only A right", "only B right", "p", "p (Holm)", "significant"],
+                            rows, [False, False, True, True, True, True, False]))
+    if comparison["problems"]:
+        blocks.append(Bullets(comparison["problems"]))
+    return blocks
+
+
+def failed_section(failed: dict[str, str], log_paths: dict[str, list[Path]]) -> list[Block]:
+    blocks: list[Block] = [Heading("Failed models", 2), Bullets([f"{m}: {reason}" for m, reason in failed.items()])]
+    for model in failed:
+        tail = log_tail([Path(p) for p in log_paths.get(model, [])])
+        if tail is not None:
+            path, text = tail
+            blocks += [Paragraph(f"{model}: the last lines of {path}"), Preformatted(text)]
+    return blocks
+
+
+def log_tail(paths: list[Path], lines: int = LOG_TAIL_LINES) -> tuple[Path, str] | None:
+    """The newest existing log among `paths` and its last lines; None when none exists."""
+    existing = [p for p in paths if p.is_file()]
+    if not existing:
+        return None
+    newest = max(existing, key=lambda p: p.stat().st_mtime_ns)
+    text = newest.read_text(encoding="utf-8", errors="replace").rstrip("\n").splitlines()[-lines:]
+    return newest, "\n".join(text)
 
 
 def per_class_section(metrics: dict[str, dict], ranking: list[str]) -> list[Block]:
@@ -321,11 +508,15 @@ def data_section(split: pd.DataFrame, dedupe: pd.DataFrame, class_order: list[st
 def model_plots_section(metrics: dict[str, dict], ranking: list[str], metrics_paths: dict[str, Path]) -> list[Block]:
     if not ranking:
         return []
-    blocks: list[Block] = [Heading("Confusion matrices and ROC curves", 2)]
+    blocks: list[Block] = [Heading("Each model on the test split", 2)]
     for model in ranking:
         folder = Path(metrics_paths[model]).parent
-        plots = [("confusion matrix", folder / "confusion_matrix.png"), ("ROC curves", folder / "roc.png")]
+        plots = [(caption, folder / name) for name, caption in MODEL_PLOTS]
         blocks.append(Heading(model, 3))
+        pairs = metrics[model].get("confused_pairs") or []
+        if pairs:
+            blocks.append(Paragraph("Most confused: " + "; ".join(
+                f"{p['true']} taken for {p['predicted']} ({p['count']}x)" for p in pairs) + "."))
         present = [(f"{model}: {caption}", path) for caption, path in plots if path.is_file()]
         if present:
             blocks.append(Figures(present))
@@ -345,6 +536,8 @@ def render_markdown(blocks: list[Block], out_dir: Path) -> str:
             parts.append(block.text)
         elif isinstance(block, Bullets):
             parts.append("\n".join(f"- {item}" for item in block.items))
+        elif isinstance(block, Preformatted):
+            parts.append("~~~text\n" + block.text + "\n~~~")
         elif isinstance(block, Table):
             rows = [[cell.replace("|", "\\|") for cell in row] for row in block.rows]
             parts.append(tabulate(rows, headers=block.headers, tablefmt="pipe", disable_numparse=True,
@@ -365,6 +558,8 @@ def render_html(blocks: list[Block], title: str) -> str:
             parts.append(f"<p>{html.escape(block.text)}</p>")
         elif isinstance(block, Bullets):
             parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in block.items) + "</ul>")
+        elif isinstance(block, Preformatted):
+            parts.append(f"<pre>{html.escape(block.text)}</pre>")
         elif isinstance(block, Table):
             parts.append(tabulate(block.rows, headers=block.headers, tablefmt="html", disable_numparse=True,
                                   colalign=_colalign(block)))
@@ -394,6 +589,7 @@ th { background: #f4f4f4; }
 figure { margin: 0; flex: 1 1 420px; }
 figure img { max-width: 100%; height: auto; }
 figcaption { font-size: .85em; color: #666; text-align: center; }
+pre { background: #f6f6f6; padding: .6em; overflow-x: auto; font-size: .85em; }
 """
 
 
@@ -465,6 +661,35 @@ def _fmt_score(value) -> str:
 
 def _fmt_int(value) -> str:
     return f"{int(value):,}" if _is_number(value) else MISSING
+
+
+def _fmt_p(value) -> str:
+    return "< 0.0001" if value < 0.0001 else f"{value:.4f}"
+
+
+def _fmt_megabytes(value) -> str:
+    return f"{value / 1e6:,.2f}" if _is_number(value) else MISSING
+
+
+def _interval(m: dict, key: str) -> str:
+    """' [0.9501, 0.9812]' from the metrics' confidence_intervals; '' without one."""
+    interval = (m.get("confidence_intervals") or {}).get(key)
+    if not interval or not all(_is_number(v) for v in interval):
+        return ""
+    return f" [{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
+def _cheapest(metrics: dict[str, dict], models: list[str]) -> str:
+    """The model with the fewest parameters (then the fastest, then by name)."""
+    def key(model):
+        m = metrics[model]
+        return (m.get("n_parameters") if _is_number(m.get("n_parameters")) else math.inf,
+                m.get("latency_ms_batch1") if _is_number(m.get("latency_ms_batch1")) else math.inf, model)
+    return min(models, key=key)
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _fmt_seconds(value) -> str:

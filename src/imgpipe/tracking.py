@@ -1,10 +1,23 @@
-"""MLflow: one parent run per invocation, a child run per job, one run per model.
+"""MLflow: one run per invocation with its data jobs nested under it, one top-level run per model.
+
+What `mlflow ui` opens on is the experiment's top-level runs: each model is one row there
+(train and evaluate log into the same run), with its test metrics as columns and in the
+chart view, next to one collapsed row per invocation that holds the data jobs (crawl,
+dedupe, preprocess, split, report) and, mirrored from them, their counts. A model run
+names its invocation in a tag instead of being its child: children sit collapsed under
+their parent, out of sight and out of the charts.
 
 The store is created once, in the Snakemake process before any job starts (concurrent
-first-time creation of the SQLite database corrupts it). The invocation's parent run id
-and the experiment reach jobs through the environment, not through params, so moving
-the tracking store never reruns a job. (MLFLOW_RUN_ID would mean "resume this run" to
-MLflow, so the parent id travels under a name of our own.)
+first-time creation of the SQLite database corrupts it). The invocation's run id, the
+experiment and the tags every run carries (git commit, config hash) reach jobs through
+the environment, not through params, so moving the tracking store or the checkout never
+reruns a job. (MLFLOW_RUN_ID would mean "resume this run" to MLflow, so the parent id
+travels under a name of our own.)
+
+Snakemake runs each script from a temporary copy, so MLflow's own source name (the
+script's path) and git tags (of the folder that copy sits in, the working directory)
+would describe that copy: runs carry our own instead, saying the stage and the model or
+class, and the commit of the workflow's own checkout.
 
 A process killed with SIGKILL cannot close its run, so every run records its owner
 (host, pid, process start time) and each new invocation marks the runs whose owner is
@@ -28,6 +41,8 @@ from imgpipe.files import error_text
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "IMGPIPE_MLFLOW_PARENT_RUN_ID"
+# JSON: the tags every run of the invocation carries (experiment, config hash, git commit).
+INVOCATION_TAGS_ENV = "IMGPIPE_MLFLOW_INVOCATION_TAGS"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 TAG_PREFIX = "imgpipe."
@@ -35,6 +50,23 @@ HOST_TAG = f"{TAG_PREFIX}host"
 PID_TAG = f"{TAG_PREFIX}pid"
 PID_STARTED_TAG = f"{TAG_PREFIX}pid_started"
 ABANDONED_TAG = f"{TAG_PREFIX}abandoned"
+KIND_TAG = f"{TAG_PREFIX}kind"
+STAGE_TAG = f"{TAG_PREFIX}stage"
+MODEL_TAG = f"{TAG_PREFIX}model"
+CLASS_TAG = f"{TAG_PREFIX}class"
+EXPERIMENT_TAG = f"{TAG_PREFIX}experiment"
+INVOCATION_TAG = f"{TAG_PREFIX}invocation"
+CONFIG_HASH_TAG = f"{TAG_PREFIX}config_hash"
+VERSION_TAG = f"{TAG_PREFIX}version"
+GIT_DIRTY_TAG = f"{TAG_PREFIX}git_dirty"
+# The stage whose runs are top level: a model's train and evaluate jobs share its run.
+MODEL_STAGE = "model"
+# MLflow's own tags, shown by its UI (mlflow.utils.mlflow_tags; spelled out here so that
+# importing this module does not import mlflow).
+MLFLOW_SOURCE_NAME = "mlflow.source.name"
+MLFLOW_SOURCE_TYPE = "mlflow.source.type"
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
 
 
 def flatten(values: dict, prefix: str = "") -> dict:
@@ -153,10 +185,43 @@ def mark_abandoned_runs(client, experiment_id: str, marked_by: str | None = None
             return abandoned
 
 
-def start_invocation(tracking_uri: str | None, experiment: str, config: dict) -> str:
+def invocation_tags(config: dict, workflow_folder: Path | str | None) -> dict[str, str]:
+    """The tags every run of an invocation carries: where its results came from.
+
+    The git commit is that of the checkout holding `workflow_folder` (the Snakefile's
+    folder), not of the working directory, with whether files tracked there had
+    uncommitted changes; outside a git checkout, or with no folder given, there is none.
+    """
+    from imgpipe.provenance import VERSION, config_hash, git_commit
+
+    tags = {EXPERIMENT_TAG: config["experiment"], CONFIG_HASH_TAG: config_hash(config), VERSION_TAG: VERSION}
+    if workflow_folder is None:
+        log.info("MLflow: no workflow folder given: runs carry no git commit")
+        return tags
+    git = git_commit(workflow_folder)
+    if git is None:
+        log.info("MLflow: the workflow folder %s is not in a git checkout (or git is not installed): "
+                 "runs carry no git commit", workflow_folder)
+        return tags
+    return tags | {MLFLOW_GIT_COMMIT: git["commit"], GIT_DIRTY_TAG: str(git["dirty"]).lower()}
+
+
+def with_context_tags(tags: dict[str, str]) -> dict[str, str]:
+    """`tags` with MLflow's own context tags (user, MLFLOW_RUN_CONTEXT) under them, except its
+    source and git tags: those would describe the temporary script Snakemake runs."""
+    from mlflow.tracking.context.git_context import GitRunContext
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return resolve_tags(tags, ignore=[GitRunContext])
+
+
+def start_invocation(tracking_uri: str | None, experiment: str, config: dict,
+                     workflow_folder: Path | str | None = None) -> str:
     """Create the store and experiment if needed, open the invocation's parent run, export both.
 
-    Returns the parent run id. Called from the Snakefile's onstart.
+    Also computes, once, the tags every run of the invocation carries (`invocation_tags`:
+    `workflow_folder` is the Snakefile's folder, whose git commit is recorded) and exports
+    them. Returns the parent run id. Called from the Snakefile's onstart.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -174,20 +239,24 @@ def start_invocation(tracking_uri: str | None, experiment: str, config: dict) ->
         log.info("MLflow: marked %d run(s) left RUNNING by ended processes as KILLED", len(abandoned))
     else:
         log.debug("MLflow: no run left RUNNING by an ended process")
+    shared_tags = invocation_tags(config, workflow_folder)
     run = client.create_run(
         experiment_id,
         run_name=f"snakemake {config['experiment']}",
-        tags={
-            f"{TAG_PREFIX}kind": "invocation",
-            f"{TAG_PREFIX}experiment": config["experiment"],
+        tags=with_context_tags({
+            KIND_TAG: "invocation",
             f"{TAG_PREFIX}command": " ".join(sys.argv),
             f"{TAG_PREFIX}workdir": str(Path.cwd()),
+            MLFLOW_SOURCE_NAME: f"imgpipe snakemake {config['experiment']}",
+            MLFLOW_SOURCE_TYPE: "LOCAL",
+            **shared_tags,
             **owner_tags(),  # this Snakemake process closes it, in onsuccess / onerror
-        },
+        }),
     )
     client.log_dict(run.info.run_id, redact_secrets(config), "config.resolved.yaml")
     os.environ[EXPERIMENT_ENV] = experiment
     os.environ[PARENT_RUN_ENV] = run.info.run_id
+    os.environ[INVOCATION_TAGS_ENV] = json.dumps(shared_tags)
     log.info("MLflow: experiment '%s' at %s, invocation run %s", experiment, mlflow.get_tracking_uri(),
              run.info.run_id)
     return run.info.run_id
@@ -203,10 +272,69 @@ def end_invocation(success: bool) -> None:
     MlflowClient().set_terminated(run_id, "FINISHED" if success else "FAILED")
 
 
+def job_source_name(run_name: str, tags: dict) -> str:
+    """What mlflow.source.name says of a job's run: the stage and the model or class it is
+    for ('imgpipe crawl cat', 'imgpipe model cnn'); the run name where there is no stage."""
+    if STAGE_TAG not in tags:
+        return f"imgpipe {run_name}"
+    subject = tags.get(MODEL_TAG) or tags.get(CLASS_TAG)
+    return " ".join(part for part in ("imgpipe", tags[STAGE_TAG], subject) if part)
+
+
+def new_job_run(run_name: str, tags: dict) -> tuple:
+    """Open (and make active) a new run for a job; return it and the run it is nested under, or None.
+
+    A model's run (stage 'model') is top level, so that each model is one row in the MLflow
+    UI, and names its invocation in a tag; any other job's run is a child of the invocation's.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    experiment = os.environ.get(EXPERIMENT_ENV)
+    # Outside an invocation (no experiment exported), MLflow's own choice, as mlflow.start_run makes it.
+    experiment_id = mlflow.set_experiment(experiment).experiment_id if experiment else _get_experiment_id()
+    invocation_id = os.environ.get(PARENT_RUN_ENV)
+    parent_id = invocation_id if tags.get(STAGE_TAG) != MODEL_STAGE else None
+    all_tags = {
+        KIND_TAG: "job",
+        MLFLOW_SOURCE_NAME: job_source_name(run_name, tags),
+        MLFLOW_SOURCE_TYPE: "LOCAL",
+        **json.loads(os.environ.get(INVOCATION_TAGS_ENV, "{}")),
+        **({INVOCATION_TAG: invocation_id} if invocation_id else {}),
+        **({MLFLOW_PARENT_RUN_ID: parent_id} if parent_id else {}),
+        **tags,
+        **owner_tags(),
+    }
+    # Created by the client, not mlflow.start_run, which would add MLflow's source and git
+    # tags of the temporary script (see the module's docstring); then resumed to be active.
+    created = MlflowClient().create_run(experiment_id, run_name=run_name, tags=with_context_tags(all_tags))
+    return mlflow.start_run(run_id=created.info.run_id), parent_id
+
+
+def mirror_metrics(run_id: str, parent_id: str, prefix: str) -> None:
+    """Log a finished job's metrics on the run it is nested under too, as '<prefix>/<metric>',
+    so the invocation's one row says what data its models saw (images per class, duplicates
+    dropped, split sizes) without opening each job's run."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    metrics = client.get_run(run_id).data.metrics
+    if not metrics:
+        return
+    now = int(time.time() * 1000)
+    client.log_batch(parent_id, metrics=[Metric(f"{prefix}/{key}", value, now, 0) for key, value in metrics.items()])
+
+
 @contextlib.contextmanager
 def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None = None) -> Iterator:
-    """An MLflow run for one job: a child of the invocation's run, or `resume_run_id` resumed.
+    """An MLflow run for one job, or `resume_run_id` resumed.
 
+    A model's run (tag imgpipe.stage 'model') is a top-level run; any other job's run is a
+    child of the invocation's run and, when it finishes, also logs its metrics there (see
+    `mirror_metrics`). New runs carry the invocation's tags (see `invocation_tags`) and its
+    run id (imgpipe.invocation), and a source name that says the stage and the model or class.
     A job that raises leaves its run FAILED. A run to resume that the store no longer has
     (the database was deleted or moved) is replaced by a new one, with a warning. The run
     is tagged with this process as its owner, also when resumed (a run marked KILLED
@@ -217,7 +345,9 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    tags = tags or {}
     run = None
+    parent_id = None
     if resume_run_id:
         # The run keeps its own experiment: setting ours first would refuse to resume it
         # if mlflow.experiment changed since.
@@ -237,17 +367,42 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
                      run.data.tags[ABANDONED_TAG])
             mlflow.delete_tag(ABANDONED_TAG)
     if run is None:
-        experiment = os.environ.get(EXPERIMENT_ENV)
-        if experiment:
-            mlflow.set_experiment(experiment)
-        all_tags = {f"{TAG_PREFIX}kind": "job", **(tags or {}), **owner_tags()}
-        run = mlflow.start_run(run_name=run_name, parent_run_id=os.environ.get(PARENT_RUN_ENV), tags=all_tags)
+        run, parent_id = new_job_run(run_name, tags)
     try:
         yield run
+        if parent_id:
+            mirror_metrics(run.info.run_id, parent_id, prefix=run_name.replace(" ", "/"))
     except BaseException:
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def log_split_dataset(manifest_path: Path | str, context: str, name: str | None = None) -> None:
+    """Log the split manifest (path,label,split) as an MLflow dataset input of the active run.
+
+    `context` says what the run used it for ('training', 'evaluation'); `name` defaults to
+    '<experiment> split' (the run's imgpipe.experiment tag), or 'split' on a run without one.
+    The digest is the file's sha256, so a changed split is a new dataset version. MLflow
+    keeps one input per dataset and run, with the context it was first logged with: the
+    same manifest logged again (by a resumed train job, by the evaluate job) adds nothing,
+    and is still logged by the evaluate job in case its run replaced a lost one.
+    """
+    import hashlib
+
+    import mlflow
+    import mlflow.data
+
+    from imgpipe.manifests import read_split_manifest
+
+    manifest_path = Path(manifest_path).resolve()
+    manifest = read_split_manifest(manifest_path)
+    if name is None:
+        experiment = mlflow.active_run().data.tags.get(EXPERIMENT_TAG)
+        name = f"{experiment} split" if experiment else "split"
+    digest = hashlib.sha256(manifest_path.read_bytes()).hexdigest()[:16]
+    dataset = mlflow.data.from_pandas(manifest, source=str(manifest_path), targets="label", name=name, digest=digest)
+    mlflow.log_input(dataset, context=context)
 
 
 def write_run_reference(run, path: Path | str) -> None:
@@ -315,23 +470,3 @@ def log_missing_epochs(run_id: str, history: list[dict]) -> int:
     if missing:
         log.info("logged %d epoch(s) the interrupted job had saved but not logged", len(missing))
     return len(missing)
-
-
-def log_torch_model(model, example_input, name: str = "model") -> None:
-    """Log a trained model in MLflow's pytorch flavour.
-
-    pip_requirements are given explicitly: inferring them costs ~10 s per model.
-    """
-    import mlflow.pytorch
-    import torch
-    import torchvision
-
-    started = time.perf_counter()
-    mlflow.pytorch.log_model(
-        model,
-        name=name,
-        input_example=example_input,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"torchvision=={torchvision.__version__.split('+')[0]}"],
-    )
-    log.info("model logged to MLflow (pytorch flavour) in %.1f s", time.perf_counter() - started)

@@ -78,12 +78,89 @@ def get_model_start_checkpoint(wildcards):
 
 
 def start_tracking():
+    """The invocation's MLflow run; its runs record the git commit of the Snakefile's folder
+    (workflow.basedir), wherever Snakemake runs."""
     from imgpipe.tracking import start_invocation
 
-    start_invocation(config["mlflow"]["tracking_uri"], config["mlflow"]["experiment"] or EXPERIMENT, config)
+    start_invocation(config["mlflow"]["tracking_uri"], config["mlflow"]["experiment"] or EXPERIMENT, config,
+                     workflow_folder=workflow.basedir)
 
 
 def end_tracking(success):
     from imgpipe.tracking import end_invocation
 
     end_invocation(success)
+
+
+# The report's inputs and the end of a run. With --keep-going (the default profile) a
+# failed model stops only its own jobs, but the report job needs every model, so it never
+# runs; the report is then written from what finished, in onerror.
+import time
+
+from snakemake.logging import logger
+
+from imgpipe.layout import MODEL_PLOTS
+
+INVOCATION_STARTED = time.time()
+
+
+def model_logs():
+    """Each model's train and evaluate logs: the report shows the end of the newest when it failed."""
+    return {model: [f"{LOGS}/train/{model}.log", f"{LOGS}/evaluate/{model}.log"] for model in MODELS}
+
+
+def write_report_after_failure():
+    try:
+        _write_report_after_failure()
+    except Exception as error:  # the handler must not hide the failure it reports
+        logger.error(f"imgpipe: the report could not be written after the failure: {error!r}")
+
+
+def _write_report_after_failure():
+    from pathlib import Path
+
+    from imgpipe.report import write_report
+
+    split, dedupe = Path(f"{RESULTS}/split/manifest.csv"), Path(f"{RESULTS}/dedupe/manifest.csv")
+    if not (split.is_file() and dedupe.is_file()):
+        logger.error("imgpipe: no report: the data stages did not finish (see the errors above)")
+        return
+    metrics, unavailable = {}, {}
+    for model in MODELS:
+        # (`checkpoint` is a Snakemake keyword at the start of a line, hence `trained`.)
+        trained, path = Path(f"{RESULTS}/models/{model}/model.pt"), Path(f"{RESULTS}/eval/{model}/metrics.json")
+        metrics[model] = path
+        # A failed job's outputs are deleted; what is left of an earlier run is not this model's result.
+        if not trained.is_file():
+            unavailable[model] = "training did not finish (no model.pt)"
+        elif not path.is_file() or path.stat().st_mtime_ns < trained.stat().st_mtime_ns:
+            unavailable[model] = "evaluation did not finish (no up-to-date metrics.json)"
+    summary = write_report(
+        EXPERIMENT,
+        metrics_paths=metrics,
+        history_paths={m: Path(f"{RESULTS}/models/{m}/history.csv") for m in MODELS if m not in unavailable},
+        split_manifest=split,
+        dedupe_manifest=dedupe,
+        out_dir=Path(f"{RESULTS}/report"),
+        rank_by=config["report"]["rank_by"],
+        predictions_paths={m: Path(f"{RESULTS}/eval/{m}/predictions.csv") for m in MODELS},
+        log_paths={model: [Path(p) for p in paths] for model, paths in model_logs().items()},
+        unavailable=unavailable,
+    )
+    logger.error(f"imgpipe: {len(unavailable)} of {len(MODELS)} model(s) failed; the report of the others is "
+                 f"written.")
+    show_verdict()
+
+
+def show_verdict():
+    """The report's place and one-line verdict, as the last thing a run prints."""
+    import json
+    from pathlib import Path
+
+    summary_path = Path(f"{RESULTS}/report/summary.json")
+    if not summary_path.is_file():
+        return
+    summary = json.loads(summary_path.read_text())
+    fresh = summary_path.stat().st_mtime >= INVOCATION_STARTED
+    logger.info(f"\nReport{'' if fresh else ' (not rebuilt by this run)'}: {Path(summary['report_html']).resolve()}"
+                f"\nVerdict: {summary['verdict']}\n")

@@ -23,7 +23,29 @@ rule evaluate:
             category="Models",
             subcategory="{model}",
         ),
+        reliability=report(
+            f"{RESULTS}/eval/{{model}}/reliability.png",
+            caption="../report/reliability.rst",
+            category="Models",
+            subcategory="{model}",
+        ),
+        embedding=report(
+            f"{RESULTS}/eval/{{model}}/embedding.png",
+            caption="../report/embedding.rst",
+            category="Models",
+            subcategory="{model}",
+        ),
+        confident_errors=report(
+            f"{RESULTS}/eval/{{model}}/confident_errors.png",
+            caption="../report/confident_errors.rst",
+            category="Models",
+            subcategory="{model}",
+        ),
         predictions=f"{RESULTS}/eval/{{model}}/predictions.csv",
+        # The model's folder describes the model completely, test figures included.
+        model_metrics=f"{RESULTS}/models/{{model}}/test_metrics.json",
+    params:
+        batch_size=lambda wildcards: config["models"][wildcards.model]["batch_size"],
     log:
         f"{LOGS}/evaluate/{{model}}.log",
     benchmark:

@@ -2,10 +2,12 @@ rule report:
     input:
         metrics=expand(f"{RESULTS}/eval/{{model}}/metrics.json", model=MODELS),
         histories=expand(f"{RESULTS}/models/{{model}}/history.csv", model=MODELS),
-        plots=expand(f"{RESULTS}/eval/{{model}}/{{plot}}.png", model=MODELS, plot=("confusion_matrix", "roc")),
+        predictions=expand(f"{RESULTS}/eval/{{model}}/predictions.csv", model=MODELS),
+        plots=expand(f"{RESULTS}/eval/{{model}}/{{plot}}", model=MODELS, plot=[name for name, _ in MODEL_PLOTS]),
         split=f"{RESULTS}/split/manifest.csv",
         dedupe=f"{RESULTS}/dedupe/manifest.csv",
     output:
+        summary=f"{RESULTS}/report/summary.json",
         markdown=f"{RESULTS}/report/report.md",
         html=report(f"{RESULTS}/report/report.html", caption="../report/report.rst", category="Comparison"),
         learning_curves=report(
@@ -17,6 +19,7 @@ rule report:
         experiment=EXPERIMENT,
         models=MODELS,
         rank_by=config["report"]["rank_by"],
+        model_logs=model_logs(),
     log:
         f"{LOGS}/report.log",
     benchmark:

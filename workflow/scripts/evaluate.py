@@ -12,36 +12,50 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 
 import mlflow
 
-from imgpipe.evaluate import evaluate_checkpoint
-from imgpipe.plots import plot_confusion_matrix, plot_roc_curves
-from imgpipe.tracking import job_run, read_run_reference
+from imgpipe.evaluate import evaluate_checkpoint, mlflow_test_metrics
+from imgpipe.plots import (plot_confident_errors, plot_confusion_matrix, plot_embedding, plot_reliability_diagram,
+                           plot_roc_curves)
+from imgpipe.tracking import job_run, log_split_dataset, read_run_reference
 
 model_name = snakemake.wildcards.model
+output = snakemake.output
 device_setting = snakemake.config["models"][model_name]["device"]  # not a param: moving it reruns nothing
 run_id = read_run_reference(snakemake.input.mlflow_run)
 with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_name}, resume_run_id=run_id) as run:
-    metrics, predictions, y_true, probabilities = evaluate_checkpoint(
+    log_split_dataset(snakemake.input.manifest, context="evaluation")
+    evaluation = evaluate_checkpoint(
         snakemake.input.checkpoint, snakemake.input.manifest,
-        pick_device(device_setting, gpu_claimed=gpu_claim is not None), snakemake.threads)
+        pick_device(device_setting, gpu_claimed=gpu_claim is not None), snakemake.threads,
+        batch_size=snakemake.params.batch_size)
     with open(snakemake.input.summary) as handle:
         training = json.load(handle)
-    metrics = {"model": model_name, **metrics,
-               **{k: training[k] for k in ("arch", "n_parameters", "train_seconds", "best_epoch", "epochs",
-                                            "best_val_accuracy", "device")},
+    metrics = {"model": model_name, **evaluation.metrics,
+               **{k: training[k] for k in ("arch", "train_seconds", "best_epoch", "epochs", "best_val_accuracy",
+                                            "device")},
                "mlflow_run_id": run.info.run_id}
-    with open(snakemake.output.metrics, "w") as handle:
-        json.dump(metrics, handle, indent=2)
-    predictions.to_csv(snakemake.output.predictions, index=False, lineterminator="\n")
-    classes = metrics["classes"]
-    plot_confusion_matrix(metrics["confusion_matrix"], classes, snakemake.output.confusion_matrix,
+    for path in (output.metrics, output.model_metrics):
+        with open(path, "w") as handle:
+            json.dump(metrics, handle, indent=2)
+    evaluation.predictions.to_csv(output.predictions, index=False, lineterminator="\n")
+
+    classes, predictions = metrics["classes"], evaluation.predictions
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, output.confusion_matrix,
                           f"{model_name}: confusion matrix (test)")
-    plot_roc_curves(y_true, probabilities, classes, snakemake.output.roc, f"{model_name}: ROC (test)")
-    mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "n_test",
-                                                           "inference_ms_per_image") if metrics[k] is not None})
-    if metrics["roc_auc"] is not None:
-        mlflow.log_metric("test_roc_auc", metrics["roc_auc"])
+    plot_roc_curves(evaluation.roc, output.roc, f"{model_name}: ROC (test)")
+    plot_reliability_diagram(metrics["calibration_bins"], metrics["ece"], output.reliability,
+                             f"{model_name}: reliability (test)")
+    embedding = plot_embedding(evaluation.features, evaluation.y_true, evaluation.probabilities.argmax(axis=1),
+                               classes, output.embedding, f"{model_name}: penultimate-layer features (test)")
+    wrong = predictions[predictions["label"] != predictions["predicted"]]
+    plot_confident_errors(list(wrong["path"]), list(wrong["label"]), list(wrong["predicted"]),
+                          wrong["confidence"].to_numpy(), output.confident_errors,
+                          f"{model_name}: most confidently wrong test images")
+
+    mlflow.log_metrics(mlflow_test_metrics(metrics))
     for name, figures in metrics["per_class"].items():
         mlflow.log_metrics({f"test_{stat}_{name}": value for stat, value in figures.items() if stat != "support"})
-    for path in (snakemake.output.metrics, snakemake.output.confusion_matrix, snakemake.output.roc,
-                 snakemake.output.predictions):
+    mlflow.log_dict({"pca_explained_variance": embedding["pca_explained_variance"], "tsne": embedding["tsne"]},
+                    "evaluation/embedding.json")
+    for path in (output.metrics, output.predictions, output.confusion_matrix, output.roc, output.reliability,
+                 output.embedding, output.confident_errors):
         mlflow.log_artifact(path, artifact_path="evaluation")

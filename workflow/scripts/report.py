@@ -21,9 +21,13 @@ with job_run("report", tags={"imgpipe.stage": "report"}):
         dedupe_manifest=Path(snakemake.input.dedupe),
         out_dir=Path(snakemake.output.markdown).parent,
         rank_by=snakemake.params.rank_by,
+        predictions_paths=dict(zip(models, map(Path, snakemake.input.predictions))),
+        log_paths={model: [Path(p) for p in paths] for model, paths in snakemake.params.model_logs.items()},
     )
     if summary["best_model"] is not None:
         mlflow.set_tag("imgpipe.best_model", summary["best_model"])
+        mlflow.set_tag("imgpipe.significant_best", str(summary["significant_best"]))
+    mlflow.set_tag("imgpipe.verdict", summary["verdict"][:5000])
     if summary["best_value"] is not None:
         mlflow.log_metric(f"best_{summary['rank_by']}", summary["best_value"])
     for path in snakemake.output:

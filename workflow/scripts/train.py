@@ -13,9 +13,10 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 
 import mlflow
 
-from imgpipe.checkpoints import example_input, load_trained_model
-from imgpipe.tracking import (flatten, job_run, log_epoch, log_missing_epochs, log_params_once, log_start_weights,
-                              log_torch_model, write_run_reference)
+from imgpipe.modelcard import write_model_card
+from imgpipe.pyfunc import log_classifier_model
+from imgpipe.tracking import (flatten, job_run, log_epoch, log_missing_epochs, log_params_once, log_split_dataset,
+                              log_start_weights, write_run_reference)
 from imgpipe.training import resume
 from imgpipe.training.devices import pick_device
 from imgpipe.training.engine import TrainingJob, train_model
@@ -40,6 +41,7 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
              resume_run_id=resumed_run) as run:
     job.metadata = {"mlflow_run_id": run.info.run_id}
     write_run_reference(run, snakemake.output.mlflow_run)
+    log_split_dataset(snakemake.input.manifest, context="training")
     log_params_once({**flatten(settings), **flatten(snakemake.params.image, "image."), "device": device_setting,
                      "threads": snakemake.threads, "dataloader_workers": 0,
                      "gpu": gpu_claim.device_id if gpu_claim else "none"})
@@ -51,8 +53,11 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
         json.dump(summary, handle, indent=2)
     mlflow.log_metrics({k: float(summary[k]) for k in ("n_parameters", "n_trainable_parameters", "train_seconds",
                                                         "best_epoch", "epochs_run", "best_val_accuracy")})
-    mlflow.log_artifact(snakemake.output.checkpoint)
-    mlflow.log_artifact(snakemake.output.history)
-    model, checkpoint = load_trained_model(snakemake.output.checkpoint)
-    log_torch_model(model, example_input(checkpoint))
+    write_model_card(snakemake.output.checkpoint, settings, summary, snakemake.config,
+                     workflow_dir=Path(snakemake.scriptdir))
+    for path in (snakemake.output.checkpoint, snakemake.output.history, snakemake.output.model_card):
+        mlflow.log_artifact(path)
+    # Not a param: registering changes where the model is listed, not what it learns.
+    registered_name = model_name if snakemake.config["mlflow"]["register_models"] else None
+    log_classifier_model(snakemake.output.checkpoint, model_name, registered_model_name=registered_name)
 resume.clear(job.work_dir)

@@ -1,0 +1,7 @@
+"""`python -m imgpipe ...`: the same as the `imgpipe` command."""
+
+import sys
+
+from imgpipe.cli import main
+
+sys.exit(main())

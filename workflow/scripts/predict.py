@@ -1,0 +1,35 @@
+"""Glue: classify one predict folder with one model, into an MLflow job run (see imgpipe.predict)."""
+
+from pathlib import Path
+
+from imgpipe.joblog import configure_logging
+
+configure_logging(snakemake.log[0])
+
+from imgpipe.training.devices import prepare_model_job
+
+gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is imported
+
+import mlflow
+import torch
+
+from imgpipe.predict import best_model_name, load_classifier, predict_inputs, resolve_top_k, write_predictions
+from imgpipe.tracking import job_run
+from imgpipe.training.devices import pick_device
+
+folder, chosen = snakemake.wildcards.folder, snakemake.wildcards.model
+torch.set_num_threads(snakemake.threads)
+model_dirs = {Path(path).parent.name: Path(path).parent for path in snakemake.input.checkpoints}
+model_name = best_model_name(snakemake.input.summary) if "summary" in snakemake.input.keys() else chosen
+if model_name not in model_dirs:
+    raise ValueError(f"the report summary {snakemake.input.summary} names '{model_name}' as the best model, which "
+                     f"this config does not train ({', '.join(model_dirs)}); rerun the report")
+with job_run(f"predict {folder} {chosen}", tags={"imgpipe.stage": "predict", "imgpipe.predict_folder": folder,
+                                                 "imgpipe.predict_model": model_name}):
+    classifier = load_classifier(model_dirs[model_name], pick_device("auto", gpu_claimed=gpu_claim is not None))
+    top_k = resolve_top_k(snakemake.params.top_k, classifier.classes)
+    predictions = predict_inputs(classifier, [snakemake.params.folder])
+    for path in (snakemake.output.csv, snakemake.output.json):
+        write_predictions(classifier, predictions, top_k, path)
+        mlflow.log_artifact(path, artifact_path="predict")
+    mlflow.log_metrics({"n_predicted": len(predictions.paths), "n_failed": len(predictions.failures)})
