@@ -24,10 +24,20 @@ def mlflow_template_db(tmp_path_factory) -> Path:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    import os
+
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.set_tracking_uri(f"sqlite:///{path}")
-    MlflowClient().search_experiments()
-    mlflow.set_tracking_uri(None)
+    # The store records its Default experiment's artifact folder as ./mlruns of the folder it
+    # is created in: created here, runs of tests that use that experiment never write into
+    # the checkout's own mlruns/.
+    cwd = Path.cwd()
+    os.chdir(path.parent)
+    try:
+        mlflow.set_tracking_uri(f"sqlite:///{path}")
+        MlflowClient().search_experiments()
+        mlflow.set_tracking_uri(None)
+    finally:
+        os.chdir(cwd)
     return path
 
 
@@ -38,6 +48,9 @@ def mlflow_uri(tmp_path, monkeypatch, mlflow_template_db) -> str:
 
     db = tmp_path / "mlflow.db"
     shutil.copy(mlflow_template_db, db)
+    # New experiments keep their artifacts in ./mlruns of the working directory: the test's
+    # folder, not the checkout.
+    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "IMGPIPE_MLFLOW_PARENT_RUN_ID",

@@ -148,7 +148,7 @@ def test_folder_experiment_end_to_end(folder_project):
     cnn = runs["cnn"]
     assert cnn.data.params["lr"] == "0.01" and cnn.data.params["arch"] == "simple_cnn"
     assert len(client.get_metric_history(cnn.info.run_id, "val_accuracy")) == 3
-    assert cnn.data.metrics["test_accuracy"] == pytest.approx(
+    assert cnn.data.metrics["test/accuracy"] == pytest.approx(
         json.loads((results / "eval" / "cnn" / "metrics.json").read_text())["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(cnn.info.run_id)}
     assert {"model.pt", "history.csv", "evaluation"} <= artifacts
@@ -279,5 +279,5 @@ def test_one_failing_model_does_not_take_the_others_down(workdir):
 
     runs = runs_by_name(store(workdir), "partial")
     assert runs["broken"].info.status == runs["diverging"].info.status == "FAILED"
-    assert runs["cnn"].info.status == "FINISHED" and "test_accuracy" in runs["cnn"].data.metrics
+    assert runs["cnn"].info.status == "FINISHED" and "test/accuracy" in runs["cnn"].data.metrics
     assert runs["snakemake partial"].info.status == "FAILED"

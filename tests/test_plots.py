@@ -8,6 +8,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from imgpipe.plots import (
+    plot_unavailable,
     most_confident,
     plot_confident_errors,
     plot_confusion_matrix,
@@ -299,3 +300,8 @@ def test_confident_errors_without_errors_still_writes(tmp_path):
 def test_confident_errors_rejects_mismatched_lengths(tmp_path):
     with pytest.raises(ValueError, match="2 paths, 1 true labels"):
         plot_confident_errors(["a.png", "b.png"], ["x"], ["y", "y"], [0.9, 0.8], tmp_path / "e.png", "bad")
+
+
+def test_an_unavailable_plot_says_why(tmp_path):
+    plot_unavailable(tmp_path / "embedding.png", "cnn: embedding", "not drawn: no Linear layer")
+    png_size(tmp_path / "embedding.png")

@@ -256,3 +256,11 @@ def test_a_predict_folder_that_is_a_file_is_named(tmp_path):
     (tmp_path / "list.txt").write_text("x")
     with pytest.raises(ConfigError, match="'predict.folders.new': 'list.txt' is not a folder"):
         validate_config(predict_config(tmp_path, {"folders": {"new": "list.txt"}}), SCHEMA, tmp_path)
+
+
+def test_an_unexpected_error_exits_3_not_as_a_partial_failure(model_dir, photos, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    unwritable = tmp_path / "a_file" / "out.json"  # its folder is a file: writing fails
+    result = run_cli("predict", str(model_dir), str(photos), "-o", str(unwritable))
+    assert result.returncode == 3, result.stderr
+    assert "a_file" in result.stderr

@@ -101,3 +101,13 @@ def test_mlflow_models_predict_cli_serves_the_logged_model(model_dir, photos, ml
     assert [row["label"] for row in predictions] == labels
     np.testing.assert_allclose([[row["probability_bright"], row["probability_dark"]] for row in predictions],
                                expected.probabilities, rtol=0, atol=1e-6)
+
+
+def test_arrays_are_one_image_or_a_batch_by_shape():
+    from imgpipe.pyfunc import image_list
+
+    assert len(image_list(np.zeros((28, 28), np.uint8))) == 1
+    assert len(image_list(np.zeros((28, 28, 1), np.uint8))) == 1  # one grayscale image, not 28
+    assert len(image_list(np.zeros((28, 28, 3), np.uint8))) == 1
+    assert len(image_list(np.zeros((5, 28, 28), np.uint8))) == 5
+    assert len(image_list(np.zeros((5, 28, 28, 3), np.uint8))) == 5

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from imgpipe.plots import plot_confusion_matrix, plot_roc_curves
-from imgpipe.report import rank_models, write_report
+from imgpipe.report import rank_models, stale_model_results, write_report
 from imgpipe.stats import roc_curves
 
 CLASSES = ["cat", "dog", "fox"]
@@ -332,3 +332,89 @@ def test_report_renders_in_headless_chromium(experiment, chromium, tmp_path):
     # Not a blank page: text and tables give dark pixels on the white background.
     assert (pixels < 128).mean() > 0.005 and pixels.std() > 10
     shutil.copy(screenshot, experiment["root"] / "report_browser" / "screenshot.png")
+
+
+def test_a_leader_by_another_metric_that_is_significantly_less_accurate_is_not_called_best(experiment, tmp_path):
+    y = np.repeat([0, 1, 2], 30)
+    paths, predictions = {}, {}
+    for model, macro_f1, wrong in (("sharp", 0.99, range(0, 30)), ("steady", 0.60, range(0, 0))):
+        figures = dict(MODELS["cnn"], arch=model, macro_f1=macro_f1)
+        paths[model] = tmp_path / model / "metrics.json"
+        paths[model].parent.mkdir()
+        paths[model].write_text(json.dumps(metrics_json(model, figures)))
+        predictions[model] = write_predictions(tmp_path / model / "predictions.csv", y, wrong)
+    summary, md, _ = report(experiment, out_name="report_direction", rank_by="macro_f1", metrics_paths=paths,
+                            history_paths={}, predictions_paths=predictions)
+    assert summary["ranking"] == ["sharp", "steady"]
+    assert summary["significant_best"] is False and summary["better_than_best"] == ["steady"]
+    assert summary["verdict"].startswith("sharp ranks first by macro F1 (0.9900), but steady is significantly "
+                                         "more accurate")
+    assert "Best:" not in summary["verdict"]
+
+
+def test_a_model_without_predictions_leaves_the_lead_unproven(experiment):
+    predictions = dict(experiment["predictions_paths"])
+    del predictions["mobilenet"]
+    summary, md, _ = report(experiment, out_name="report_untested", predictions_paths=predictions)
+    assert summary["untested"] == ["mobilenet"] and summary["significant_best"] is None
+    assert "Best:" not in summary["verdict"] and "mobilenet could not be tested" in summary["verdict"]
+    assert "- mobilenet: no test predictions to compare" in md
+
+
+def test_predictions_on_disjoint_images_are_not_called_a_tie(experiment, tmp_path):
+    y = np.repeat([0, 1, 2], 30)
+    other = tmp_path / "predictions.csv"
+    frame = pd.read_csv(write_predictions(other, y, range(0, 3)))
+    frame["path"] = "elsewhere/" + frame["path"]
+    frame.to_csv(other, index=False)
+    summary, md, _ = report(experiment, out_name="report_disjoint",
+                            metrics_paths={m: experiment["metrics_paths"][m] for m in ("resnet18", "cnn")},
+                            predictions_paths={"resnet18": experiment["predictions_paths"]["resnet18"], "cnn": other})
+    assert summary["significant_best"] is None and summary["tied_with_best"] == []
+    assert "share no image" in md and "tied" not in summary["verdict"]
+
+
+def test_after_a_failure_only_current_model_results_count(tmp_path):
+    """What a failed run leaves: deleted outputs of failed jobs, old outputs of jobs that never ran."""
+    import os
+
+    results = tmp_path / "results" / "pets"
+    classes, models = ["cat", "dog"], ["cnn", "fresh", "old", "child", "unevaluated"]
+    when = iter(range(1_000, 100_000, 10))
+
+    def touch(relative):
+        path = results / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+        stamp = next(when)
+        os.utime(path, (stamp, stamp))
+
+    touch("models/old/model.pt")  # trained on an earlier split
+    touch("eval/old/metrics.json")
+    touch("models/child/model.pt")  # started from cnn's previous weights
+    touch("eval/child/metrics.json")
+    for c in classes:
+        touch(f"raw/{c}.csv")
+    touch("dedupe/manifest.csv")
+    for c in classes:
+        touch(f"images/{c}.csv")
+    touch("split/manifest.csv")
+    touch("models/fresh/model.pt")
+    touch("eval/fresh/metrics.json")
+    touch("models/unevaluated/model.pt")
+    starts = {"child": "cnn"}
+    problem, stale = stale_model_results(results, models, classes, starts)
+    assert problem is None
+    assert stale == {"cnn": "training did not finish (no model.pt)",
+                     "old": "not trained on the current split (its train job did not run)",
+                     "child": "not trained on the current split (its train job did not run)",
+                     "unevaluated": "evaluation did not finish (no up-to-date metrics.json)"}
+    touch("models/cnn/model.pt")  # cnn retrained after child: child is stale through init_from
+    touch("models/child/model.pt")
+    touch("eval/child/metrics.json")
+    touch("models/cnn/model.pt")
+    assert stale_model_results(results, models, classes, starts)[1]["child"] == \
+        "not retrained from the current cnn (init_from), which did not finish"
+    (results / "images" / "dog.csv").unlink()  # a preprocess job failed
+    problem, _ = stale_model_results(results, models, classes, starts)
+    assert problem.startswith("the data stages did not finish") and "images/dog.csv" in problem

@@ -7,7 +7,7 @@ import pytest
 from sklearn import metrics as skm
 
 from imgpipe.stats import (bootstrap_intervals, calibration_bins, holm_adjust, log_loss, macro_f1_from_counts,
-                           mcnemar_exact, pairwise_mcnemar, roc_curves, tied_with_best, top_k_accuracy)
+                           mcnemar_exact, pairwise_mcnemar, roc_curves, standing_against, top_k_accuracy)
 
 
 def test_mcnemar_exact_on_the_issue_example():
@@ -45,7 +45,9 @@ def test_pairwise_mcnemar_names_the_tied_models():
     assert not by_pair[("strong", "near")]["significant"]
     assert by_pair[("strong", "weak")]["significant"]
     assert by_pair[("strong", "near")]["p_holm"] >= by_pair[("strong", "near")]["p_value"]
-    assert tied_with_best("strong", tests) == ["near"]
+    assert standing_against("strong", tests) == {"near": "tied", "weak": "beaten"}
+    # Seen from the weak model, the strong one is significantly better, not beaten.
+    assert standing_against("weak", tests) == {"strong": "better", "near": "better"}
 
 
 def test_calibration_bins_and_ece_by_hand():
@@ -73,10 +75,16 @@ def test_log_loss_and_top_k_by_hand():
 def test_macro_f1_counts_match_scikit_learn_with_absent_classes():
     generator = np.random.default_rng(3)
     for _ in range(20):
-        y_true = generator.integers(0, 4, 30)  # class 4 of 5 never appears
+        y_true = generator.integers(0, 4, 30)  # class 4 of 6 is only predicted, class 5 never appears
         y_pred = generator.integers(0, 5, 30)
-        expected = skm.f1_score(y_true, y_pred, labels=list(range(5)), average="macro", zero_division=0)
-        assert macro_f1_from_counts(y_true, y_pred, 5) == pytest.approx(expected)
+        expected = skm.f1_score(y_true, y_pred, average="macro", zero_division=0)  # over classes seen
+        assert macro_f1_from_counts(y_true, y_pred, 6) == pytest.approx(expected)
+
+
+def test_bootstrap_macro_f1_of_a_perfect_model_with_a_rare_class_is_one():
+    # A draw that misses the single image of class 2 must not score that class 0.
+    y_true = np.array([0] * 50 + [1] * 50 + [2])
+    assert bootstrap_intervals(y_true, y_true, 3)["macro_f1"] == (1.0, 1.0)
 
 
 def test_bootstrap_intervals_are_reproducible_and_plausible():

@@ -306,8 +306,9 @@ def test_model_runs_are_top_level_rows_and_data_runs_sit_under_the_invocation(ml
                                        "mlflow.source.name": "imgpipe crawl cat", **provenance}.items()
     invocation = client.get_run(parent_id)
     assert invocation.data.tags.items() >= {"mlflow.source.name": "imgpipe snakemake pets", **provenance}.items()
-    # The data job's counts are on the invocation's row too; the model's metrics are not.
-    assert invocation.data.metrics == {"crawl/cat/images_ok": 12, "crawl/cat/images_failed": 1}
+    # The data job's counts stay on its own run: on the invocation's they would add charts above the models'.
+    assert invocation.data.metrics == {}
+    assert crawl.data.metrics == {"images_ok": 12, "images_failed": 1}
 
     (dataset_input,) = model.inputs.dataset_inputs  # the evaluate job's logging of the same split adds nothing
     dataset = dataset_input.dataset
@@ -359,12 +360,37 @@ def test_outside_a_git_checkout_runs_carry_no_commit(mlflow_uri, tmp_path, caplo
     assert client.get_run(run.info.run_id).data.tags["imgpipe.invocation"] == parent_id
 
 
-def test_a_failed_data_job_mirrors_nothing_onto_the_invocation(mlflow_uri):
-    parent_id = start_invocation(None, "pets", {"experiment": "pets"})
-    with pytest.raises(OSError):
-        with job_run("split", tags={"imgpipe.stage": "split"}) as split:
-            mlflow.log_metric("n_test", 3)
-            raise OSError("disk full")
+
+
+LOG_DATASET_AT = """
+import sys, time
+from imgpipe.tracking import job_run, log_split_dataset
+manifest, start_at, name = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+with job_run(name, tags={"imgpipe.stage": "model", "imgpipe.model": name}):
+    time.sleep(max(0.0, start_at - time.time()))  # every process logs at the same moment
+    log_split_dataset(manifest, context="training")
+"""
+
+
+def test_models_logging_the_same_new_split_at_once_all_get_it(mlflow_uri, tmp_path):
+    """Models train side by side, so their jobs log the same new split together: none may fail."""
+    import time
+
+    start_invocation(None, "pets", {"experiment": "pets"})
+    names = []
+    for round_ in range(4):
+        manifest = tmp_path / f"manifest{round_}.csv"  # a new digest each round: a new dataset row to insert
+        manifest.write_text(f"path,label,split\na{round_}.png,cat,train\nb.png,dog,test\n")
+        start_at = time.time() + 6.0  # after the imports of every process
+        jobs = [subprocess.Popen([sys.executable, "-c", LOG_DATASET_AT, str(manifest), str(start_at),
+                                  f"m{round_}_{i}"], env=os.environ.copy(), stderr=subprocess.PIPE, text=True)
+                for i in range(3)]
+        for job in jobs:
+            _, stderr = job.communicate(timeout=120)
+            assert job.returncode == 0, stderr[-3000:]
+        names += [f"m{round_}_{i}" for i in range(3)]
     client = MlflowClient()
-    assert client.get_run(split.info.run_id).info.status == "FAILED"
-    assert client.get_run(parent_id).data.metrics == {}
+    runs = {run.info.run_name: run for run in client.search_runs(
+        [client.get_experiment_by_name("pets").experiment_id])}
+    for name in names:
+        assert [d.dataset.name for d in runs[name].inputs.dataset_inputs] == ["pets split"], name

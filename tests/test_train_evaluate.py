@@ -70,8 +70,10 @@ def test_metrics_on_known_predictions_with_a_class_absent_from_the_test_split():
     assert metrics["confusion_matrix"] == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
     assert metrics["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
     assert metrics["per_class"]["a"]["recall"] == pytest.approx(0.5)
-    # F1 per class: a 1/2, b 4/5, c 2/3, d 0 (absent, never predicted: scikit-learn's zero_division=0).
-    assert metrics["macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3 + 0) / 4)
+    # F1 per class: a 1/2, b 4/5, c 2/3; d has no test image and is never predicted: left out, and said so.
+    assert metrics["macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    assert metrics["macro_f1_note"] == "macro over the 3 of 4 classes in the test split or predicted (absent: d)"
+    assert metrics["per_class"]["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     assert metrics["weighted_f1"] == pytest.approx((2 * 1 / 2 + 2 * 4 / 5 + 2 * 2 / 3) / 6)
     assert metrics["balanced_accuracy"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
     assert metrics["top3_accuracy"] == pytest.approx(1.0) and "top5_accuracy" not in metrics
@@ -80,6 +82,12 @@ def test_metrics_on_known_predictions_with_a_class_absent_from_the_test_split():
     assert metrics["roc_auc"] is not None and "3 of 4 classes" in metrics["roc_auc_note"]
     assert metrics["confused_pairs"] == [{"true": "a", "predicted": "b", "count": 1},
                                          {"true": "c", "predicted": "a", "count": 1}]
+
+
+def test_non_finite_outputs_are_refused_with_the_cause():
+    probabilities = np.array([[0.5, 0.5], [np.nan, np.nan]])
+    with pytest.raises(ValueError, match="not finite numbers .* for 1 test image.*training diverged"):
+        classification_metrics(np.array([0, 1]), probabilities, ["a", "b"])
 
 
 def test_metrics_in_the_binary_case():
@@ -100,8 +108,22 @@ def test_mlflow_test_metrics_name_every_headline_figure():
     probabilities = np.eye(4)[[0, 1, 2, 0, 0, 2]] * 0.7 + 0.075
     metrics = classification_metrics(y_true, probabilities, ["a", "b", "c", "d"])
     logged = mlflow_test_metrics({**metrics, "latency_ms_batch1": 0.5, "roc_auc": None})
-    assert logged["test_accuracy"] == pytest.approx(4 / 6)
-    assert logged["test_top3_accuracy"] == metrics["top3_accuracy"]
-    assert logged["test_accuracy_ci_low"] <= logged["test_accuracy"] <= logged["test_accuracy_ci_high"]
-    assert "test_roc_auc" not in logged and logged["test_latency_ms_batch1"] == 0.5
+    assert logged["test/accuracy"] == pytest.approx(4 / 6)
+    assert logged["test/top3_accuracy"] == metrics["top3_accuracy"]
+    assert logged["test_interval/accuracy_low"] <= logged["test/accuracy"] <= logged["test_interval/accuracy_high"]
+    assert logged["test_per_class/f1_a"] == metrics["per_class"]["a"]["f1"] and "test_per_class/support_a" not in logged
+    assert "test/roc_auc" not in logged and logged["test/latency_ms_batch1"] == 0.5
     assert all(isinstance(value, float) for value in logged.values())
+
+
+def test_penultimate_features_need_a_linear_classifier():
+    from imgpipe.evaluate import penultimate_features
+
+    with pytest.raises(ValueError, match="Sequential has no Linear layer"):
+        penultimate_features(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    hook, collected = penultimate_features(model)
+    model(torch.ones(5, 4))
+    hook.remove()
+    model(torch.ones(5, 4))
+    assert len(collected) == 1 and collected[0].shape == (5, 3)  # the last Linear's input, until removed

@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 
-EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
 
 log = logging.getLogger("imgpipe.cli")
 
@@ -110,4 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except UsageError as error:
         parser.exit(EXIT_USAGE, f"imgpipe {args.command}: error: {error}\n")
+    except Exception as error:  # noqa: BLE001 - an unforeseen error must not read as "some inputs failed"
+        log.exception("failed: %s", error)
+        return EXIT_CRASHED
 

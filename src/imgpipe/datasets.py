@@ -34,6 +34,13 @@ def class_names(manifest: pd.DataFrame) -> list[str]:
     return sorted(manifest["label"].unique())
 
 
+def image_to_chw(image: Image.Image) -> np.ndarray:
+    """A preprocessed image as uint8 C x H x W, the layout of every tensor of images here
+    (training, evaluation and `imgpipe predict` all go through this)."""
+    array = np.asarray(image)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
 def load_split(manifest: pd.DataFrame, split: str, classes: list[str]) -> SplitTensors:
     source = manifest.attrs.get("source", "the split manifest")
     rows = manifest[manifest["split"] == split]
@@ -43,8 +50,7 @@ def load_split(manifest: pd.DataFrame, split: str, classes: list[str]) -> SplitT
     arrays = []
     for done, path in enumerate(rows["path"], start=1):
         with Image.open(path) as image:
-            array = np.asarray(image)
-        arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+            arrays.append(image_to_chw(image))
         if done % 10000 == 0:
             log.info("%s: %d / %d images decoded", split, done, len(rows))
     shapes = {array.shape for array in arrays}

@@ -37,8 +37,15 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
 
     `roc`: stats.roc_curves of the same data, when the caller has it already (for the plot).
     """
+    if not np.isfinite(probabilities).all():
+        raise ValueError("the model's outputs are not finite numbers (NaN or infinity) for "
+                         f"{int((~np.isfinite(probabilities)).any(axis=1).sum())} test image(s): its training "
+                         f"diverged; retrain it with a lower lr")
     y_pred = probabilities.argmax(axis=1)
     labels = list(range(len(classes)))
+    # Macro F1 averages over the classes the test split holds or the model predicts, as
+    # balanced accuracy and ROC AUC leave out a class without test images.
+    seen = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
     roc = roc if roc is not None else stats.roc_curves(y_true, probabilities, classes)
@@ -48,7 +55,10 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
         "n_test": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(skm.f1_score(y_true, y_pred, labels=seen, average="macro", zero_division=0)),
+        "macro_f1_note": (None if len(seen) == len(classes) else
+                          f"macro over the {len(seen)} of {len(classes)} classes in the test split or predicted "
+                          f"(absent: {', '.join(classes[i] for i in labels if i not in seen)})"),
         "weighted_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
         **{f"top{k}_accuracy": stats.top_k_accuracy(y_true, probabilities, k) for k in stats.top_k_values(len(classes))},
         "log_loss": stats.log_loss(y_true, probabilities),
@@ -85,7 +95,8 @@ class Evaluation:
     predictions: pd.DataFrame  # path, label, predicted, confidence, one probability column per class
     y_true: np.ndarray
     probabilities: np.ndarray
-    features: np.ndarray  # the classifier layer's input per test image (for the embedding plot)
+    features: np.ndarray | None  # the classifier layer's input per test image (for the embedding plot)
+    features_note: str | None  # why there are no features (no Linear classifier layer)
     roc: dict  # stats.roc_curves: the curves the plot draws and the AUC the metrics report
 
 
@@ -96,12 +107,22 @@ MLFLOW_TEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1
 
 
 def mlflow_test_metrics(metrics: dict) -> dict[str, float]:
-    """The run's test_* metrics: headline figures, top-k and the interval bounds; None skipped."""
-    chosen = {key: metrics.get(key) for key in MLFLOW_TEST_METRICS}
-    chosen.update({key: value for key, value in metrics.items() if key.startswith("top") and key.endswith("_accuracy")})
+    """The run's test metrics: 'test/<figure>' (top-k included), interval bounds under
+    'test_interval/', per-class figures under 'test_per_class/'; None skipped.
+
+    MLflow's chart view groups metrics into sections by the part before '/', sorted by
+    name, with the unprefixed ones (the training curves) last: so the headline figures'
+    charts open the page, and a 100-class experiment's 300 per-class charts sit in a
+    section of their own.
+    """
+    chosen = {f"test/{key}": metrics.get(key) for key in MLFLOW_TEST_METRICS}
+    chosen.update({f"test/{key}": value for key, value in metrics.items()
+                   if key.startswith("top") and key.endswith("_accuracy")})
     for name, (low, high) in metrics.get("confidence_intervals", {}).items():
-        chosen[f"{name}_ci_low"], chosen[f"{name}_ci_high"] = low, high
-    return {f"test_{key}": float(value) for key, value in chosen.items() if value is not None}
+        chosen[f"test_interval/{name}_low"], chosen[f"test_interval/{name}_high"] = low, high
+    for name, figures in metrics.get("per_class", {}).items():
+        chosen.update({f"test_per_class/{stat}_{name}": value for stat, value in figures.items() if stat != "support"})
+    return {key: float(value) for key, value in chosen.items() if value is not None}
 
 
 def penultimate_features(model: torch.nn.Module):
@@ -127,16 +148,22 @@ def measure_speed(model, example: torch.Tensor, batch_size: int, device, budget_
     Each is timed for at most about `budget_seconds` (at least 3 repetitions), so a large
     model on a CPU does not turn evaluation into a benchmark run.
     """
+    def synchronize() -> None:  # GPU calls return before the work is done
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
     def median_seconds(batch: torch.Tensor) -> float:
         for _ in range(2):  # warm-up: first calls allocate and pick kernels
             model(batch)
+        synchronize()
         times: list[float] = []
         deadline = time.perf_counter() + budget_seconds
         while len(times) < 3 or (len(times) < 30 and time.perf_counter() < deadline):
             started = time.perf_counter()
             model(batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize()
             times.append(time.perf_counter() - started)
         return float(np.median(times))
 
@@ -166,12 +193,18 @@ def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, 
         raise ValueError(f"test labels {unknown} in {manifest_path} are not among the classes {checkpoint_path} "
                          f"was trained on ({classes})")
     test = load_split(manifest, "test", classes)
-    hook, collected = penultimate_features(model)
+    try:
+        hook, collected = penultimate_features(model)
+        features_note = None
+    except ValueError as error:  # a classifier without a Linear layer (SqueezeNet's is a convolution)
+        hook, collected, features_note = None, [], str(error)
+        log.warning("no embedding plot: %s", error)
     started = time.perf_counter()
     probabilities = predict_probabilities(model, test.images, checkpoint["normalization"], device)
     seconds = time.perf_counter() - started
-    hook.remove()
-    features = torch.cat(collected).flatten(1).numpy()
+    if hook is not None:
+        hook.remove()
+    features = torch.cat(collected).flatten(1).numpy() if collected else None
     y_true = test.labels.numpy()
     roc = stats.roc_curves(y_true, probabilities, classes)
     result = classification_metrics(y_true, probabilities, classes, roc=roc)
@@ -195,4 +228,4 @@ def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, 
              "batch 1, %.0f images/s at batch %d", checkpoint["model_name"], result["accuracy"],
              *result["confidence_intervals"]["accuracy"], result["macro_f1"], result["n_test"],
              speed["latency_ms_batch1"], speed["throughput_images_per_s"], batch_size)
-    return Evaluation(result, predictions, y_true, probabilities, features, roc)
+    return Evaluation(result, predictions, y_true, probabilities, features, features_note, roc)

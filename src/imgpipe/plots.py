@@ -271,6 +271,16 @@ def plot_embedding(features, y_true, y_pred, class_names: Sequence[str], path: P
     return {"pca_explained_variance": explained, "tsne": reason is None}
 
 
+def plot_unavailable(path: Path | str, title: str, reason: str) -> None:
+    """A figure that says why a plot could not be drawn: the output exists, and says so."""
+    fig = Figure(figsize=(6.0, 2.5), layout="constrained")
+    ax = fig.subplots()
+    ax.set_axis_off()
+    ax.set_title(title)
+    _say(ax, reason)
+    _save(fig, path)
+
+
 def most_confident(confidences, max_images: int) -> list[int]:
     """Indices of the `max_images` highest confidences, highest first; ties keep input order."""
     order = np.argsort(-np.asarray(confidences, dtype=float), kind="stable")

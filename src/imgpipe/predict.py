@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from imgpipe.checkpoints import load_trained_model
+from imgpipe.datasets import image_to_chw
 from imgpipe.evaluate import predict_probabilities
 from imgpipe.files import error_text, walk_files
 from imgpipe.images import inspect_image
@@ -146,12 +147,6 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[dict]
             found = []
         files.update(dict.fromkeys(found))
     return list(files), failures
-
-
-def image_to_chw(image: Image.Image) -> np.ndarray:
-    """A preprocessed image as uint8 C x H x W: the layout `imgpipe.datasets.load_split` gives a split."""
-    array = np.asarray(image)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
 def prepare_file(path: Path | str, image_settings: dict) -> np.ndarray:

@@ -91,9 +91,10 @@ def split_input(model_input) -> tuple[list[str] | None, list[np.ndarray] | None]
 
 
 def image_list(array: np.ndarray) -> list[np.ndarray]:
-    """One array as images: H x W and H x W x 3/4 are one image; N x H x W (not ending in 3 or 4) and
-    N x H x W x C a batch, which is how MLflow serving hands over JSON `{"inputs": [image, ...]}`."""
-    if array.ndim == 4 or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+    """One array as images: H x W and H x W x 1/3/4 are one image; N x H x W (not ending in 1, 3
+    or 4: no image is that narrow) and N x H x W x C a batch, which is how MLflow serving hands
+    over JSON `{"inputs": [image, ...]}`."""
+    if array.ndim == 4 or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         return list(array)
     return [array]
 

@@ -107,7 +107,9 @@ def write_report(
 
     The summary (JSON-serialisable, for MLflow and summary.json) holds experiment,
     rank_by, best_model, best_value, runner_up, margin (best minus runner-up in rank_by),
-    ranking (best first), tied_with_best, significant_best (bool), verdict (one line),
+    ranking (best first), tied_with_best, better_than_best (significantly more accurate than
+    the first-ranked), untested, significant_best (True, False, or None: cannot be said),
+    verdict (one line),
     pairwise (the McNemar tests), failed_models ({model: reason}) and the paths written.
     """
     check_rank_by(rank_by)
@@ -159,6 +161,8 @@ def write_report(
         "margin": _margin(metrics, best, runner_up, rank_by),
         "ranking": ranking,
         "tied_with_best": comparison["tied"],
+        "better_than_best": comparison["better"],
+        "untested": comparison["untested"],
         "significant_best": comparison["significant_best"],
         "verdict": verdict,
         "pairwise": comparison["tests"],
@@ -173,60 +177,124 @@ def write_report(
     return summary
 
 
+def stale_model_results(results: Path, models: list[str], classes: list[str],
+                        start_models: dict[str, str | None]) -> tuple[str | None, dict[str, str]]:
+    """After a failed run: which results under `results` (results/<experiment>) are current.
+
+    A failed job's outputs are deleted, but a job that never ran (its input failed, or the
+    run stopped first) keeps what an earlier run left, which must not pass for this run's
+    result. Returns (why the data stages are not usable, or None; {model: why its result
+    is not current}). `start_models` maps each model to the model it starts from (init_from).
+    """
+    data = ([results / "raw" / f"{c}.csv" for c in classes] + [results / "dedupe" / "manifest.csv"]
+            + [results / "images" / f"{c}.csv" for c in classes] + [results / "split" / "manifest.csv"])
+    missing = [str(path) for path in data if not path.is_file()]
+    if missing:
+        return f"the data stages did not finish ({missing[0]} is missing)", {}
+    split = (results / "split" / "manifest.csv").stat().st_mtime_ns
+    trained = {m: results / "models" / m / "model.pt" for m in models}
+    stale: dict[str, str] = {}
+    for model in models:
+        metrics = results / "eval" / model / "metrics.json"
+        start = start_models.get(model)
+        if not trained[model].is_file():
+            stale[model] = "training did not finish (no model.pt)"
+        elif trained[model].stat().st_mtime_ns < split:
+            stale[model] = "not trained on the current split (its train job did not run)"
+        elif start and (not trained[start].is_file()
+                        or trained[start].stat().st_mtime_ns > trained[model].stat().st_mtime_ns):
+            stale[model] = f"not retrained from the current {start} (init_from), which did not finish"
+        elif not metrics.is_file() or metrics.stat().st_mtime_ns < trained[model].stat().st_mtime_ns:
+            stale[model] = "evaluation did not finish (no up-to-date metrics.json)"
+    return None, stale
+
+
 def compare_models(metrics: dict[str, dict], ranking: list[str], predictions_paths: dict[str, Path]) -> dict:
     """McNemar's exact test for every pair of ranked models on the test images they share.
 
-    Returns {"tests": [...], "tied": [models not significantly different from the best],
-    "significant_best": bool | None (None: nothing to compare), "n_images": int,
-    "problems": [why a model could not be compared]}.
+    Returns {"tests": [...], "standing": {model: 'beaten' | 'tied' | 'better'} against the
+    first-ranked model, "tied" and "better" (those models, in ranking order), "untested"
+    (models that could not be compared), "significant_best": True when every other model
+    is beaten, False when one is tied or better, None when that cannot be said (a model
+    untested, no shared image), "n_images": int, "problems": [why, for the reader]}.
     """
     correct, problems = {}, []
     for model in ranking:
         path = predictions_paths.get(model)
         if path is None:
+            problems.append(f"{model}: no test predictions to compare")
             continue
         try:
             frame = pd.read_csv(path, usecols=["path", "label", "predicted"], dtype=str, keep_default_na=False)
         except (OSError, ValueError) as error:
             problems.append(f"{model}: cannot read its test predictions {path} ({error})")
             continue
+        if frame["path"].duplicated().any():
+            problems.append(f"{model}: its test predictions {path} list an image more than once "
+                            f"({frame.loc[frame['path'].duplicated(), 'path'].iloc[0]})")
+            continue
         correct[model] = pd.Series((frame["label"] == frame["predicted"]).to_numpy(), index=frame["path"])
-    result = {"tests": [], "tied": [], "significant_best": None, "n_images": 0, "problems": problems}
-    if len(correct) < 2 or ranking[0] not in correct:
+    untested = [m for m in ranking if m not in correct]
+    result = {"tests": [], "standing": {}, "tied": [], "better": [], "untested": untested,
+              "significant_best": None, "n_images": 0, "problems": problems}
+    if len(ranking) < 2 or ranking[0] not in correct or len(correct) < 2:
         return result
     shared = sorted(set.intersection(*(set(series.index) for series in correct.values())))
+    if not shared:
+        problems.append("the models' test predictions share no image: they cannot be compared")
+        return result
     sizes = {model: len(series) for model, series in correct.items()}
     if any(size != len(shared) for size in sizes.values()):
         problems.append(f"the models' test predictions cover different images ({sizes}); compared on the "
                         f"{len(shared)} they share")
     aligned = {model: series.loc[shared].to_numpy() for model, series in correct.items()}
     tests = stats.pairwise_mcnemar(aligned, alpha=SIGNIFICANCE)
-    tied = stats.tied_with_best(ranking[0], tests)
-    return {"tests": tests, "tied": [m for m in ranking if m in tied], "significant_best": not tied,
-            "n_images": len(shared), "problems": problems}
+    standing = stats.standing_against(ranking[0], tests)
+    tied = [m for m in ranking if standing.get(m) == "tied"]
+    better = [m for m in ranking if standing.get(m) == "better"]
+    if tied or better:
+        significant = False
+    else:
+        significant = None if untested else True
+    return {**result, "tests": tests, "standing": standing, "tied": tied, "better": better,
+            "significant_best": significant, "n_images": len(shared)}
 
 
 def verdict_sentence(metrics: dict[str, dict], ranking: list[str], rank_by: str, comparison: dict,
                      failed: dict[str, str]) -> str:
-    """The one line a person reads first (also printed at the end of the run)."""
+    """The one line a person reads first (also printed at the end of the run).
+
+    McNemar's test compares accuracy (which images each model gets right): ranked by
+    another metric, the sentence says that it is accuracy that differs or not.
+    """
     failures = f" {len(failed)} model(s) failed: {', '.join(failed)}." if failed else ""
     if not ranking:
         return f"No model could be compared.{failures}"
     best, label = ranking[0], RANK_METRICS[rank_by]
+    first = f"{best} ranks first by {label} ({_fmt_score(metrics[best][rank_by])})"
+    in_accuracy = "" if rank_by == "accuracy" else " in accuracy"
+    test = f"McNemar, Holm-corrected p {{}} {SIGNIFICANCE}"
     if len(ranking) == 1:
         return f"Only {best} could be evaluated ({label} {_fmt_score(metrics[best][rank_by])}).{failures}"
-    if comparison["significant_best"] is None:
-        return (f"{best} ranks first by {label} ({_fmt_score(metrics[best][rank_by])}); without test predictions "
-                f"the lead's significance is unknown.{failures}")
+    if comparison["better"]:
+        return (f"{first}, but {_join(comparison['better'])} "
+                f"{'is' if len(comparison['better']) == 1 else 'are'} significantly more accurate "
+                f"({test.format('<')}): check which metric matters for your use.{failures}")
     if comparison["significant_best"]:
         return (f"Best: {best} ({label} {_fmt_score(metrics[best][rank_by])}); it is significantly more accurate "
-                f"than every other model (McNemar, Holm-corrected p < {SIGNIFICANCE}).{failures}")
-    tied = comparison["tied"]
-    cheapest = _cheapest(metrics, [best] + tied)
-    advice = (f" {cheapest} is the cheapest of them." if cheapest != best else "")
-    return (f"No significant winner: {best} ranks first by {label} ({_fmt_score(metrics[best][rank_by])}) but "
-            f"is statistically tied with {_join(tied)} (McNemar, Holm-corrected p >= {SIGNIFICANCE}).{advice}"
-            f"{failures}")
+                f"than every other model ({test.format('<')}).{failures}")
+    if comparison["tied"]:
+        tied = comparison["tied"]
+        cheapest = _cheapest(metrics, [best] + tied)
+        advice = f" {cheapest} is the cheapest of them." if cheapest != best else ""
+        untested = (f" {_join(comparison['untested'])} could not be tested."
+                    if comparison["untested"] else "")
+        return (f"No significant winner: {first} but is statistically tied{in_accuracy} with {_join(tied)} "
+                f"({test.format('>=')}).{advice}{untested}{failures}")
+    if comparison["untested"] and comparison["standing"]:
+        return (f"{first} and is significantly more accurate than {_join(list(comparison['standing']))}, but "
+                f"{_join(comparison['untested'])} could not be tested (see 'Is the difference real?').{failures}")
+    return f"{first}; whether its lead is significant cannot be said (see 'Is the difference real?').{failures}"
 
 
 def check_rank_by(rank_by: str) -> None:
@@ -360,9 +428,9 @@ def tradeoff_sentence(metrics: dict[str, dict], best: str, other: str) -> str | 
         if abs(math.log(ratio)) < math.log(1.1):
             parts.append(f"about the same ({figures})")
         elif ratio > 1:
-            parts.append(f"{ratio:.1f}x {cheaper} ({figures})")
+            parts.append(f"{_fmt_factor(ratio)} {cheaper} ({figures})")
         else:
-            parts.append(f"{1 / ratio:.1f}x {dearer} ({figures})")
+            parts.append(f"{_fmt_factor(1 / ratio)} {dearer} ({figures})")
     if not parts:
         return None
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -399,6 +467,9 @@ def comparison_section(metrics: dict[str, dict], ranking: list[str], rank_by: st
                   f"(0 when confidence matches accuracy)."),
         Table(quality_headers, quality, [False, False] + [True] * (len(quality_headers) - 2)),
         Heading("Size and speed", 3),
+        Paragraph("Latency and throughput are medians measured by each model's evaluate job on its device, "
+                  "while the machine ran whatever else the run had scheduled: compare them on a quiet machine "
+                  "before relying on small differences."),
         Table(["model", "params", "file MB", "train time s", "ms/image at batch 1", "images/s at training batch",
                "best epoch / epochs"], cost, [False] + [True] * 6),
     ]
@@ -406,6 +477,7 @@ def comparison_section(metrics: dict[str, dict], ranking: list[str], rank_by: st
              for m in ranking if metrics[m]["roc_auc"] is None]
     notes += [f"{m}: ROC AUC is the {metrics[m]['roc_auc_note']}" for m in ranking
               if metrics[m]["roc_auc"] is not None and metrics[m].get("roc_auc_note")]
+    notes += [f"{m}: macro F1 is the {metrics[m]['macro_f1_note']}" for m in ranking if metrics[m].get("macro_f1_note")]
     if notes:
         blocks.append(Bullets(notes))
     return blocks
@@ -661,6 +733,11 @@ def _fmt_score(value) -> str:
 
 def _fmt_int(value) -> str:
     return f"{int(value):,}" if _is_number(value) else MISSING
+
+
+def _fmt_factor(ratio: float) -> str:
+    """'3.8x', '446x': a decimal only where it says something."""
+    return f"{ratio:.1f}x" if ratio < 10 else f"{ratio:,.0f}x"
 
 
 def _fmt_p(value) -> str:

@@ -18,14 +18,16 @@ LOG_LOSS_EPSILON = np.finfo(np.float64).eps
 
 
 def macro_f1_from_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Macro F1 over all `n_classes` (a class never true nor predicted scores 0, as in
-    scikit-learn with zero_division=0); numpy only, fast enough for 1,000 bootstrap draws."""
+    """Macro F1 over the classes that are true or predicted at least once (scikit-learn's
+    default): a class with no test image, never predicted, has no F1 rather than 0, so a
+    bootstrap draw that happens to miss a rare class is not pulled down by it. numpy only,
+    fast enough for 1,000 bootstrap draws."""
     true_positive = np.bincount(y_true[y_true == y_pred], minlength=n_classes)
     predicted = np.bincount(y_pred, minlength=n_classes)
     actual = np.bincount(y_true, minlength=n_classes)
     denominator = predicted + actual
-    f1 = np.divide(2 * true_positive, denominator, out=np.zeros(n_classes), where=denominator > 0)
-    return float(f1.mean())
+    present = denominator > 0
+    return float((2 * true_positive[present] / denominator[present]).mean())
 
 
 def log_loss(y_true: np.ndarray, probabilities: np.ndarray) -> float:
@@ -167,10 +169,20 @@ def pairwise_mcnemar(correct: dict[str, np.ndarray], alpha: float = 0.05) -> lis
     return tests
 
 
-def tied_with_best(best: str, tests: list[dict]) -> list[str]:
-    """The models whose difference from `best` is not significant (after Holm)."""
-    tied = []
+def standing_against(best: str, tests: list[dict]) -> dict[str, str]:
+    """How every other model stands against `best` in the pairwise tests: 'beaten' (a
+    significant difference with `best` right more often), 'tied' (not significant) or
+    'better' (significant, the other model right more often)."""
+    standing = {}
     for test in tests:
-        if best in (test["a"], test["b"]) and not test["significant"]:
-            tied.append(test["b"] if test["a"] == best else test["a"])
-    return tied
+        if best not in (test["a"], test["b"]):
+            continue
+        best_is_a = test["a"] == best
+        other = test["b"] if best_is_a else test["a"]
+        best_only, other_only = ((test["a_only"], test["b_only"]) if best_is_a
+                                 else (test["b_only"], test["a_only"]))
+        if not test["significant"]:
+            standing[other] = "tied"
+        else:
+            standing[other] = "beaten" if best_only > other_only else "better"
+    return standing

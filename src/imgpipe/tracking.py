@@ -3,7 +3,9 @@
 What `mlflow ui` opens on is the experiment's top-level runs: each model is one row there
 (train and evaluate log into the same run), with its test metrics as columns and in the
 chart view, next to one collapsed row per invocation that holds the data jobs (crawl,
-dedupe, preprocess, split, report) and, mirrored from them, their counts. A model run
+dedupe, preprocess, split, report) with their counts. The invocation's own run logs no
+metrics: in the chart view every metric of a visible run gets a chart, and 30 data
+counts would push the models' charts off the page. A model run
 names its invocation in a tag instead of being its child: children sit collapsed under
 their parent, out of sight and out of the charts.
 
@@ -312,28 +314,12 @@ def new_job_run(run_name: str, tags: dict) -> tuple:
     return mlflow.start_run(run_id=created.info.run_id), parent_id
 
 
-def mirror_metrics(run_id: str, parent_id: str, prefix: str) -> None:
-    """Log a finished job's metrics on the run it is nested under too, as '<prefix>/<metric>',
-    so the invocation's one row says what data its models saw (images per class, duplicates
-    dropped, split sizes) without opening each job's run."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    metrics = client.get_run(run_id).data.metrics
-    if not metrics:
-        return
-    now = int(time.time() * 1000)
-    client.log_batch(parent_id, metrics=[Metric(f"{prefix}/{key}", value, now, 0) for key, value in metrics.items()])
-
-
 @contextlib.contextmanager
 def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None = None) -> Iterator:
     """An MLflow run for one job, or `resume_run_id` resumed.
 
     A model's run (tag imgpipe.stage 'model') is a top-level run; any other job's run is a
-    child of the invocation's run and, when it finishes, also logs its metrics there (see
-    `mirror_metrics`). New runs carry the invocation's tags (see `invocation_tags`) and its
+    child of the invocation's run. New runs carry the invocation's tags (see `invocation_tags`) and its
     run id (imgpipe.invocation), and a source name that says the stage and the model or class.
     A job that raises leaves its run FAILED. A run to resume that the store no longer has
     (the database was deleted or moved) is replaced by a new one, with a warning. The run
@@ -370,8 +356,6 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
         run, parent_id = new_job_run(run_name, tags)
     try:
         yield run
-        if parent_id:
-            mirror_metrics(run.info.run_id, parent_id, prefix=run_name.replace(" ", "/"))
     except BaseException:
         mlflow.end_run("FAILED")
         raise
@@ -392,6 +376,7 @@ def log_split_dataset(manifest_path: Path | str, context: str, name: str | None 
 
     import mlflow
     import mlflow.data
+    from mlflow.exceptions import MlflowException
 
     from imgpipe.manifests import read_split_manifest
 
@@ -402,7 +387,18 @@ def log_split_dataset(manifest_path: Path | str, context: str, name: str | None 
         name = f"{experiment} split" if experiment else "split"
     digest = hashlib.sha256(manifest_path.read_bytes()).hexdigest()[:16]
     dataset = mlflow.data.from_pandas(manifest, source=str(manifest_path), targets="label", name=name, digest=digest)
-    mlflow.log_input(dataset, context=context)
+    # Models train side by side: two jobs logging the same new dataset race to insert its row
+    # (MLflow checks, then inserts), and the loser gets a UNIQUE constraint error. By then the
+    # row exists, so logging again links it.
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as error:
+            if "UNIQUE constraint" not in str(error) or attempt == 2:
+                raise
+            log.info("MLflow: dataset '%s' was being logged by another job at the same time; linking it again", name)
+            time.sleep(0.2 * (attempt + 1))
 
 
 def write_run_reference(run, path: Path | str) -> None:

@@ -117,24 +117,23 @@ def write_report_after_failure():
 
 
 def _write_report_after_failure():
+    import os
     from pathlib import Path
 
-    from imgpipe.report import write_report
+    from imgpipe.report import stale_model_results, write_report
 
-    split, dedupe = Path(f"{RESULTS}/split/manifest.csv"), Path(f"{RESULTS}/dedupe/manifest.csv")
-    if not (split.is_file() and dedupe.is_file()):
-        logger.error("imgpipe: no report: the data stages did not finish (see the errors above)")
+    results = Path(RESULTS)
+    summary_path = results / "report/summary.json"
+    if summary_path.is_file() and summary_path.stat().st_mtime >= INVOCATION_STARTED:
+        show_verdict()  # the report job itself succeeded in this run: the failure was after it
         return
-    metrics, unavailable = {}, {}
-    for model in MODELS:
-        # (`checkpoint` is a Snakemake keyword at the start of a line, hence `trained`.)
-        trained, path = Path(f"{RESULTS}/models/{model}/model.pt"), Path(f"{RESULTS}/eval/{model}/metrics.json")
-        metrics[model] = path
-        # A failed job's outputs are deleted; what is left of an earlier run is not this model's result.
-        if not trained.is_file():
-            unavailable[model] = "training did not finish (no model.pt)"
-        elif not path.is_file() or path.stat().st_mtime_ns < trained.stat().st_mtime_ns:
-            unavailable[model] = "evaluation did not finish (no up-to-date metrics.json)"
+    data_problem, unavailable = stale_model_results(
+        results, MODELS, CLASSES, {m: config["models"][m]["init_from"] for m in MODELS})
+    if data_problem:
+        logger.error(f"imgpipe: no report: {data_problem} (see the errors above)")
+        return
+    split, dedupe = results / "split/manifest.csv", results / "dedupe/manifest.csv"
+    metrics = {m: results / f"eval/{m}/metrics.json" for m in MODELS}
     summary = write_report(
         EXPERIMENT,
         metrics_paths=metrics,
@@ -147,12 +146,17 @@ def _write_report_after_failure():
         log_paths={model: [Path(p) for p in paths] for model, paths in model_logs().items()},
         unavailable=unavailable,
     )
-    logger.error(f"imgpipe: {len(unavailable)} of {len(MODELS)} model(s) failed; the report of the others is "
-                 f"written.")
-    show_verdict()
+    # Written outside a job, the report has no Snakemake metadata: dated to the epoch, it is
+    # older than any input, so the next run rebuilds it whatever changed meanwhile.
+    for name in ("summary.json", "report.md", "report.html", "learning_curves.png"):
+        os.utime(results / "report" / name, (0, 0))
+    if unavailable:
+        logger.error(f"imgpipe: {len(unavailable)} of {len(MODELS)} model(s) have no result from this run "
+                     f"({', '.join(unavailable)}); the report compares the others.")
+    show_verdict(fresh=True)
 
 
-def show_verdict():
+def show_verdict(fresh=None):
     """The report's place and one-line verdict, as the last thing a run prints."""
     import json
     from pathlib import Path
@@ -161,6 +165,6 @@ def show_verdict():
     if not summary_path.is_file():
         return
     summary = json.loads(summary_path.read_text())
-    fresh = summary_path.stat().st_mtime >= INVOCATION_STARTED
+    fresh = summary_path.stat().st_mtime >= INVOCATION_STARTED if fresh is None else fresh
     logger.info(f"\nReport{'' if fresh else ' (not rebuilt by this run)'}: {Path(summary['report_html']).resolve()}"
                 f"\nVerdict: {summary['verdict']}\n")

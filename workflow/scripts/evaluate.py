@@ -14,7 +14,7 @@ import mlflow
 
 from imgpipe.evaluate import evaluate_checkpoint, mlflow_test_metrics
 from imgpipe.plots import (plot_confident_errors, plot_confusion_matrix, plot_embedding, plot_reliability_diagram,
-                           plot_roc_curves)
+                           plot_roc_curves, plot_unavailable)
 from imgpipe.tracking import job_run, log_split_dataset, read_run_reference
 
 model_name = snakemake.wildcards.model
@@ -44,18 +44,20 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
     plot_roc_curves(evaluation.roc, output.roc, f"{model_name}: ROC (test)")
     plot_reliability_diagram(metrics["calibration_bins"], metrics["ece"], output.reliability,
                              f"{model_name}: reliability (test)")
-    embedding = plot_embedding(evaluation.features, evaluation.y_true, evaluation.probabilities.argmax(axis=1),
-                               classes, output.embedding, f"{model_name}: penultimate-layer features (test)")
+    if evaluation.features is not None:
+        embedding = plot_embedding(evaluation.features, evaluation.y_true, evaluation.probabilities.argmax(axis=1),
+                                   classes, output.embedding, f"{model_name}: penultimate-layer features (test)")
+    else:
+        plot_unavailable(output.embedding, f"{model_name}: penultimate-layer features (test)",
+                         f"not drawn: {evaluation.features_note}")
+        embedding = {"pca_explained_variance": [], "tsne": False, "not_drawn": evaluation.features_note}
     wrong = predictions[predictions["label"] != predictions["predicted"]]
     plot_confident_errors(list(wrong["path"]), list(wrong["label"]), list(wrong["predicted"]),
                           wrong["confidence"].to_numpy(), output.confident_errors,
                           f"{model_name}: most confidently wrong test images")
 
     mlflow.log_metrics(mlflow_test_metrics(metrics))
-    for name, figures in metrics["per_class"].items():
-        mlflow.log_metrics({f"test_{stat}_{name}": value for stat, value in figures.items() if stat != "support"})
-    mlflow.log_dict({"pca_explained_variance": embedding["pca_explained_variance"], "tsne": embedding["tsne"]},
-                    "evaluation/embedding.json")
+    mlflow.log_dict(embedding, "evaluation/embedding.json")
     for path in (output.metrics, output.predictions, output.confusion_matrix, output.roc, output.reliability,
                  output.embedding, output.confident_errors):
         mlflow.log_artifact(path, artifact_path="evaluation")
