@@ -126,9 +126,11 @@ def check_what_the_ui_shows(base_url: str, experiment: str, models: list[str], c
         assert run["tags"]["mlflow.parentRunId"] == invocation_id, name
         assert run["tags"]["imgpipe.stage"] in DATA_STAGES
         assert run["tags"]["mlflow.source.name"] == f"imgpipe {name}"
-    # The invocation's row logs no metrics of its own: in the chart view they would come before the models'.
+    # The invocation's row has the data counts as params: as metrics, their charts would come before the models'.
     assert not invocation.get("metrics")
     assert {"images_ok"} <= set(data_runs[f"crawl {classes[0]}"]["metrics"])
+    invocation_params = {p["key"] for p in invocation["data"].get("params", [])}
+    assert {f"crawl/{cls}/images_ok" for cls in classes} <= invocation_params
 
     for name in models:
         inputs = runs[name].get("inputs", {}).get("dataset_inputs", [])

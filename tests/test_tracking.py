@@ -306,9 +306,12 @@ def test_model_runs_are_top_level_rows_and_data_runs_sit_under_the_invocation(ml
                                        "mlflow.source.name": "imgpipe crawl cat", **provenance}.items()
     invocation = client.get_run(parent_id)
     assert invocation.data.tags.items() >= {"mlflow.source.name": "imgpipe snakemake pets", **provenance}.items()
-    # The data job's counts stay on its own run: on the invocation's they would add charts above the models'.
+    # The data job's counts are on the invocation's run as params: as metrics they would add charts above
+    # the models'.
     assert invocation.data.metrics == {}
     assert crawl.data.metrics == {"images_ok": 12, "images_failed": 1}
+    assert {k: v for k, v in invocation.data.params.items() if k.startswith("crawl/")} == {
+        "crawl/cat/images_ok": "12", "crawl/cat/images_failed": "1"}
 
     (dataset_input,) = model.inputs.dataset_inputs  # the evaluate job's logging of the same split adds nothing
     dataset = dataset_input.dataset
@@ -394,3 +397,14 @@ def test_models_logging_the_same_new_split_at_once_all_get_it(mlflow_uri, tmp_pa
         [client.get_experiment_by_name("pets").experiment_id])}
     for name in names:
         assert [d.dataset.name for d in runs[name].inputs.dataset_inputs] == ["pets split"], name
+
+
+def test_a_failed_data_job_records_no_counts_on_the_invocation(mlflow_uri):
+    parent_id = start_invocation(None, "pets", {"experiment": "pets"})
+    with pytest.raises(OSError):
+        with job_run("split", tags={"imgpipe.stage": "split"}) as split:
+            mlflow.log_metric("n_test", 3)
+            raise OSError("disk full")
+    client = MlflowClient()
+    assert client.get_run(split.info.run_id).info.status == "FAILED"
+    assert not [key for key in client.get_run(parent_id).data.params if key.startswith("split/")]

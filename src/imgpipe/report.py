@@ -637,7 +637,7 @@ def render_html(blocks: list[Block], title: str) -> str:
                                   colalign=_colalign(block)))
         elif isinstance(block, Figures):
             figures = "".join(
-                f'<figure><img alt="{html.escape(caption)}" src="{_data_uri(path)}">'
+                f'<figure{_wide_class(path)}><img alt="{html.escape(caption)}" src="{_data_uri(path)}">'
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
                 for caption, path in block.images
             )
@@ -659,6 +659,8 @@ th, td { padding: .3em .7em; border-bottom: 1px solid #e4e4e4; }
 th { background: #f4f4f4; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { margin: 0; flex: 1 1 420px; }
+figure.wide { flex-basis: 100%; }
+figure:not(.wide) { max-width: calc(50% - .5em); }
 figure img { max-width: 100%; height: auto; }
 figcaption { font-size: .85em; color: #666; text-align: center; }
 pre { background: #f6f6f6; padding: .6em; overflow-x: auto; font-size: .85em; }
@@ -713,6 +715,19 @@ def _frame_table(frame: pd.DataFrame, index_name: str) -> Table:
 
 def _colalign(table: Table) -> list[str]:
     return ["right" if numeric else "left" for numeric in table.numeric]
+
+
+# A plot this much wider than tall (the embedding's two panels, a row of error thumbnails)
+# would shrink to illegibility beside another: it gets a row of its own.
+WIDE_ASPECT = 1.7
+
+
+def _wide_class(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+    return ' class="wide"' if width > WIDE_ASPECT * height else ""
 
 
 def _data_uri(path: Path) -> str:

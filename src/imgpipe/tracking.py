@@ -3,9 +3,9 @@
 What `mlflow ui` opens on is the experiment's top-level runs: each model is one row there
 (train and evaluate log into the same run), with its test metrics as columns and in the
 chart view, next to one collapsed row per invocation that holds the data jobs (crawl,
-dedupe, preprocess, split, report) with their counts. The invocation's own run logs no
-metrics: in the chart view every metric of a visible run gets a chart, and 30 data
-counts would push the models' charts off the page. A model run
+dedupe, preprocess, split, report) with their counts, which it also records as params
+(not metrics: in the chart view every metric of a visible run gets a chart, and 30 data
+counts would push the models' charts off the page). A model run
 names its invocation in a tag instead of being its child: children sit collapsed under
 their parent, out of sight and out of the charts.
 
@@ -319,7 +319,8 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
     """An MLflow run for one job, or `resume_run_id` resumed.
 
     A model's run (tag imgpipe.stage 'model') is a top-level run; any other job's run is a
-    child of the invocation's run. New runs carry the invocation's tags (see `invocation_tags`) and its
+    child of the invocation's run and, when it finishes, records its counts there (see
+    `record_counts_on_invocation`). New runs carry the invocation's tags (see `invocation_tags`) and its
     run id (imgpipe.invocation), and a source name that says the stage and the model or class.
     A job that raises leaves its run FAILED. A run to resume that the store no longer has
     (the database was deleted or moved) is replaced by a new one, with a warning. The run
@@ -356,10 +357,35 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
         run, parent_id = new_job_run(run_name, tags)
     try:
         yield run
+        if parent_id:
+            record_counts_on_invocation(run.info.run_id, parent_id, prefix=run_name.replace(" ", "/"))
     except BaseException:
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def record_counts_on_invocation(run_id: str, parent_id: str, prefix: str) -> None:
+    """Copy a finished data job's counts onto the invocation's run as params '<prefix>/<name>'
+    (crawl/cat/images_ok), so one run page says what data the models of that invocation saw.
+
+    Params, not metrics: in the chart view every metric of a visible run gets a chart, and
+    thirty data counts would push the models' charts off the first screen.
+    """
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    counts = client.get_run(run_id).data.metrics
+    if not counts:
+        return
+    params = [Param(f"{prefix}/{key}", f"{value:g}") for key, value in sorted(counts.items())]
+    try:
+        client.log_batch(parent_id, params=params)
+    except MlflowException as error:  # a job retried in the same invocation with other counts
+        log.warning("MLflow: the counts of %s could not be recorded on the invocation's run %s: %s",
+                    prefix, parent_id, error)
 
 
 def log_split_dataset(manifest_path: Path | str, context: str, name: str | None = None) -> None:
