@@ -1,4 +1,5 @@
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ SCHEMA = load_schema(REPO / "workflow/schemas/config.schema.yaml")
 def base_config(tmp_path):
     folder = tmp_path / "cats"
     folder.mkdir(exist_ok=True)
+    (folder / "cat.jpg").write_bytes(b"an image, as far as validation looks")
     return {
         "experiment": "pets",
         "classes": {"cat": {"sources": [{"folder": str(folder)}]}, "dog": {"sources": [{"digits": 1}]}},
@@ -124,6 +126,7 @@ def test_example_configs_are_valid(example, tmp_path):
         for source in spec["sources"]:
             if "folder" in source:
                 (tmp_path / source["folder"]).mkdir(parents=True, exist_ok=True)
+                (tmp_path / source["folder"] / "image.jpg").write_bytes(b"x")  # an empty folder is refused
     check_config_files([example])
     assert validate_config(config, SCHEMA, tmp_path)["experiment"] == example.stem
 
@@ -240,6 +243,7 @@ models:
     strategy: feature_extract
 """)
     (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "cat.jpg").write_bytes(b"x")  # an empty folder is refused
     check_config_files([path])  # the override of lr next to the merge key is not a duplicate
     models = validate_config(yaml.safe_load(path.read_text()), SCHEMA, tmp_path)["models"]
     assert models["finetune"]["lr"] == 0.01 and models["frozen"]["lr"] == 0.001
@@ -267,6 +271,7 @@ def test_a_mistake_in_a_swept_model_points_at_its_sweep_entry(tmp_path):
 def test_a_swept_key_overrides_the_same_key_merged_from_an_anchor(tmp_path):
     path = tmp_path / "config.yaml"
     (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "cat.jpg").write_bytes(b"x")  # an empty folder is refused
     path.write_text(f"""
 experiment: sweep
 x-base: &base {{arch: resnet50, batch_size: 16, optimizer: sgd}}
@@ -290,3 +295,26 @@ def test_backbone_lr_factor_applies_to_finetune_only_when_set(tmp_path):
         "plain": {"arch": "resnet18"}, "discriminative": {"arch": "resnet18", "backbone_lr_factor": 0.2}}),
         SCHEMA, tmp_path)["models"]
     assert not needs_parts(models["plain"]) and needs_parts(models["discriminative"])
+
+
+@pytest.mark.parametrize("source, message", [
+    # The urls branch is the one meant: its own error, not the folder branch's "'threads', 'urls' were unexpected".
+    ({"urls": "list.txt", "threads": 0}, "'classes.cat.sources[0].threads': 0 is less than the minimum of 1"),
+    ({"engine": "bing"}, "'classes.cat.sources[0]': 'queries' is a required property"),
+    ({"folder": ".", "treads": 2}, "'classes.cat.sources[0]': Additional properties are not allowed ('treads' was"),
+    ({"folde": "cats"}, "'classes.cat.sources[0]': needs one of the keys digits, engine, folder, urls (got folde)"),
+])
+def test_a_source_mistake_is_reported_for_the_kind_of_source_meant(tmp_path, source, message):
+    (tmp_path / "list.txt").write_text("http://example.com/a.jpg\n")
+    config = base_config(tmp_path)
+    config["classes"]["cat"]["sources"] = [source]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(config, SCHEMA, tmp_path)
+
+
+def test_an_empty_source_folder_fails_at_dag_build(tmp_path):
+    config = base_config(tmp_path)
+    (tmp_path / "empty" / "nested").mkdir(parents=True)  # folders only: still no image
+    config["classes"]["cat"]["sources"] = [{"folder": "empty"}]
+    with pytest.raises(ConfigError, match=r"'classes.cat.sources\[0\].folder': the folder 'empty' holds no files"):
+        validate_config(config, SCHEMA, tmp_path)

@@ -71,3 +71,30 @@ def test_preprocess_class_records_a_file_that_fails(tmp_path):
     assert result.loc[1, "reason"] and result.loc[1, "source_file"] == str(broken)
     with Image.open(result.loc[0, "path"]) as written:
         assert written.size == (12, 12) and written.mode == "L"
+
+
+def test_a_colour_key_becomes_background_not_its_colour(tmp_path):
+    """PNG tRNS on RGB and grayscale images: pixels of the key colour are transparent."""
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[:2] = (255, 0, 0)
+    rgb[2:] = (0, 0, 255)
+    Image.fromarray(rgb).save(tmp_path / "key.png", transparency=(255, 0, 0))
+    gray = np.full((4, 4), 7, np.uint8)
+    gray[2:] = 200
+    Image.fromarray(gray).save(tmp_path / "key_gray.png", transparency=7)
+    with Image.open(tmp_path / "key.png") as image:
+        converted = np.asarray(to_color(image, "rgb"))
+    assert converted[0, 0].tolist() == [255, 255, 255] and converted[3, 0].tolist() == [0, 0, 255]
+    with Image.open(tmp_path / "key_gray.png") as image:
+        assert np.asarray(to_color(image, "grayscale"))[:, 0].tolist() == [255, 255, 200, 200]
+
+
+@pytest.mark.parametrize("values, expected", [
+    (np.array([[0.0, 0.5], [1.0, 0.25]]), [[0, 128], [255, 64]]),  # 0-1: the usual float convention
+    (np.array([[0.0, 100.0], [255.0, 50.0]]), [[0, 100], [255, 50]]),  # already 0-255
+    (np.array([[-1.0, 0.0], [3.0, np.nan]]), [[0, 64], [255, 0]]),  # any other range: stretched; NaN -> 0
+])
+def test_a_float_tiff_is_scaled_not_clipped_to_black(tmp_path, values, expected):
+    Image.fromarray(values.astype(np.float32), mode="F").save(tmp_path / "float.tif")
+    with Image.open(tmp_path / "float.tif") as image:
+        assert np.asarray(to_color(image, "grayscale")).tolist() == expected

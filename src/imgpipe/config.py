@@ -86,11 +86,38 @@ def fill_defaults(instance: Any, schema: dict, root: dict) -> None:
 
 
 def _schema_error_message(error: jsonschema.ValidationError) -> str:
-    # oneOf failures are unreadable as a whole; the most specific branch error says more.
     best = jsonschema.exceptions.best_match([error])
     if best.context:
-        best = jsonschema.exceptions.best_match(best.context)
+        best = _intended_branch_error(best)
     return f"config key '{key_path(best.absolute_path)}': {best.message}{_number_as_text_hint(best)}"
+
+
+def _intended_branch_error(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """The error of the oneOf branch the user meant: the one whose required keys are all there.
+
+    A source `{urls: list.txt, threads: 0}` fails every branch; only the urls branch has its
+    required key, so its error ('threads: 0 is less than the minimum of 1') is the mistake,
+    not the folder branch's "'threads', 'urls' were unexpected".
+    """
+    by_branch: dict = {}
+    for branch_error in error.context:
+        by_branch.setdefault(branch_error.relative_schema_path[0], []).append(branch_error)
+    meant = [errors for errors in by_branch.values() if not any(e.validator == "required" for e in errors)]
+    if len(meant) == 1:
+        return jsonschema.exceptions.best_match(meant[0])
+    instance = error.instance if isinstance(error.instance, dict) else {}
+    # No branch complete: the one sharing a required key with the instance ({engine: bing}
+    # lacks the engine branch's queries).
+    partly = [errors for errors in by_branch.values()
+              if any(e.validator == "required" and set(e.schema["required"]) & set(instance) for e in errors)]
+    if not meant and len(partly) == 1:
+        return next(e for e in partly[0] if e.validator == "required")
+    if not meant and isinstance(error.instance, dict):
+        # Each branch's first required key names its kind (folder, digits, engine, urls).
+        required = sorted({e.schema["required"][0] for e in error.context if e.validator == "required"})
+        error.message = f"needs one of the keys {', '.join(required)} (got {', '.join(error.instance) or 'none'})"
+        return error
+    return jsonschema.exceptions.best_match(error.context)
 
 
 def _number_as_text_hint(error: jsonschema.ValidationError) -> str:
@@ -171,6 +198,8 @@ def _check_sources(config: dict, base_dir: Path) -> None:
                     )
                 if not is_right_type(path):
                     raise ConfigError(f"config key '{key}': '{source[kind]}' is not {wanted}")
+                if kind == "folder" and not any(walk_files(path)):
+                    raise ConfigError(f"config key '{key}': the folder '{source[kind]}' holds no files")
             if source.get("engine") == "flickr" and not (source.get("api_key") or os.environ.get("FLICKR_API_KEY")):
                 raise ConfigError(
                     f"config key 'classes.{class_name}.sources[{index}].api_key': flickr needs an API key "

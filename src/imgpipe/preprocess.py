@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
@@ -29,13 +30,39 @@ def to_color(image: Image.Image, color: str) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit: scale down to 8 bits instead of clipping everything above 255.
         image = image.point(lambda value: value / 256).convert("L")
+    if image.mode == "F":
+        image = float_to_gray(image)
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        # A palette entry or colour key marked transparent (PNG tRNS): as alpha, it is
+        # flattened onto the background below instead of keeping its colour.
+        image = image.convert("RGBA")
     if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        image = image.convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGBa"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     target = "L" if color == "grayscale" else "RGB"
     return image.convert(target)
+
+
+def float_to_gray(image: Image.Image) -> Image.Image:
+    """A 32-bit float image (scientific TIFF) as 8-bit grayscale.
+
+    Pillow's convert('L') clips floats to 0-255, so data in 0-1 (the usual convention)
+    came out black. Data in 0-1 is scaled by 255, data in 0-255 kept, anything else
+    stretched from its minimum to its maximum; NaN and infinity become 0.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if low >= 0 and high <= 1:
+        scaled = values * 255
+    elif low >= 0 and high <= 255:
+        scaled = values
+    else:
+        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    scaled = np.where(np.isfinite(scaled), scaled, 0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def resize_image(image: Image.Image, size: int, mode: str, pad_color: str = "black") -> Image.Image:
