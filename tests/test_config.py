@@ -119,6 +119,46 @@ def test_source_fingerprint_changes_when_a_folder_changes(tmp_path):
     assert source_fingerprints(sources)[0] != first[0]
 
 
+def test_source_fingerprint_follows_content_not_clocks(tmp_path):
+    import os
+
+    from imgpipe.fingerprints import FileHashCache
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://example.com/a.jpg\n")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"aaa")
+    sources = [{"urls": str(urls)}, {"folder": str(folder)}]
+    cache = FileHashCache(tmp_path / "cache" / "hashes.json")
+    first = source_fingerprints(sources, cache=cache)
+    for path in (urls, folder / "a.png"):  # a bare touch: same content, later mtime
+        os.utime(path, (path.stat().st_mtime + 100, path.stat().st_mtime + 100))
+    assert source_fingerprints(sources, cache=FileHashCache(tmp_path / "cache" / "hashes.json")) == first
+    (folder / "a.png").rename(folder / "b.png")  # a rename is a change: paths are in the output
+    renamed = source_fingerprints(sources, cache=cache)
+    assert renamed[0] == first[0] and renamed[1] != first[1]
+    urls.write_text("http://example.com/a.jpg\nhttp://example.com/b.jpg\n")
+    assert source_fingerprints(sources, cache=cache)[0] != first[0]
+
+
+def test_file_hashes_are_reused_while_a_file_is_unchanged(tmp_path):
+    from imgpipe.fingerprints import FileHashCache
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"one")
+    cache_path = tmp_path / "hashes.json"
+    cache = FileHashCache(cache_path)
+    digest = cache.sha256(image)
+    cache.save()
+    saved = FileHashCache(cache_path)
+    assert saved.sha256(image) == digest and not saved.changed  # read from the cache, not the file
+    image.write_bytes(b"two")
+    assert saved.sha256(image) != digest and saved.changed
+    cache_path.write_text("{broken")
+    assert FileHashCache(cache_path).sha256(image) == saved.sha256(image)  # an unreadable cache: hashed again
+
+
 @pytest.mark.parametrize("example", sorted((REPO / "config/examples").glob("*.yaml")), ids=lambda p: p.stem)
 def test_example_configs_are_valid(example, tmp_path):
     config = yaml.safe_load(example.read_text())

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -173,10 +174,14 @@ def test_folder_experiment_end_to_end(folder_project):
     write_config(workdir, config)
     assert planned_jobs(workdir) == {"preprocess": 2, "split": 1, "train": 2, "evaluate": 2, "report": 1, "all": 1}
 
-    # A folder that gains a file reruns that class's crawl.
+    # Back to the settings that ran: nothing to do. A touched image (same content) reruns nothing;
+    # a folder that gains a file reruns that class's crawl.
     config["images"]["size"] = 32
     config["models"]["cnn"]["lr"] = 0.01
     write_config(workdir, config)
+    assert planned_jobs(workdir) == {}
+    os.utime(workdir / "data" / "dark" / "dark_002.png", (time.time() + 60, time.time() + 60))
+    assert planned_jobs(workdir) == {}
     write_shape_images(workdir / "data" / "dark" / "more", "dark", 1, seed=9)
     assert planned_jobs(workdir)["crawl"] == 1
 
@@ -233,6 +238,14 @@ def test_urls_experiment_downloads_through_icrawler(workdir):
     runs = runs_by_name(store(workdir), "web")
     assert runs["crawl bright"].data.metrics == {"images_ok": 13, "images_corrupt": 1, "images_failed": 1}
     assert runs["snakemake web"].info.status == "FINISHED"
+
+    # Reruns follow content, not clocks: a touched URL list reruns nothing, an edited one its class.
+    assert planned_jobs(workdir) == {}
+    os.utime(workdir / "bright.txt", (time.time() + 60, time.time() + 60))
+    assert planned_jobs(workdir) == {}
+    with open(workdir / "bright.txt", "a") as handle:
+        handle.write("# a comment, but the file changed\n")
+    assert planned_jobs(workdir)["crawl"] == 1
 
 
 def test_config_mistakes_stop_before_any_job(workdir):

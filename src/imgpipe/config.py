@@ -19,6 +19,7 @@ import jsonschema
 import yaml
 
 from imgpipe.files import walk_files
+from imgpipe.fingerprints import FileHashCache, content_fingerprint
 from imgpipe.sweeps import SweepError, expand_sweeps
 
 MIN_SIMPLE_CNN_SIZE = 32
@@ -464,24 +465,18 @@ def check_config_files(paths) -> None:
             raise ConfigError(f"config file '{path}': key given twice: {', '.join(duplicates)}")
 
 
-def _tree_fingerprint(path: Path) -> str:
-    """'files=N bytes=B newest=T' of a file or every file below a folder (stat only, no reads)."""
-    count = size = newest = 0
-    paths = [path] if path.is_file() else walk_files(path)
-    for file_path in paths:
-        stat = file_path.stat()
-        count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
-    return f"files={count} bytes={size} newest={newest}"
-
-
-def source_fingerprints(sources: list[dict], base_dir: Path | str = ".") -> list[str]:
+def source_fingerprints(sources: list[dict], base_dir: Path | str = ".",
+                        cache: FileHashCache | None = None) -> list[str]:
     """One fingerprint per local source (folder or URL list), '' for the others.
 
-    Used as a rule param: Snakemake reruns a class's crawl when a file in its folder is
-    added, removed or edited, though the config itself did not change.
+    Used as a rule param: Snakemake reruns a class's crawl when a file in its folder (or
+    its URL list) is added, removed, renamed or edited, though the config itself did not
+    change; a `touch` changes nothing (see imgpipe.fingerprints).
     """
+    cache = cache if cache is not None else FileHashCache()
     fingerprints = []
     for source in sources:
         local = source.get("folder") or source.get("urls")
-        fingerprints.append(_tree_fingerprint(Path(base_dir) / local) if local else "")
+        fingerprints.append(content_fingerprint(Path(base_dir) / local, cache) if local else "")
+    cache.save()
     return fingerprints

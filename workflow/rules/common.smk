@@ -13,6 +13,7 @@ from imgpipe.config import (
     training_settings,
     validate_config,
 )
+from imgpipe.fingerprints import FileHashCache
 from imgpipe.training.devices import model_uses_gpu, visible_gpus
 
 try:
@@ -43,9 +44,13 @@ def get_sources(wildcards):
     return config["classes"][wildcards.cls]["sources"]
 
 
+# sha256 of every local source file, reused while its size and mtime stay the same.
+FILE_HASHES = FileHashCache(".snakemake/imgpipe/file-hashes.json")
+
+
 def get_source_fingerprints(wildcards):
-    """Size and newest change of each local source, so new or edited files rerun the crawl."""
-    return source_fingerprints(get_sources(wildcards))
+    """A content hash of each local source: new, renamed or edited files rerun the crawl; a touch does not."""
+    return source_fingerprints(get_sources(wildcards), cache=FILE_HASHES)
 
 
 def get_exclude_list(wildcards):

@@ -27,8 +27,8 @@ def get_predict_folder(wildcards):
 
 
 def get_predict_folder_fingerprint(wildcards):
-    """Count, size and newest change of the folder's files: a new or edited image reruns the job."""
-    return source_fingerprints([{"folder": get_predict_folder(wildcards)}])[0]
+    """A content hash of the folder: a new, renamed or edited image reruns the job; a touch does not."""
+    return source_fingerprints([{"folder": get_predict_folder(wildcards)}], cache=FILE_HASHES)[0]
 
 
 def get_predict_gpus(wildcards):
