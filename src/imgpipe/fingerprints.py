@@ -49,7 +49,7 @@ class FileHashCache:
 
     def sha256(self, path: Path) -> str:
         stat = path.stat()
-        key = str(path.resolve())
+        key = os.path.abspath(path)  # no symlink resolution: one lookup per file, not one per folder level
         stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
         entry = self.entries.get(key)
         if entry is not None and entry[:3] == stamp:

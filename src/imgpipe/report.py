@@ -433,8 +433,7 @@ def tradeoff_sentence(metrics: dict[str, dict], best: str, other: str) -> str | 
             parts.append(f"{_fmt_factor(1 / ratio)} {dearer} ({figures})")
     if not parts:
         return None
-    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"Trade-off: against {best}, {other} is {listed}."
+    return f"Trade-off: against {best}, {other} is {_join(parts)}."
 
 
 def comparison_section(metrics: dict[str, dict], ranking: list[str], rank_by: str) -> list[Block]:

@@ -1,8 +1,8 @@
 """MLflow: one run per invocation with its data jobs nested under it, one top-level run per model.
 
 What `mlflow ui` opens on is the experiment's top-level runs: each model is one row there
-(train and evaluate log into the same run), with its test metrics as columns and in the
-chart view, next to one collapsed row per invocation that holds the data jobs (crawl,
+(train and evaluate log into the same run), with its test metrics in the chart view (and as
+table columns once picked), next to one collapsed row per invocation that holds the data jobs (crawl,
 dedupe, preprocess, split, report) with their counts, which it also records as params
 (not metrics: in the chart view every metric of a visible run gets a chart, and 30 data
 counts would push the models' charts off the page). A model run

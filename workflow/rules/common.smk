@@ -142,12 +142,12 @@ def _write_report_after_failure():
     summary = write_report(
         EXPERIMENT,
         metrics_paths=metrics,
-        history_paths={m: Path(f"{RESULTS}/models/{m}/history.csv") for m in MODELS if m not in unavailable},
+        history_paths={m: results / f"models/{m}/history.csv" for m in MODELS if m not in unavailable},
         split_manifest=split,
         dedupe_manifest=dedupe,
-        out_dir=Path(f"{RESULTS}/report"),
+        out_dir=results / "report",
         rank_by=config["report"]["rank_by"],
-        predictions_paths={m: Path(f"{RESULTS}/eval/{m}/predictions.csv") for m in MODELS},
+        predictions_paths={m: results / f"eval/{m}/predictions.csv" for m in MODELS},
         log_paths={model: [Path(p) for p in paths] for model, paths in model_logs().items()},
         unavailable=unavailable,
     )
