@@ -21,13 +21,8 @@ from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 from sklearn.datasets import load_sample_images
 
-from imgpipe.dedupe import (
-    choose_hamming_method,
-    hamming_pairs,
-    hamming_pairs_brute_force,
-    hamming_pairs_multi_index,
-    hash_images,
-)
+from imgpipe.hamming import choose_hamming_method, hamming_pairs, hamming_pairs_brute_force, hamming_pairs_multi_index
+from imgpipe.hashing import hash_images
 
 N_JPEGS = 120
 JPEG_SIZES = [(640, 480), (1024, 768), (1600, 1200)]

@@ -32,7 +32,9 @@ import pandas as pd
 from PIL import Image, ImageEnhance, ImageFilter
 from sklearn.datasets import load_digits, load_sample_images
 
-from imgpipe.dedupe import decide_fates, hamming_pairs, hash_images, summarize_fates
+from imgpipe.dedupe import decide_fates, summarize_fates
+from imgpipe.hamming import hamming_pairs
+from imgpipe.hashing import hash_images
 
 CROPS_PER_SOURCE = 200
 EDITED_PHOTOS = 120

@@ -9,18 +9,9 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from imgpipe.dedupe import (
-    choose_hamming_method,
-    decide_fates,
-    dedupe_images,
-    format_hash,
-    hamming_pairs,
-    hamming_pairs_brute_force,
-    hamming_pairs_multi_index,
-    perceptual_hash,
-    read_exclude_list,
-    summarize_fates,
-)
+from imgpipe.dedupe import decide_fates, dedupe_images, read_exclude_list, summarize_fates
+from imgpipe.hamming import choose_hamming_method, hamming_pairs, hamming_pairs_brute_force, hamming_pairs_multi_index
+from imgpipe.hashing import format_hash, perceptual_hash
 
 
 def distance(a: int, b: int) -> int:
@@ -356,7 +347,7 @@ def crawl(tmp_path, photos):
 
 
 def test_dedupe_images_on_files(crawl, caplog):
-    with caplog.at_level(logging.INFO, logger="imgpipe.dedupe"):
+    with caplog.at_level(logging.INFO, logger="imgpipe"):
         fates = dedupe_images(crawl, near_distance=10, near_action="drop", threads=2)
 
     assert fates["reason"].tolist() == [

@@ -1,0 +1,98 @@
+"""Perceptual hashes (64-bit pHash) of image files, decoded as cheaply as the hash allows.
+
+Used by the crawl (to count only new images towards a class's target) and by the dedupe
+stage, which reuses the crawl's hashes and hashes only what has none.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from imgpipe.files import error_text
+
+log = logging.getLogger(__name__)
+
+HASH_BITS = 64
+_PROGRESS_EVERY = 1000
+_HASH_SIZE = 32  # pHash works on a 32x32 grayscale thumbnail ...
+_LOW_FREQ = 8  # ... and keeps its 8x8 lowest DCT frequencies: 64 bits.
+
+
+def _dct_rows(size: int, rows: int) -> np.ndarray:
+    """The first `rows` basis vectors of the (unnormalised) DCT-II of length `size`."""
+    k = np.arange(rows)[:, None]
+    n = np.arange(size)[None, :]
+    return np.cos(np.pi * k * (2 * n + 1) / (2 * size))
+
+
+_DCT = _dct_rows(_HASH_SIZE, _LOW_FREQ)
+
+
+
+
+def perceptual_hash(path: str | os.PathLike) -> int:
+    """64-bit perceptual hash (pHash) of the image file at `path`.
+
+    The standard variant, the one the `imagehash` package's ``phash`` computes:
+    grayscale, resized to 32x32 (Lanczos), 2-D DCT-II, the top-left 8x8 coefficients (DC
+    included), bit set where the coefficient is above the median of those 64 (so half
+    the bits are set and distances are even). Bit 63 is coefficient (0, 0), then row by
+    row, the order of imagehash's hex string.
+
+    EXIF orientation is applied first: a photo and its rotated copy look the same to a
+    person (and to the model, once preprocessing has applied it), so they must hash the
+    same. JPEGs are decoded at reduced scale straight to grayscale (``Image.draft``),
+    which is where most of the time goes; the hash only needs 32x32 pixels.
+    """
+    with Image.open(path) as img:
+        img.draft("L", (2 * _HASH_SIZE, 2 * _HASH_SIZE))
+        upright = ImageOps.exif_transpose(img)
+    # 16-bit and float images keep their range: convert("L") would clip them.
+    gray = upright.convert("F" if upright.mode[0] in "IF" else "L")
+    small = gray.resize((_HASH_SIZE, _HASH_SIZE), Image.Resampling.LANCZOS)
+    pixels = np.asarray(small, dtype=np.float64)
+    # Rounding turns float noise (~1e-10) into exact zeros, so flat images hash the
+    # same on every machine instead of by the sign of rounding errors.
+    coeffs = np.round(_DCT @ pixels @ _DCT.T, 6).ravel()
+    bits = coeffs > np.median(coeffs)
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def format_hash(value: int) -> str:
+    """A 64-bit hash as 16 lowercase hex digits."""
+    return f"{value:016x}"
+
+
+def _hash_or_none(path: str) -> int | None:
+    try:
+        return perceptual_hash(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed EXIF raises struct.error, TypeError, ...
+        # The crawl verified every file; one that still fails to decode is corrupt.
+        log.warning("cannot decode %s (%s): marked corrupt", path, error_text(exc))
+        return None
+
+
+def hash_images(files: Sequence[str], threads: int = 1) -> list[int | None]:
+    """Perceptual hash of each file, in order; None where the file cannot be decoded.
+
+    A missing file raises FileNotFoundError: the manifest and the disk disagree, which
+    is a pipeline error, not a property of the image. Pillow releases the GIL while it
+    decodes and resizes, so `threads` > 1 uses several cores without processes.
+    """
+    files = [str(f) for f in files]
+    hashes: list[int | None] = []
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for done, value in enumerate(pool.map(_hash_or_none, files), start=1):
+            hashes.append(value)
+            if done % _PROGRESS_EVERY == 0 or done == len(files):
+                log.info("hashed %d/%d images", done, len(files))
+    return hashes
+
