@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,9 @@ class Response:
     status: int = 200
     # a Content-Length other than len(body): a server that lies, or announces a huge file
     declared_length: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # e.g. (("Location", "/a.jpg"),) with status 302
+    delay_s: float = 0.0  # before the status line: a server that does not answer
+    drip_s: float = 0.0  # between 16-byte pieces of the body: a slow drip
 
 
 class LocalServer:
@@ -29,7 +33,8 @@ class LocalServer:
 
     def __init__(self, routes: dict[str, Response]):
         self.routes = routes
-        self.requests: list[str] = []
+        self.requests: list[str] = []  # every request, in arrival order
+        self.served: list[str] = []  # requests whose whole response was written
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,18 +43,33 @@ class LocalServer:
                 response = server.routes.get(self.path.split("?", 1)[0])
                 if response is None:
                     response = Response(b"<html><body>not found</body></html>", "text/html", 404)
+                time.sleep(response.delay_s)
                 self.send_response(response.status)
                 self.send_header("Content-Type", response.content_type)
+                for name, value in response.headers:
+                    self.send_header(name, value)
                 length = response.declared_length
                 self.send_header("Content-Length", str(len(response.body) if length is None else length))
                 self.end_headers()
-                self.wfile.write(response.body)
-                self.close_connection = True
+                try:
+                    if response.drip_s:
+                        for start in range(0, len(response.body), 16):
+                            self.wfile.write(response.body[start:start + 16])
+                            self.wfile.flush()
+                            time.sleep(response.drip_s)
+                    else:
+                        self.wfile.write(response.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the client gave up
+                finally:
+                    self.close_connection = True
+                server.served.append(self.path)
 
             def log_message(self, format, *args):
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self.httpd.server_port}"
 
     def url(self, path: str) -> str:
@@ -66,9 +86,19 @@ class LocalServer:
         self.thread.join()
 
 
-def image_bytes(format: str = "JPEG", size: tuple[int, int] = (32, 24), color=(200, 30, 30), mode="RGB") -> bytes:
+def image_bytes(format: str = "JPEG", size: tuple[int, int] = (48, 40), color=(200, 30, 30), mode="RGB") -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size, color).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def distinct_jpeg(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A JPEG of noise: different seeds give images no perceptual hash confuses."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize(size, Image.Resampling.NEAREST).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
 
 

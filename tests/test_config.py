@@ -40,7 +40,9 @@ def test_defaults_fill_only_the_matching_source_kind(tmp_path):
     validated = validate_config(config, SCHEMA, tmp_path)
     folder, engine = validated["classes"]["cat"]["sources"][0], validated["classes"]["dog"]["sources"][1]
     assert set(folder) == {"folder"}
-    assert engine["max_num"] == 100 and engine["threads"] == 4 and engine["filters"] == {}
+    assert engine["max_num"] is None and engine["threads"] == 4 and engine["filters"] == {}
+    assert engine["query_suffixes"] == [] and validated["classes"]["dog"]["target"] is None
+    assert validated["crawl"]["min_size"] == 32 and validated["crawl"]["time_budget_s"] is None
     assert validated["images"] == {"size": 40, "color": "grayscale", "resize": "pad", "pad_color": "black"}
     assert validated["split"]["train"] == 0.7
 
@@ -340,9 +342,10 @@ def test_backbone_lr_factor_applies_to_finetune_only_when_set(tmp_path):
 @pytest.mark.parametrize("source, message", [
     # The urls branch is the one meant: its own error, not the folder branch's "'threads', 'urls' were unexpected".
     ({"urls": "list.txt", "threads": 0}, "'classes.cat.sources[0].threads': 0 is less than the minimum of 1"),
-    ({"engine": "bing"}, "'classes.cat.sources[0]': 'queries' is a required property"),
+    ({"engine": "bing", "queries": []}, "'classes.cat.sources[0].queries': [] should be non-empty"),
+    ({"greedy": "example.com"}, "'classes.cat.sources[0].greedy': 'example.com' does not match '^https?://'"),
     ({"folder": ".", "treads": 2}, "'classes.cat.sources[0]': Additional properties are not allowed ('treads' was"),
-    ({"folde": "cats"}, "'classes.cat.sources[0]': needs one of the keys digits, engine, folder, urls (got folde)"),
+    ({"folde": "cats"}, "'classes.cat.sources[0]': needs one of the keys digits, engine, folder, greedy, urls (got folde)"),
 ])
 def test_a_source_mistake_is_reported_for_the_kind_of_source_meant(tmp_path, source, message):
     (tmp_path / "list.txt").write_text("http://example.com/a.jpg\n")
@@ -358,3 +361,26 @@ def test_an_empty_source_folder_fails_at_dag_build(tmp_path):
     config["classes"]["cat"]["sources"] = [{"folder": "empty"}]
     with pytest.raises(ConfigError, match=r"'classes.cat.sources\[0\].folder': the folder 'empty' holds no files"):
         validate_config(config, SCHEMA, tmp_path)
+
+
+@pytest.mark.parametrize("filters, message", [
+    ({"colour": "red"}, "config key 'classes.cat.sources[0].filters': unsupported filter 'colour', supported filter options are type"),
+    ({"type": "vector"}, "config key 'classes.cat.sources[0].filters': "),
+])
+def test_engine_filters_are_checked_when_the_dag_is_built(tmp_path, filters, message):
+    # icrawler checks them in its feeder thread, where a mistake only makes the crawl return nothing
+    config = base_config(tmp_path)
+    config["classes"]["cat"]["sources"] = [{"engine": "bing", "queries": ["cat"], "filters": filters}]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(config, SCHEMA, tmp_path)
+
+
+def test_crawl_settings_are_canonical_and_near_distance_matters_only_with_a_target(tmp_path):
+    from imgpipe.config import crawl_settings
+
+    config = validate_config(base_config(tmp_path), SCHEMA, tmp_path)
+    assert crawl_settings(config, "cat")["near_distance"] is None
+    config["classes"]["cat"]["target"] = 100
+    settings = crawl_settings(config, "cat")
+    assert settings["target"] == 100 and settings["near_distance"] == config["dedupe"]["near_distance"]
+    assert list(settings["limits"]) == sorted(settings["limits"])  # key order never reruns a crawl

@@ -1,7 +1,16 @@
+"""The crawl stage against real icrawler crawlers and a local, fault-injecting HTTP server."""
+
 import hashlib
+import html
+import json
 import logging
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,16 +22,28 @@ from icrawler.builtin import BingParser
 from icrawler.utils import Signal
 from PIL import Image
 
-from crawl_server import HTML_PAGE, LocalServer, Response, image_bytes, png_claiming_size, truncated_jpeg
-from imgpipe.crawl import MANIFEST_COLUMNS, crawl_class, crawl_engine_query, read_url_list
+from crawl_server import (
+    HTML_PAGE,
+    LocalServer,
+    Response,
+    distinct_jpeg,
+    image_bytes,
+    png_claiming_size,
+    truncated_jpeg,
+)
+from imgpipe.crawl import ParsedBingParser, crawl_class, engine_queries, read_url_list
+from imgpipe.crawlstore import ClassStore, CrawlLimits
+from imgpipe.manifests import RAW_COLUMNS
 
 BING_PAGE = Path(__file__).parent / "data" / "bing_async_tank.html"
 RECORDED_HOST = "http://images.example.test"
 
-RED_JPEG = image_bytes("JPEG", (32, 24), (200, 30, 30))
-BLUE_PNG = image_bytes("PNG", (20, 20), (30, 30, 200))
-GREEN_JPEG = image_bytes("JPEG", (40, 30), (30, 200, 30))
+RED_JPEG = image_bytes("JPEG", (48, 40), (200, 30, 30))
+BLUE_PNG = image_bytes("PNG", (40, 40), (30, 30, 200))
+GREEN_JPEG = image_bytes("JPEG", (64, 48), (30, 200, 30))
+TINY_PNG = image_bytes("PNG", (8, 8), (90, 90, 90))
 TRUNCATED_JPEG = truncated_jpeg()
+FAST = CrawlLimits(timeout_s=2)
 
 
 def sha256(data: bytes) -> str:
@@ -36,6 +57,16 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/gone.jpg"
 
 
+def crawl(class_name, sources, tmp_path, out="out", **options):
+    """crawl_class into tmp_path/out with its store in tmp_path/store (kept across calls)."""
+    out_dir = tmp_path / out
+    return crawl_class(class_name, sources, out_dir, tmp_path / "store", **{"limits": FAST, **options})
+
+
+def names(manifest, out_dir):
+    return [Path(file).relative_to(out_dir).as_posix() if file else "" for file in manifest.file]
+
+
 # --- folder ------------------------------------------------------------------
 
 
@@ -47,250 +78,320 @@ def image_folder(tmp_path):
     (folder / "b_nested" / "blue.PNG").write_bytes(BLUE_PNG)
     (folder / "b_nested" / "deeper" / "cut.jpg").write_bytes(TRUNCATED_JPEG)
     (folder / "b_nested" / "notes.txt").write_text("shot on a sunny day\n")
-    (folder / "c.bmp").write_bytes(image_bytes("BMP", (5, 6)))
+    (folder / "b_nested" / "icon.png").write_bytes(TINY_PNG)
+    (folder / "c.bmp").write_bytes(image_bytes("BMP", (50, 60)))
     return folder
 
 
-def test_folder_source_copies_verifies_and_rejects(image_folder, tmp_path):
-    out_dir = tmp_path / "raw" / "tank"
-    manifest = crawl_class("tank", [{"folder": str(image_folder)}], out_dir)
+def test_folder_source_imports_verifies_and_rejects(image_folder, tmp_path):
+    manifest, summary = crawl("tank", [{"folder": str(image_folder)}], tmp_path)
+    out_dir = tmp_path / "out"
 
-    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert list(manifest.columns) == RAW_COLUMNS
     # sorted by path below the folder, nested folders included
     assert [Path(origin).relative_to(image_folder).as_posix() for origin in manifest.origin] == [
-        "a.jpg",
-        "b_nested/blue.PNG",
-        "b_nested/deeper/cut.jpg",
-        "b_nested/notes.txt",
-        "c.bmp",
-    ]
-    assert list(manifest.status) == ["ok", "ok", "corrupt", "corrupt", "ok"]
-    assert [Path(file).relative_to(out_dir).as_posix() for file in manifest.file] == [
-        "00_000000.jpg",
-        "00_000001.png",
-        "rejected/00_000002.jpg",
-        "rejected/00_000003.txt",
-        "00_000004.bmp",
-    ]
+        "a.jpg", "b_nested/blue.PNG", "b_nested/deeper/cut.jpg", "b_nested/icon.png", "b_nested/notes.txt", "c.bmp"]
+    assert list(manifest.status) == ["ok", "ok", "corrupt", "rejected", "corrupt", "ok"]
+    assert names(manifest, out_dir) == [
+        "000000.jpg", "000001.png", "rejected/000002.jpg", "rejected/000003.png", "rejected/000004.txt", "000005.bmp"]
     assert manifest.reason[2].startswith("truncated or corrupt image data")
-    assert manifest.reason[3] == "not an image: text"
+    assert manifest.reason[3] == "too small: 8x8 px, below crawl.min_size 32"
+    assert manifest.reason[4] == "not an image: text"
     assert (manifest.reason[manifest.status == "ok"] == "").all()
-    assert list(manifest["format"]) == ["JPEG", "PNG", "JPEG", "", "BMP"]
-    assert manifest.width.tolist()[:2] == [32, 20] and pd.isna(manifest.width[3])
+    assert list(manifest["format"]) == ["JPEG", "PNG", "JPEG", "PNG", "", "BMP"]
+    assert manifest.width.tolist()[:2] == [48, 40] and pd.isna(manifest.width[4])
     assert (manifest["class"] == "tank").all() and (manifest.source == "folder").all()
-    assert (manifest.source_index == 0).all() and (manifest["query"] == "").all()
+    assert manifest["rank"].tolist() == [1, 2, 3, 4, 5, 6] and (manifest.phash.str.len()[[0, 1, 5]] == 16).all()
     for row in manifest.itertuples():
         assert sha256(Path(row.file).read_bytes()) == sha256(Path(row.origin).read_bytes()) == row.sha256
-    # copied, not moved; staging folders cleaned up
-    assert (image_folder / "a.jpg").exists()
-    stored = sorted(path.name for path in out_dir.iterdir())
-    assert stored == ["00_000000.jpg", "00_000001.png", "00_000004.bmp", "rejected"]
+        assert row.bytes == Path(row.origin).stat().st_size
+    assert (image_folder / "a.jpg").exists()  # imported, not moved
+    assert summary["statuses"] == {"ok": 3, "rejected": 1, "corrupt": 2, "failed": 0, "skipped": 0}
+    assert summary["outcome"] == "3 new images (no target)"
 
 
-def test_folder_manifest_is_reproducible(image_folder, tmp_path):
-    first = crawl_class("tank", [{"folder": str(image_folder)}], tmp_path / "one")
-    second = crawl_class("tank", [{"folder": str(image_folder)}], tmp_path / "two")
+def test_folder_manifest_is_reproducible_and_a_rerun_imports_nothing(image_folder, tmp_path):
+    first, _ = crawl("tank", [{"folder": str(image_folder)}], tmp_path, "one")
+    store_files = sorted(p.name for p in (tmp_path / "store" / "files").iterdir())
+    second, _ = crawl("tank", [{"folder": str(image_folder)}], tmp_path, "two")
     pd.testing.assert_frame_equal(first.drop(columns="file"), second.drop(columns="file"))
-    assert [Path(f).name for f in first.file] == [Path(f).name for f in second.file]
+    assert sorted(p.name for p in (tmp_path / "store" / "files").iterdir()) == store_files
+    assert len((tmp_path / "store" / "journal.jsonl").read_text().splitlines()) == 6
+
+    # an edited file is imported again under a new number; the others are not touched
+    (image_folder / "a.jpg").write_bytes(GREEN_JPEG)
+    third, _ = crawl("tank", [{"folder": str(image_folder)}], tmp_path, "three")
+    assert third.sha256[0] == sha256(GREEN_JPEG) and Path(third.file[0]).name == "000006.jpg"
+    assert (third.drop(columns=["file", "fetched_at"]).iloc[1:].equals(first.drop(columns=["file", "fetched_at"]).iloc[1:]))
 
 
-def test_file_column_keeps_relative_out_dir(image_folder, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    manifest = crawl_class("tank", [{"folder": str(image_folder)}], Path("results/raw/tank"))
-    assert manifest.file[0] == "results/raw/tank/00_000000.jpg"
+def test_same_bytes_are_stored_once(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (folder / name).write_bytes(RED_JPEG)
+    manifest, summary = crawl("tank", [{"folder": str(folder)}], tmp_path)
+    assert manifest.file.nunique() == 1 and (manifest.status == "ok").all()  # dedupe names the copies
+    assert len(list((tmp_path / "store" / "files").iterdir())) == 1
+    assert summary["images"] == 1
 
 
-def test_missing_folder_names_folder_and_class(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"sources\[1\].folder: .*nowhere.*'elephant'"):
-        crawl_class("elephant", [{"digits": 1}, {"folder": str(tmp_path / "nowhere")}], tmp_path / "out")
-    assert not (tmp_path / "out").exists(), "config errors must surface before anything is written"
+def test_limits_reject_with_their_reason(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "banner.png").write_bytes(image_bytes("PNG", (400, 36)))
+    (folder / "big.png").write_bytes(image_bytes("PNG", (300, 300)))
+    (folder / "gif.gif").write_bytes(image_bytes("GIF", (40, 40)))
+    (folder / "fine.jpg").write_bytes(RED_JPEG)
+    limits = CrawlLimits(max_aspect=4, max_pixels=50_000, formats=("JPEG", "PNG"))
+    manifest, _ = crawl("tank", [{"folder": str(folder)}], tmp_path, limits=limits)
+    reasons = dict(zip(manifest.origin.map(lambda o: Path(o).name), manifest.reason))
+    assert reasons["banner.png"] == "aspect ratio 11.1 above crawl.max_aspect 4"
+    assert reasons["big.png"].startswith("decompression bomb: 300x300 = 90000 pixels exceeds the limit of 50000")
+    assert reasons["gif.gif"] == "format GIF not in crawl.formats (JPEG, PNG)"
+    assert reasons["fine.jpg"] == ""
+
+    # a changed limit re-decides from the store: nothing is imported again
+    journal = (tmp_path / "store" / "journal.jsonl").read_text()
+    again, _ = crawl("tank", [{"folder": str(folder)}], tmp_path, "again", limits=CrawlLimits(max_aspect=20))
+    assert (tmp_path / "store" / "journal.jsonl").read_text() == journal
+    assert dict(zip(again.origin.map(lambda o: Path(o).name), again.status))["banner.png"] == "ok"
 
 
 def test_refuses_a_non_empty_out_dir(image_folder, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.jpg").write_bytes(RED_JPEG)
     with pytest.raises(FileExistsError, match="not empty"):
-        crawl_class("tank", [{"folder": str(image_folder)}], tmp_path / "out")
-
-
-@pytest.mark.parametrize(
-    "source, message",
-    [
-        ({"folder": "x", "digits": 3}, r"sources\[0\]: needs exactly one of"),
-        ({"digits": 3, "max_num": 5}, r"sources\[0\]: unknown key\(s\) \['max_num'\]"),
-        ({"digits": 12}, r"sources\[0\].digits: must be an integer 0-9"),
-        ({"engine": "altavista", "queries": ["tank"]}, r"sources\[0\].engine: 'altavista'"),
-        ({"engine": "bing", "queries": "tank"}, r"sources\[0\].queries: must be a non-empty list"),
-        ({"engine": "bing", "queries": ["tank"], "max_num": 0}, r"sources\[0\].max_num: must be a positive"),
-        ({"engine": "bing", "queries": ["tank"], "filters": {"colour": "red"}}, r"sources\[0\].filters: .*colour"),
-        ({"engine": "bing", "queries": ["tank"], "filters": {"type": "vector"}}, r"sources\[0\].filters: .*type"),
-        ({"engine": "flickr", "queries": ["tank"]}, r"sources\[0\]: engine flickr needs an API key"),
-    ],
-)
-def test_unusable_sources_raise_value_error(tmp_path, monkeypatch, source, message):
-    monkeypatch.delenv("FLICKR_API_KEY", raising=False)
-    with pytest.raises(ValueError, match=message):
-        crawl_class("tank", [source], tmp_path / "out")
+        crawl("tank", [{"folder": str(image_folder)}], tmp_path)
 
 
 # --- digits ------------------------------------------------------------------
 
 
-def test_digits_source(tmp_path):
+def test_digits_source_and_target(tmp_path):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    manifest = crawl_class("three", [{"digits": 3}], tmp_path / "out")
+    small = CrawlLimits(min_size=8)
+    manifest, _ = crawl("three", [{"digits": 3}], tmp_path, limits=small)
 
     assert len(manifest) == (digits.target == 3).sum() == 183
     assert (manifest.status == "ok").all() and (manifest.source == "digits").all()
-    assert (manifest.width == 8).all() and (manifest.height == 8).all() and (manifest["format"] == "PNG").all()
+    assert (manifest.width == 8).all() and (manifest["format"] == "PNG").all()
     indices = [int(origin.removeprefix("sklearn:digits#")) for origin in manifest.origin]
     assert indices == sorted(indices) and (digits.target[indices] == 3).all()
     first = Image.open(manifest.file[0])
     assert first.mode == "L" and first.size == (8, 8)
-    expected = np.round(digits.images[indices[0]] * 255 / 16).astype(np.uint8)
-    np.testing.assert_array_equal(np.asarray(first), expected)
-    assert max(np.asarray(Image.open(file)).max() for file in manifest.file) == 255  # 16 -> 255
+    np.testing.assert_array_equal(np.asarray(first), np.round(digits.images[indices[0]] * 255 / 16).astype(np.uint8))
+
+    # a target takes the first images; the same answer whatever the store already holds
+    fresh, summary = crawl("three", [{"digits": 3}], tmp_path / "fresh", limits=small, target=20)
+    reused, _ = crawl("three", [{"digits": 3}], tmp_path, "reused", limits=small, target=20)
+    for table in (fresh, reused):
+        assert (table.status == "ok").sum() == 20 and (table.status[20:] == "skipped").all()
+    assert list(fresh.origin) == list(reused.origin) and summary["outcome"] == "target 20 reached"
+    assert len(list((tmp_path / "fresh" / "store" / "files").iterdir())) == 20, "nothing beyond the target fetched"
 
 
-# --- URL list through icrawler's UrlListCrawler ----------------------------------
+# --- URL list through icrawler's downloader, on a fault-injecting server --------------
 
 
 @pytest.fixture
-def image_server():
+def hostile_server():
     routes = {
         "/red.jpg": Response(RED_JPEG),
         "/blue.png": Response(BLUE_PNG, "image/png"),
         "/png-inside.jpg": Response(BLUE_PNG),
+        "/red-again.jpg": Response(RED_JPEG),  # the same bytes under another URL
         "/truncated.jpg": Response(TRUNCATED_JPEG),
-        "/blocked.jpg": Response(HTML_PAGE, "image/jpeg"),
+        "/blocked.jpg": Response(HTML_PAGE, "image/jpeg"),  # HTML served as a JPEG
         "/short-body.jpg": Response(GREEN_JPEG, declared_length=len(GREEN_JPEG) + 1000),
-        "/huge.jpg": Response(b"", declared_length=10**9),
+        "/huge.jpg": Response(b"", declared_length=10**9),  # announces an oversized body
         "/green": Response(GREEN_JPEG),
-        # kills an icrawler ImageDownloader thread (DecompressionBombError in keep_file)
+        "/tiny.png": Response(TINY_PNG, "image/png"),
         "/bomb.png": Response(png_claiming_size(100_000, 100_000), "image/png"),
+        "/error.jpg": Response(b"oops", "text/plain", 500),
+        "/hang.jpg": Response(RED_JPEG, delay_s=5),  # never answers within the timeout
+        "/drip.jpg": Response(distinct_jpeg(7), drip_s=0.2),  # a byte at a time, forever
+        "/moved.jpg": Response(b"", status=302, headers=(("Location", "/blue-copy.png"),)),
+        "/blue-copy.png": Response(distinct_jpeg(3), "image/jpeg"),
+        "/loop.jpg": Response(b"", status=302, headers=(("Location", "/loop.jpg"),)),
     }
     with LocalServer(routes) as server:
         yield server
 
 
-def test_urls_source_records_every_url(image_server, image_folder, tmp_path, caplog):
-    server = image_server
+def test_urls_source_records_every_url(hostile_server, image_folder, tmp_path, caplog):
+    server = hostile_server
     refused = closed_port_url()
-    listed = [
-        server.url("/red.jpg"),
-        server.url("/missing.jpg"),
-        server.url("/truncated.jpg"),
-        server.url("/blocked.jpg"),
-        server.url("/png-inside.jpg"),
-        refused,
-        server.url("/short-body.jpg"),
-        server.url("/huge.jpg"),
-        server.url("/blue.png"),
-        server.url("/green"),
-        server.url("/bomb.png"),
-    ]
+    paths = ["/red.jpg", "/missing.jpg", "/truncated.jpg", "/blocked.jpg", "/png-inside.jpg", None, "/short-body.jpg",
+             "/huge.jpg", "/blue.png", "/green", "/bomb.png", "/red-again.jpg", "/tiny.png", "/error.jpg", "/hang.jpg",
+             "/drip.jpg", "/moved.jpg", "/loop.jpg"]
+    listed = [server.url(path) if path else refused for path in paths]
     url_file = tmp_path / "urls.txt"
-    url_file.write_text(
-        "# tanks found by hand\n\n" + "\n".join(listed[:5]) + "\n  \n" + server.url("/red.jpg") + "\n"
-        + "\n".join(listed[5:]) + "\n"
-    )
+    url_file.write_text("# tanks found by hand\n\n" + "\n".join(listed[:5]) + "\n  \n" + listed[0] + "\n"
+                        + "\n".join(listed[5:]) + "\n")
     assert read_url_list(url_file) == listed
 
-    out_dir = tmp_path / "out"
+    limits = CrawlLimits(timeout_s=1, max_bytes=10**6)
     with caplog.at_level(logging.INFO, logger="imgpipe.crawl"):
-        manifest = crawl_class("tank", [{"folder": str(image_folder)}, {"urls": str(url_file), "threads": 3}], out_dir)
+        manifest, summary = crawl("tank", [{"folder": str(image_folder)}, {"urls": str(url_file), "threads": 4}],
+                                  tmp_path, limits=limits)
     rows = manifest[manifest.source_index == 1].reset_index(drop=True)
+    by_path = {path or "refused": row for path, row in zip(paths, rows.itertuples())}
 
     assert list(rows.origin) == listed  # list order, whatever order the threads finished in
     assert (rows.source == "urls").all() and (rows["query"] == "").all()
-    assert list(rows.status) == [
-        "ok",
-        "failed",
-        "corrupt",
-        "corrupt",
-        "ok",
-        "failed",
-        "failed",
-        "failed",
-        "ok",
-        "ok",
-        "corrupt",
-    ]
-    names = [Path(file).relative_to(out_dir).as_posix() if file else "" for file in rows.file]
-    assert names == [
-        "01_000000.jpg",
-        "",
-        "rejected/01_000001.jpg",
-        "rejected/01_000002.jpg",
-        "01_000003.png",  # named by what it is, not by its URL
-        "",
-        "",
-        "",
-        "01_000004.png",
-        "01_000005.jpg",
-        "rejected/01_000006.png",
-    ]
-    reasons = dict(zip(rows.origin, rows.reason))
-    assert reasons[server.url("/missing.jpg")] == "HTTP 404 Not Found"
-    assert reasons[server.url("/truncated.jpg")].startswith("truncated or corrupt image data")
-    assert reasons[server.url("/blocked.jpg")] == "not an image: an HTML page"
-    assert reasons[refused].startswith("request failed after 3 attempts: ConnectionError")
-    assert reasons[server.url("/short-body.jpg")].startswith("request failed after 3 attempts")
-    assert reasons[server.url("/huge.jpg")].startswith("larger than the")
-    assert reasons[server.url("/bomb.png")].startswith("decompression bomb")
-    assert reasons[server.url("/red.jpg")] == ""
-
-    served = {"/red.jpg": RED_JPEG, "/png-inside.jpg": BLUE_PNG, "/blue.png": BLUE_PNG, "/green": GREEN_JPEG}
-    for path, data in served.items():
-        row = rows[rows.origin == server.url(path)].iloc[0]
-        assert row.sha256 == sha256(data) == sha256(Path(row.file).read_bytes())
+    expected = {"/red.jpg": "ok", "/missing.jpg": "failed", "/truncated.jpg": "corrupt", "/blocked.jpg": "corrupt",
+                "/png-inside.jpg": "ok", "refused": "failed", "/short-body.jpg": "failed", "/huge.jpg": "failed",
+                "/blue.png": "ok", "/green": "ok", "/bomb.png": "corrupt", "/red-again.jpg": "ok",
+                "/tiny.png": "rejected", "/error.jpg": "failed", "/hang.jpg": "failed", "/drip.jpg": "failed",
+                "/moved.jpg": "ok", "/loop.jpg": "failed"}
+    assert {key: row.status for key, row in by_path.items()} == expected
+    reasons = {key: row.reason for key, row in by_path.items()}
+    assert reasons["/missing.jpg"] == "HTTP 404 Not Found" and by_path["/missing.jpg"].http_status == 404
+    assert reasons["/truncated.jpg"].startswith("truncated or corrupt image data")
+    assert reasons["/blocked.jpg"] == "not an image: an HTML page"
+    assert reasons["refused"].startswith("request failed after 3 attempts: ConnectionError")
+    assert reasons["/short-body.jpg"].startswith("request failed after 3 attempts")
+    assert reasons["/huge.jpg"] == "larger than crawl.max_bytes (1000000 bytes)"
+    assert reasons["/bomb.png"].startswith("decompression bomb")
+    assert reasons["/tiny.png"] == "too small: 8x8 px, below crawl.min_size 32"
+    assert reasons["/error.jpg"] == "HTTP 500 Internal Server Error"
+    assert "timed out" in reasons["/hang.jpg"].lower()
+    assert reasons["/drip.jpg"].startswith("too slow: body not complete within crawl.timeout_s (1 s)")
+    assert "TooManyRedirects" in reasons["/loop.jpg"]
+    # provenance of a good one
+    red = by_path["/red.jpg"]
+    assert (red.http_status, red.bytes, red.content_type, red.sha256) == (200, len(RED_JPEG), "image/jpeg",
+                                                                          sha256(RED_JPEG))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", red.fetched_at) and red.rank >= 1
+    assert by_path["/moved.jpg"].sha256 == sha256(distinct_jpeg(3))  # the redirect was followed
+    # the same bytes under two URLs: one file, both rows point at it (dedupe drops the copy)
+    assert by_path["/red-again.jpg"].file == by_path["/red.jpg"].file
+    for path, data in {"/red.jpg": RED_JPEG, "/png-inside.jpg": BLUE_PNG, "/green": GREEN_JPEG}.items():
+        assert sha256(Path(by_path[path].file).read_bytes()) == sha256(data)
+    assert Path(by_path["/png-inside.jpg"].file).suffix == ".png"  # named by what it is, not by its URL
     failed = rows[rows.status == "failed"]
     assert (failed.file == "").all() and (failed.sha256 == "").all() and failed.width.isna().all()
     assert server.requests.count("/red.jpg") == 1, "a URL listed twice is downloaded once"
-    assert sorted(p.name for p in out_dir.iterdir() if p.name.startswith("01_")) == [
-        "01_000000.jpg",
-        "01_000003.png",
-        "01_000004.png",
-        "01_000005.jpg",
-    ]
-    assert "class 'tank': sources[1] done: 4 ok, 3 corrupt, 4 failed" in caplog.text
+    assert "class 'tank': sources[1] done: 6 ok, 1 rejected, 3 corrupt, 8 failed" in caplog.text
+    # new: the folder's three, then /green and /moved.jpg (the others repeat bytes already there)
+    assert summary["statuses"]["failed"] == 8 and summary["images"] == 3 + 2
+
+    # A rerun fetches only what failed for reasons that may pass (5xx, network, time-outs): not the
+    # good ones, not the 404, not the corrupt ones.
+    before = list(server.requests)
+    crawl("tank", [{"folder": str(image_folder)}, {"urls": str(url_file), "threads": 4}], tmp_path, "again",
+          limits=limits)
+    again = {path.split("?")[0] for path in server.requests[len(before):]}
+    assert again == {"/short-body.jpg", "/huge.jpg", "/error.jpg", "/hang.jpg", "/drip.jpg", "/loop.jpg"}
 
 
 def test_url_list_without_urls_gives_an_empty_manifest(tmp_path):
     url_file = tmp_path / "urls.txt"
     url_file.write_text("# nothing yet\n\n")
-    manifest = crawl_class("tank", [{"urls": str(url_file)}], tmp_path / "out")
-    assert manifest.empty and list(manifest.columns) == MANIFEST_COLUMNS
+    manifest, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path)
+    assert manifest.empty and list(manifest.columns) == RAW_COLUMNS
     assert str(manifest.width.dtype) == "Int64" and str(manifest.source_index.dtype) == "int64"
 
 
-def test_missing_url_list_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"sources\[0\].urls: .*nope.txt"):
-        crawl_class("tank", [{"urls": str(tmp_path / "nope.txt")}], tmp_path / "out")
+KILLED_CRAWL = """
+import sys
+from pathlib import Path
+from imgpipe.crawl import crawl_class
+from imgpipe.crawlstore import CrawlLimits
+crawl_class("tank", [{"urls": sys.argv[1], "threads": 1}], Path(sys.argv[2]), sys.argv[3],
+            limits=CrawlLimits(timeout_s=60))
+"""
 
 
-# --- search engine: recorded Bing page, real BingImageCrawler --------------------
+def test_a_crawl_killed_with_sigkill_resumes_without_fetching_anything_twice(tmp_path):
+    bodies = {f"/img{number}.jpg": distinct_jpeg(number) for number in range(10)}
+    routes = {path: Response(body) for path, body in bodies.items()}
+    routes["/img5.jpg"] = Response(bodies["/img5.jpg"], drip_s=0.5)  # the crawl is killed while this one drips
+    with LocalServer(routes) as server:
+        url_file = tmp_path / "urls.txt"
+        url_file.write_text("\n".join(server.url(path) for path in bodies) + "\n")
+        store = tmp_path / "store"
+        process = subprocess.Popen([sys.executable, "-c", KILLED_CRAWL, str(url_file), str(tmp_path / "killed"),
+                                    str(store)], stderr=subprocess.DEVNULL, start_new_session=True)
+        journal = store / "journal.jsonl"
+        deadline = time.monotonic() + 60
+        while not (journal.exists() and len(journal.read_text().splitlines()) >= 5):
+            assert time.monotonic() < deadline and process.poll() is None, "the crawl did not get going"
+            time.sleep(0.05)
+        while "/img5.jpg" not in server.requests:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        assert len(journal.read_text().splitlines()) == 5
+        served_before = list(server.served)
+        assert "/img5.jpg" not in served_before
+
+        server.routes["/img5.jpg"] = Response(bodies["/img5.jpg"])
+        manifest, summary = crawl_class("tank", [{"urls": str(url_file)}], tmp_path / "resumed", store, limits=FAST)
+
+    assert sorted(server.served) == sorted(bodies), "every image served exactly once, across both runs"
+    assert server.requests.count("/img5.jpg") == 2  # the one cut off, then whole
+    assert (manifest.status == "ok").all() and len(manifest) == 10
+    assert [sha256(Path(file).read_bytes()) for file in manifest.file] == [sha256(b) for b in bodies.values()]
+    assert sorted(Path(file).name for file in manifest.file) == [f"{n:06d}.jpg" for n in range(10)]
+    assert not list((store / "files").glob("*.part")), "no half-written file is left"
+    assert summary["images"] == 10
+
+
+def test_a_torn_journal_line_and_leftover_files_are_cleaned_up(tmp_path):
+    store = ClassStore(tmp_path / "store")
+    store.add_body(RED_JPEG, {"origin": "http://x/a.jpg", "source": "urls"}, FAST)
+    store.close()
+    with (tmp_path / "store" / "journal.jsonl").open("a") as handle:
+        handle.write('{"origin": "http://x/b.jp')  # killed mid-line
+    (tmp_path / "store" / "files" / ".000001.part").write_bytes(b"half")
+    (tmp_path / "store" / "files" / "000001.png").write_bytes(BLUE_PNG)  # renamed, never journaled
+    reopened = ClassStore(tmp_path / "store")
+    assert list(reopened.latest) == ["http://x/a.jpg"]
+    assert sorted(p.name for p in (tmp_path / "store" / "files").iterdir()) == ["000000.jpg"]
+    record = reopened.add_body(GREEN_JPEG, {"origin": "http://x/c.jpg", "source": "urls"}, FAST)
+    assert record["stored"] == "000001.jpg"  # numbering continues
+    reopened.close()
+    assert [json.loads(line)["origin"] for line in (tmp_path / "store" / "journal.jsonl").read_text().splitlines()] \
+        == ["http://x/a.jpg", "http://x/c.jpg"]
+
+
+# --- search engines: recorded Bing pages, real BingImageCrawler --------------------
 
 
 def recorded_bing_urls(host):
-    return [f"{host}/tanks/{name}.jpg" for name in ("t1", "truncated", "missing", "not-really", "png-inside", "t3")]
+    return [f"{host}/tanks/{name}" for name in ("t1.jpg", "drawing.png", "truncated.jpg", "missing.jpg",
+                                                "not-really.jpg", "png-inside.jpg", "t3.jpg")]
 
 
-def test_bing_parser_reads_recorded_page():
-    parser = BingParser(1, Signal(), None)
-    tasks = list(parser.parse(SimpleNamespace(content=BING_PAGE.read_bytes())))
-    # icrawler keeps .jpg results only: drawing.png and the result without metadata are skipped
+def test_bing_parser_reads_every_format_of_a_recorded_page():
+    page = SimpleNamespace(content=BING_PAGE.read_bytes())
+    tasks = list(ParsedBingParser(1, Signal(), None).parse(page))
+    # every result with metadata, in page order, the PNG too (the result without metadata is skipped)
     assert [task["file_url"] for task in tasks] == recorded_bing_urls(RECORDED_HOST)
+    # icrawler's own parser loses the PNG
+    icrawler_urls = [task["file_url"] for task in BingParser(1, Signal(), None).parse(page)]
+    assert icrawler_urls == [url for url in recorded_bing_urls(RECORDED_HOST) if url.endswith(".jpg")]
 
 
-def local_feeder(page_url):
-    """A feeder that hands the real Bing parser one local result page instead of bing.com's."""
+def bing_page(urls) -> bytes:
+    """A result page in Bing's async format: one div.imgpt per result, its metadata as compact JSON."""
+    divs = "".join(
+        f'<div class="imgpt"><a class="iusc" m="{html.escape(json.dumps({"murl": url, "t": "x"}, separators=(",", ":")))}"'
+        f' href="/images/search"></a></div>' for url in urls)
+    return f"<html><body>{divs}</body></html>".encode()
+
+
+def local_search(server):
+    """A feeder that sends each query to the local server's page for it, instead of bing.com."""
 
     class LocalFeeder(Feeder):
-        def feed(self, **kwargs):
-            self.out_queue.put(page_url)
+        def feed(self, keyword, **kwargs):
+            self.out_queue.put(server.url("/search/" + keyword.replace(" ", "-")))
 
     return LocalFeeder
 
@@ -304,50 +405,80 @@ def bing_server():
         "/tanks/not-really.jpg": Response(HTML_PAGE),
         "/tanks/png-inside.jpg": Response(BLUE_PNG),
         "/tanks/t3.jpg": Response(GREEN_JPEG),
-        "/tanks/drawing.png": Response(BLUE_PNG, "image/png"),
+        "/tanks/drawing.png": Response(distinct_jpeg(11), "image/png"),
     }
     with LocalServer(routes) as server:
-        server.routes["/images/async"] = Response(page.replace("{host}", server.base_url).encode(), "text/html")
+        server.routes["/search/tank"] = Response(page.replace("{host}", server.base_url).encode(), "text/html")
         yield server
 
 
 def test_bing_crawler_end_to_end(bing_server, tmp_path):
     server = bing_server
-    fetched = crawl_engine_query(
-        "bing",
-        "tank",
-        tmp_path / "download",
-        max_num=10,
-        threads=2,
-        feeder_cls=local_feeder(server.url("/images/async?q=tank&first=0")),
-    )
-    by_url = {item.origin: item for item in fetched}
-    assert sorted(by_url) == sorted(recorded_bing_urls(server.base_url))
-    assert all(item.query == "tank" for item in fetched)
-    ok = {url for url, item in by_url.items() if item.check and item.check.ok}
-    assert ok == {server.url(f"/tanks/{name}.jpg") for name in ("t1", "png-inside", "t3")}
-    assert by_url[server.url("/tanks/missing.jpg")].path is None
-    assert by_url[server.url("/tanks/missing.jpg")].reason == "HTTP 404 Not Found"
-    assert by_url[server.url("/tanks/not-really.jpg")].check.reason == "not an image: an HTML page"
-    assert by_url[server.url("/tanks/png-inside.jpg")].check.format == "PNG"
-    assert by_url[server.url("/tanks/t1.jpg")].path.read_bytes() == RED_JPEG
-    assert "/tanks/drawing.png" not in server.requests
+    manifest, summary = crawl("tank", [{"engine": "bing", "threads": 2}], tmp_path, feeder_cls=local_search(server))
+    assert list(manifest.origin) == recorded_bing_urls(server.base_url)  # result order
+    assert list(manifest["rank"]) == [1, 2, 3, 4, 5, 6, 7] and (manifest["query"] == "tank").all()
+    assert (manifest.engine == "bing").all() and (manifest.source == "engine").all()
+    status = dict(zip(manifest.origin.map(lambda url: url.rsplit("/", 1)[1]), manifest.status))
+    assert status == {"t1.jpg": "ok", "drawing.png": "ok", "truncated.jpg": "corrupt", "missing.jpg": "failed",
+                      "not-really.jpg": "corrupt", "png-inside.jpg": "ok", "t3.jpg": "ok"}
+    assert summary["queries"][0]["urls_seen"] == 7 and summary["images"] == 4
 
 
-def test_bing_max_num_counts_decodable_images(bing_server, tmp_path):
-    server = bing_server
-    fetched = crawl_engine_query(
-        "bing",
-        "tank",
-        tmp_path / "download",
-        max_num=2,
-        threads=1,
-        feeder_cls=local_feeder(server.url("/images/async?q=tank&first=0")),
-    )
-    ok = [item for item in fetched if item.check and item.check.ok]
-    # in page order: t1 ok, truncated, missing, not-really, png-inside ok -> stop before t3
-    assert [Path(item.origin).name for item in ok] == ["t1.jpg", "png-inside.jpg"]
-    assert "/tanks/t3.jpg" not in server.requests
-    stored = sorted(p.name for p in (tmp_path / "download").iterdir())
-    assert stored == sorted(item.path.name for item in fetched if item.path is not None)
-    assert re.fullmatch(r"\d{6}\.jpg", stored[0])
+def test_target_goes_through_queries_in_order_and_resumes(tmp_path, caplog):
+    first = [f"/a/{n}.jpg" for n in range(4)]
+    second = [f"/b/{n}.jpg" for n in range(6)]
+    routes = {path: Response(distinct_jpeg(seed)) for seed, path in enumerate(first + second)}
+    routes["/a/3.jpg"] = Response(routes["/a/0.jpg"].body)  # a duplicate does not count
+    with LocalServer(routes) as server:
+        server.routes["/search/tank"] = Response(bing_page([server.url(p) for p in first]), "text/html")
+        server.routes["/search/tank-museum"] = Response(bing_page([server.url(p) for p in second]), "text/html")
+        source = {"engine": "bing", "queries": ["tank"], "query_suffixes": ["museum"], "threads": 1}
+        assert engine_queries("tank", source) == ["tank", "tank museum"]
+
+        manifest, summary = crawl("tank", [source], tmp_path, feeder_cls=local_search(server), target=5)
+        assert summary["outcome"] == "target 5 reached" and summary["images"] == 5
+        assert [q["new_images"] for q in summary["queries"]] == [3, 2]
+        assert "/b/2.jpg" not in server.requests, "the crawl stops at the target"
+
+        # raising the target crawls only what is missing
+        before = len(server.requests)
+        with caplog.at_level(logging.WARNING, logger="imgpipe.crawl"):
+            manifest, summary = crawl("tank", [source], tmp_path, "more", feeder_cls=local_search(server), target=50)
+        images = [request for request in server.requests[before:] if not request.startswith("/search/")]
+        assert sorted(images) == ["/b/2.jpg", "/b/3.jpg", "/b/4.jpg", "/b/5.jpg"]
+    assert summary["outcome"] == "exhausted at 9 of target 50" and summary["target_reached"] is False
+    assert "class 'tank': exhausted at 9 of target 50" in caplog.text
+    assert (manifest.status == "ok").sum() == 10  # the duplicate is there, for dedupe to name
+
+
+def test_a_dead_engine_warns_and_a_class_of_dead_engines_fails(tmp_path, caplog):
+    with LocalServer({}) as server:
+        server.routes["/search/tank"] = Response(bing_page([]), "text/html")
+        server.routes["/search/panzer"] = Response(bing_page([server.url("/p.jpg")]), "text/html")
+        server.routes["/p.jpg"] = Response(RED_JPEG)
+        with caplog.at_level(logging.WARNING, logger="imgpipe.crawl"):
+            manifest, _ = crawl("tank", [{"engine": "bing", "queries": ["tank", "panzer"]}], tmp_path,
+                                feeder_cls=local_search(server))
+        assert "bing returned no image URL for query 'tank'" in caplog.text
+        assert list(manifest.status) == ["ok"]
+        with pytest.raises(RuntimeError, match=r"class 'tank': no search engine returned a single image URL "
+                                               r"\(bing 'tank', google 'tank'\).*icrawler issues #107"):
+            crawl("tank", [{"engine": "bing"}, {"engine": "google"}], tmp_path / "dead",
+                  feeder_cls=local_search(server))
+
+
+def test_greedy_source_crawls_a_site(tmp_path):
+    with LocalServer({}) as server:
+        server.routes["/"] = Response(b'<html><a href="/page2.html">next</a><img src="/img/a.jpg"></html>', "text/html")
+        # relative sources, a link back and one to itself (icrawler's parser would loop on them forever)
+        server.routes["/page2.html"] = Response(b'<html><img src="img/b.png"><img src="/img/tiny.png">'
+                                                b'<a href="/">home</a><a href="page2.html">me</a>'
+                                                b'<a href="/img/a.jpg">again</a></html>', "text/html")
+        server.routes["/img/a.jpg"] = Response(RED_JPEG)
+        server.routes["/img/b.png"] = Response(BLUE_PNG, "image/png")
+        server.routes["/img/tiny.png"] = Response(TINY_PNG, "image/png")
+        manifest, summary = crawl("tank", [{"greedy": server.url("/")}], tmp_path, limits=CrawlLimits(timeout_s=1))
+    status = dict(zip(manifest.origin.map(lambda url: url.rsplit("/", 1)[1]), manifest.status))
+    assert status == {"a.jpg": "ok", "b.png": "ok", "tiny.png": "rejected"}
+    assert (manifest.engine == "greedy").all() and summary["images"] == 2
+    assert [server.requests.count(path) for path in ("/", "/page2.html", "/img/a.jpg")] == [1, 1, 1]

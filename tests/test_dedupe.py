@@ -391,9 +391,9 @@ def test_read_exclude_list(tmp_path):
     )
 
     assert read_exclude_list(path) == {
-        "ab" * 32,
-        "results/x/crawl/cat/000001.jpg",
-        "https://example.org/a.jpg#part",
+        "ab" * 32: "watermark",
+        "results/x/crawl/cat/000001.jpg": "",
+        "https://example.org/a.jpg#part": "",
     }
     with pytest.raises(FileNotFoundError, match="missing.txt.*dedupe.exclude"):
         read_exclude_list(tmp_path / "missing.txt")

@@ -236,7 +236,13 @@ def test_urls_experiment_downloads_through_icrawler(workdir):
     assert json.loads((workdir / "results/web/eval/cnn/metrics.json").read_text())["n_test"] > 0
 
     runs = runs_by_name(store(workdir), "web")
-    assert runs["crawl bright"].data.metrics == {"images_ok": 13, "images_corrupt": 1, "images_failed": 1}
+    crawl_metrics = runs["crawl bright"].data.metrics
+    assert {key: crawl_metrics[key] for key in ("images_ok", "images_corrupt", "images_failed", "images_rejected",
+                                                "images_new_unique")} == {
+        "images_ok": 13, "images_corrupt": 1, "images_failed": 1, "images_rejected": 0, "images_new_unique": 13}
+    assert runs["crawl bright"].data.tags["imgpipe.crawl_outcome"] == "13 new images (no target)"
+    summary = json.loads((workdir / "results/web/raw/bright.json").read_text())
+    assert summary["statuses"]["ok"] == 13 and summary["queries"][0]["urls_seen"] == 15
     assert runs["snakemake web"].info.status == "FINISHED"
 
     # Reruns follow content, not clocks: a touched URL list reruns nothing, an edited one its class.

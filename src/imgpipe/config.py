@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from imgpipe.files import walk_files
+from imgpipe.files import error_text, walk_files
 from imgpipe.fingerprints import FileHashCache, content_fingerprint
 from imgpipe.sweeps import SweepError, expand_sweeps
 
@@ -206,6 +206,24 @@ def _check_sources(config: dict, base_dir: Path) -> None:
                     f"config key 'classes.{class_name}.sources[{index}].api_key': flickr needs an API key "
                     f"(in the source, or in the FLICKR_API_KEY environment variable)"
                 )
+            if source.get("engine") in ("bing", "baidu", "google") and source.get("filters"):
+                _check_engine_filters(f"classes.{class_name}.sources[{index}].filters", source)
+
+
+def _check_engine_filters(key: str, source: dict) -> None:
+    """icrawler checks filters inside its feeder thread, where an error only kills the thread
+    and the crawl quietly returns nothing: check them when the DAG is built instead."""
+    from icrawler.builtin.baidu import BaiduFeeder
+    from icrawler.builtin.bing import BingFeeder
+    from icrawler.builtin.google import GoogleFeeder
+    from icrawler.utils import Signal
+
+    feeder = {"bing": BingFeeder, "baidu": BaiduFeeder, "google": GoogleFeeder}[source["engine"]]
+    try:
+        feeder(1, Signal(), None).get_filter().apply(source["filters"])
+    except (KeyError, ValueError, TypeError, AssertionError) as error:
+        detail = str(error.args[0]).replace("\uff0c", ",") if isinstance(error, KeyError) else error_text(error)
+        raise ConfigError(f"config key '{key}': {detail}") from None
 
 
 def _check_dedupe(config: dict, base_dir: Path) -> None:
@@ -463,6 +481,17 @@ def check_config_files(paths) -> None:
         duplicates = find_duplicate_keys(path)
         if duplicates:
             raise ConfigError(f"config file '{path}': key given twice: {', '.join(duplicates)}")
+
+
+def crawl_settings(config: dict, class_name: str) -> dict:
+    """What a class's crawl job depends on besides its sources: limits, target, and (with a
+    target) the distance within which an image does not count as new."""
+    target = config["classes"][class_name]["target"]
+    return canonical({
+        "limits": config["crawl"],
+        "target": target,
+        "near_distance": config["dedupe"]["near_distance"] if target is not None else None,
+    })
 
 
 def source_fingerprints(sources: list[dict], base_dir: Path | str = ".",

@@ -1,64 +1,144 @@
 """The crawl stage: collect one class's raw images from its sources, verify each, record its origin.
 
-Sources (one dict each, exactly one kind key):
+Sources (one dict each, exactly one kind key; the config schema and ``imgpipe.config``
+validate them before any job runs):
 
-- ``{"folder": "dir"}``: every file below ``dir`` (recursive, sorted), copied.
+- ``{"folder": "dir"}``: every file below ``dir`` (recursive, sorted), imported.
 - ``{"digits": 3}``: scikit-learn's builtin 8x8 handwritten digits of that class, as PNG.
-- ``{"engine": "bing", "queries": [...], "max_num": 100, "filters": {...}, "threads": 4}``:
+- ``{"engine": "bing", "queries": [...], "query_suffixes": [...], "max_num": 100, ...}``:
   an icrawler search-engine crawl per query (bing, baidu, google, flickr).
-- ``{"urls": "urls.txt"}``: one URL per line, downloaded with icrawler's UrlListCrawler.
+- ``{"urls": "urls.txt"}``: one URL per line, downloaded with icrawler's downloader.
+- ``{"greedy": "https://site/"}``: every image linked from the site's pages
+  (icrawler's GreedyImageCrawler).
 
-Every file is fully decoded with :func:`imgpipe.images.inspect_image`: good ones are stored as
-``out_dir/{source_index:02d}_{seq:06d}{ext}``, undecodable ones under ``out_dir/rejected/``,
-and URLs that gave no file become manifest rows with status ``failed``. Nothing is dropped
-without a manifest row saying why.
+Everything goes through the class's :class:`~imgpipe.crawlstore.ClassStore`, kept across
+runs: a rerun after a kill, a new query or a higher target never fetches a URL (or imports
+a file) it already has, and a body already stored under another URL is not stored twice.
+With a class ``target``, sources are tried in order (queries in order) until that many
+new, valid, non-duplicate images are kept; otherwise the log, the summary and MLflow say
+"exhausted at N of target".
+
+The manifest has one row per URL or file the sources named: kept files are hard-linked
+to ``out_dir/<seq>.<ext>``, rejected and corrupt ones to ``out_dir/rejected/``, and URLs
+that gave nothing (or were not tried, the target being reached) have no file. Nothing is
+dropped without a row saying why.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+import io
 import logging
 import os
 import queue
 import re
-import shutil
-import tempfile
+import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import requests
+import urllib3
 from icrawler import ImageDownloader
-from icrawler.builtin import BaiduImageCrawler, BingImageCrawler, FlickrImageCrawler, GoogleImageCrawler, UrlListCrawler
-from icrawler.builtin.baidu import BaiduFeeder
-from icrawler.builtin.bing import BingFeeder
-from icrawler.builtin.google import GoogleFeeder
-from icrawler.utils import Signal
+from icrawler.builtin import (
+    BaiduImageCrawler,
+    BingImageCrawler,
+    FlickrImageCrawler,
+    GoogleImageCrawler,
+    GreedyImageCrawler,
+    UrlListCrawler,
+)
+from icrawler.builtin.bing import BingParser
+from icrawler.builtin.greedy import GreedyParser
 from PIL import Image
 
+from imgpipe.crawlstore import ClassStore, CrawlLimits, TargetCounter, effective_status, link_or_copy
 from imgpipe.files import error_text, walk_files
-from imgpipe.images import IMAGE_EXTENSIONS, ImageCheck, inspect_image
+from imgpipe.fingerprints import FileHashCache
+from imgpipe.manifests import RAW_COLUMNS
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = [
-    "file",
-    "class",
-    "source",
-    "source_index",
-    "query",
-    "origin",
-    "sha256",
-    "status",
-    "reason",
-    "width",
-    "height",
-    "format",
-]
+DEFAULT_MAX_NUM = 100
+DEFAULT_THREADS = 4
+DOWNLOAD_ATTEMPTS = 3
+PROGRESS_EVERY = 100
+# How deep into an engine's results a query looks for its images, as a multiple of the
+# images it still needs: results also hold dead links, duplicates and junk.
+RESULT_DEPTH_FACTOR = 3
+
+
+class ParsedBingParser(BingParser):
+    """Bing's parser, reading each result's metadata as JSON.
+
+    icrawler's BingParser finds the image URL with a regular expression ending in ``.jpg``, so
+    every PNG, WebP or GIF result (and every URL with a query string after .jpg) is lost.
+    """
+
+    def parse(self, response):
+        import html
+        import json
+
+        from bs4 import BeautifulSoup
+
+        soup = BeautifulSoup(response.content.decode("utf-8", "ignore"), "lxml")
+        for div in soup.find_all("div", class_="imgpt"):
+            anchor = div.find("a")
+            if anchor is None or not anchor.get("m"):
+                continue
+            try:
+                url = json.loads(html.unescape(anchor["m"])).get("murl")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(url, str) and url.startswith(("http://", "https://")):
+                yield {"file_url": url}
+
+
+class SiteParser(GreedyParser):
+    """icrawler's greedy parser, fixed for real sites.
+
+    GreedyParser ignores relative ``<img src>`` (most sites use them) and images without an
+    image extension, and feeds every in-site link back however often it was seen, so two
+    pages that link to each other are fetched forever. This one resolves every ``src`` and
+    ``href`` against the page, and yields each page and each image URL once.
+    """
+
+    _PAGE_SUFFIXES = ("", ".html", ".htm", ".shtml", ".php", ".asp", ".aspx", ".jsp")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._seen: set[str] = set()
+        self._seen_lock = threading.Lock()
+
+    def _first_time(self, url: str) -> bool:
+        with self._seen_lock:
+            if url in self._seen:
+                return False
+            self._seen.add(url)
+            return True
+
+    def parse(self, response, domains):
+        from urllib.parse import urljoin, urlsplit
+
+        from bs4 import BeautifulSoup
+
+        self._first_time(response.url.split("#", 1)[0].rstrip("/"))  # the start page is fed, not linked
+        soup = BeautifulSoup(response.content.decode("utf-8", "ignore"), "lxml")
+        for tag in soup.find_all("img", src=True):
+            url = urljoin(response.url, tag["src"].strip()).split("#", 1)[0]
+            if url.startswith(("http://", "https://")) and self._first_time(url):
+                yield {"file_url": url}
+        for tag in soup.find_all("a", href=True):
+            url = urljoin(response.url, tag["href"].strip()).split("#", 1)[0].rstrip("/")
+            if not url.startswith(("http://", "https://")) or not self._first_time(url):
+                continue
+            suffix = Path(urlsplit(url).path).suffix.lower()
+            if re.fullmatch(r"\.(jpe?g|png|gif|bmp|webp|tiff?)", suffix):
+                yield {"file_url": url}
+            elif suffix in self._PAGE_SUFFIXES and self.is_in_domain(url, domains):
+                yield url  # a page of the site: icrawler feeds it back to be parsed
+
 
 ENGINES = {
     "bing": BingImageCrawler,
@@ -66,128 +146,289 @@ ENGINES = {
     "google": GoogleImageCrawler,
     "flickr": FlickrImageCrawler,
 }
-# Flickr takes search parameters instead of filters; the others validate filters in their feeder.
-_ENGINE_FEEDERS = {"bing": BingFeeder, "baidu": BaiduFeeder, "google": GoogleFeeder}
-
-_SOURCE_KEYS = {
-    "folder": {"folder"},
-    "digits": {"digits"},
-    "engine": {"engine", "queries", "max_num", "filters", "threads", "api_key"},
-    "urls": {"urls", "threads"},
-}
-DEFAULT_MAX_NUM = 100
-DEFAULT_THREADS = 4
-DOWNLOAD_TIMEOUT_S = 10
-DOWNLOAD_ATTEMPTS = 3
-MAX_DOWNLOAD_BYTES = 50 * 2**20
-PROGRESS_EVERY = 100
-_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
+_ENGINE_PARSERS = {"bing": ParsedBingParser}
 
 
-@dataclass(frozen=True)
-class Fetched:
-    """One file a source produced, or one URL that produced none (``path`` None, ``reason`` says why)."""
+def engine_queries(class_name: str, source: dict) -> list[str]:
+    """The queries of an engine source: ``queries`` (default: the class name), each also with every suffix."""
+    bases = source.get("queries") or [class_name.replace("_", " ")]
+    suffixes = source.get("query_suffixes") or []
+    return [query for base in bases for query in [base, *(f"{base} {suffix}" for suffix in suffixes)]]
 
-    origin: str
-    path: Path | None
-    check: ImageCheck | None = None
-    reason: str = ""
+
+@dataclass
+class QueryOutcome:
+    """What one query (or one URL list, folder, site) gave in this run."""
+
+    source_index: int
+    source: str
+    engine: str = ""
     query: str = ""
+    urls_seen: int | None = None  # None: not run (already complete, or target reached)
+    new_images: int = 0
+    images: int = 0
 
 
-def crawl_class(class_name: str, sources: list[dict], out_dir: Path | str) -> pd.DataFrame:
-    """Collect one class's images from ``sources`` into ``out_dir`` (absent or empty) and return the manifest.
+@dataclass
+class _ClassCrawl:
+    """The state of one class's crawl while its sources run in order."""
 
-    The manifest has one row per file or failed URL, columns :data:`MANIFEST_COLUMNS`, ordered
-    by source index, then sequence. All sources are checked before anything is downloaded.
+    class_name: str
+    store: ClassStore
+    limits: CrawlLimits
+    counter: TargetCounter
+    file_hashes: FileHashCache
+    deadline: float | None
+    outcomes: list[QueryOutcome] = field(default_factory=list)
+    stopped_by_time: bool = False
+
+    def out_of_time(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stopped_by_time = True
+        return self.stopped_by_time
+
+    def done(self) -> bool:
+        return self.counter.reached or self.out_of_time()
+
+    def not_tried_reason(self) -> str:
+        if self.counter.reached:
+            return f"not tried: target {self.counter.target} reached"
+        return f"not tried: crawl.time_budget_s {self.limits.time_budget_s:g} s spent"
+
+    def replay(self, record: dict, outcome: QueryOutcome) -> dict:
+        """The row of a record fetched by an earlier run: counted, or skipped once the target is reached.
+
+        Stopping at the target here too keeps the data the same whatever the store holds:
+        lowering a target (or a first run with it) gives the first images, not all ever fetched.
+        """
+        if self.counter.reached:
+            return {"origin": record["origin"], "status": "skipped",
+                    "reason": f"beyond target {self.counter.target} (kept in the crawl store)"}
+        outcome.images += self.counter.offer(record, self.limits)
+        return record
+
+    def replay_all(self, records: list[dict], outcome: QueryOutcome) -> list[dict]:
+        return [self.replay(record, outcome) for record in records]
+
+
+def crawl_class(
+    class_name: str,
+    sources: list[dict],
+    out_dir: Path | str,
+    store_dir: Path | str | None = None,
+    *,
+    limits: CrawlLimits | None = None,
+    target: int | None = None,
+    near_distance: int | None = None,
+    file_hashes: FileHashCache | None = None,
+    feeder_cls=None,
+) -> tuple[pd.DataFrame, dict]:
+    """Collect one class's images from ``sources`` into ``out_dir`` (absent or empty).
+
+    ``store_dir`` keeps what was fetched across runs (default: ``<out_dir>.store`` beside
+    it). Returns the manifest (columns :data:`~imgpipe.manifests.RAW_COLUMNS`, ordered by
+    source, then by list or result order) and a summary (see :func:`summarize_crawl`).
+    ``feeder_cls`` replaces the engines' feeders (tests point the real parsers at a local
+    server with it).
     """
     out_dir = Path(out_dir)
-    checked = [_check_source(class_name, index, source) for index, source in enumerate(sources)]
+    store_dir = Path(store_dir) if store_dir is not None else out_dir.with_name(out_dir.name + ".store")
+    limits = limits or CrawlLimits()
+    checked = [_source_kind(class_name, index, source) for index, source in enumerate(sources)]
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.iterdir()):
         raise FileExistsError(f"crawl output folder {out_dir} is not empty: remove it and run again")
 
-    rows: list[dict] = []
-    for index, (kind, source) in enumerate(checked):
-        writer = _SourceWriter(out_dir, class_name, kind, index)
-        logger.info("class %r: sources[%d] %s %s", class_name, index, kind, _describe(kind, source))
-        with tempfile.TemporaryDirectory(prefix=".staging-", dir=out_dir) as staging:
-            for batch in _fetch_source(kind, source, Path(staging)):
-                writer.store(batch, copy=kind == "folder")
-        logger.info("class %r: sources[%d] done: %s", class_name, index, _count_statuses(writer.rows))
-        rows.extend(writer.rows)
-
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    manifest = manifest.astype({"source_index": "int64", "width": "Int64", "height": "Int64"})
-    logger.info("class %r: %d rows: %s", class_name, len(manifest), _count_statuses(rows))
-    return manifest
-
-
-def _fetch_source(kind: str, source: dict, staging: Path) -> Iterator[list[Fetched]]:
-    """The source's files in order, in batches (one per engine query); downloads go to ``staging``."""
-    if kind == "folder":
-        yield _folder_files(Path(source["folder"]))
-    elif kind == "digits":
-        yield _write_digits(source["digits"], staging)
-    elif kind == "urls":
-        yield download_urls(read_url_list(source["urls"]), staging, threads=source.get("threads", DEFAULT_THREADS))
-    else:
-        for number, query in enumerate(source["queries"]):
-            yield crawl_engine_query(
-                source["engine"],
-                query,
-                staging / f"query{number}",
-                max_num=source.get("max_num", DEFAULT_MAX_NUM),
-                filters=source.get("filters") or None,
-                threads=source.get("threads", DEFAULT_THREADS),
-                api_key=_flickr_api_key(source) if source["engine"] == "flickr" else None,
-            )
+    started = time.monotonic()
+    deadline = started + limits.time_budget_s if limits.time_budget_s else None
+    counter = TargetCounter(target, near_distance if target else None)
+    with ClassStore(store_dir) as store:
+        if store.records:
+            logger.info("class %r: resuming: %d URLs/files already tried", class_name, len(store.latest))
+        crawl = _ClassCrawl(class_name, store, limits, counter, file_hashes or FileHashCache(), deadline)
+        rows: list[dict] = []
+        for index, (kind, source) in enumerate(checked):
+            logger.info("class %r: sources[%d] %s %s", class_name, index, kind, _describe(class_name, kind, source))
+            fetch = {"folder": _folder_rows, "digits": _digits_rows, "urls": _url_list_rows,
+                     "engine": _engine_rows, "greedy": _greedy_rows}[kind]
+            if kind == "engine":
+                source_rows = fetch(crawl, index, source, feeder_cls)
+            else:
+                source_rows = fetch(crawl, index, source)
+            rows.extend({**row, "source": kind, "source_index": index} for row in source_rows)
+            logger.info("class %r: sources[%d] done: %s", class_name, index, _count_statuses(rows, limits, index))
+        _fail_if_every_engine_is_dead(crawl)
+        manifest = _materialise(rows, class_name, out_dir, store, limits)
+    summary = summarize_crawl(crawl, manifest, time.monotonic() - started)
+    log = logger.info if target is None or counter.reached else logger.warning
+    log("class %r: %s; %s", class_name, summary["outcome"], _count_statuses(rows, limits))
+    return manifest, summary
 
 
-def crawl_engine_query(
-    engine: str,
-    query: str,
-    download_dir: Path,
-    *,
-    max_num: int = DEFAULT_MAX_NUM,
-    filters: dict | None = None,
-    threads: int = DEFAULT_THREADS,
-    api_key: str | None = None,
-    feeder_cls=None,
-) -> list[Fetched]:
-    """Run one icrawler search-engine crawl for ``query`` into ``download_dir``.
+# ----------------------------------------------------------------------- sources
 
-    At most ``max_num`` decodable images are kept. ``feeder_cls`` replaces the engine's
-    feeder (the part that builds result-page URLs), e.g. to point the real parser and
-    downloader at a local server.
-    """
-    options = dict(
-        downloader_cls=RecordingDownloader,
+
+def _folder_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
+    folder = Path(source["folder"])
+    outcome = QueryOutcome(index, "folder", query=str(folder), urls_seen=0)
+    rows = []
+    for path in walk_files(folder):
+        sha = crawl.file_hashes.sha256(path)
+        rows.append(_local_item(crawl, outcome, str(path), sha, lambda path=path: path))
+        if len(rows) % PROGRESS_EVERY == 0:
+            logger.info("sources[%d]: %d files imported", index, len(rows))
+    crawl.outcomes.append(outcome)
+    return rows
+
+
+def _digits_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
+    from sklearn.datasets import load_digits  # ~5 s import; only digits sources pay it
+
+    digits = load_digits()
+    outcome = QueryOutcome(index, "digits", query=str(source["digits"]), urls_seen=0)
+
+    def png(number) -> bytes:
+        pixels = (digits.images[number] * (255 / 16)).round().astype("uint8")
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")  # 2-D uint8 gives mode L
+        return buffer.getvalue()
+
+    rows = [_local_item(crawl, outcome, f"sklearn:digits#{number}", None, lambda number=number: png(number))
+            for number in (digits.target == source["digits"]).nonzero()[0]]
+    crawl.outcomes.append(outcome)
+    return rows
+
+
+def _local_item(crawl: _ClassCrawl, outcome: QueryOutcome, origin: str, sha: str | None, body) -> dict:
+    """The record of one local file (or generated image): the stored one while its content is the same."""
+    outcome.urls_seen += 1
+    record = crawl.store.latest.get(origin)
+    if record is not None and sha in (None, record["sha256"]):
+        return crawl.replay(record, outcome)
+    if crawl.done():
+        return _not_tried(origin, crawl)
+    provenance = {"origin": origin, "source": outcome.source, "sha256": sha, "rank": outcome.urls_seen}
+    record = crawl.store.add_body(body(), provenance, crawl.limits)
+    counted = crawl.counter.offer(record, crawl.limits)
+    outcome.images += counted
+    outcome.new_images += counted
+    return record
+
+
+def _url_list_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
+    urls = read_url_list(source["urls"])
+    outcome = QueryOutcome(index, "urls", query=str(source["urls"]), urls_seen=len(urls))
+    rows = {url: crawl.replay(crawl.store.latest[url], outcome) for url in urls if crawl.store.is_final(url)}
+    pending = [url for url in urls if url not in rows]
+    if pending and not crawl.done():
+        logger.info("sources[%d]: %d of %d URLs to download", index, len(pending), len(urls))
+        downloader = _run_crawler(UrlListCrawler, crawl, outcome, source.get("threads", DEFAULT_THREADS),
+                                  {"url_list": pending, "max_num": 0}, "url list")
+        outcome.new_images = downloader.counted
+        outcome.images += downloader.counted
+    crawl.outcomes.append(outcome)
+    return [rows.get(url) or crawl.store.latest.get(url) or _not_tried(url, crawl) for url in urls]
+
+
+def _engine_rows(crawl: _ClassCrawl, index: int, source: dict, feeder_cls=None) -> list[dict]:
+    engine = source["engine"]
+    per_query = source.get("max_num") or (None if crawl.counter.target is not None else DEFAULT_MAX_NUM)
+    rows = []
+    for query in engine_queries(crawl.class_name, source):
+        outcome = QueryOutcome(index, "engine", engine, query)
+        earlier = crawl.replay_all(_earlier_records(crawl.store, "engine", query, engine), outcome)
+        crawl.outcomes.append(outcome)
+        wanted = _images_wanted(crawl, per_query, outcome.images)
+        if wanted <= 0 or crawl.done():
+            rows.extend(earlier)
+            continue
+        crawler_cls = ENGINES[engine]
+        options = {"parser_cls": _ENGINE_PARSERS[engine]} if engine in _ENGINE_PARSERS else {}
+        if feeder_cls is not None:
+            options["feeder_cls"] = feeder_cls
+        if engine == "flickr":
+            options["apikey"] = source.get("api_key") or os.environ.get("FLICKR_API_KEY")
+            arguments = {"text": query, **(source.get("filters") or {})}
+        else:
+            arguments = {"keyword": query, "filters": source.get("filters") or None}
+        # result pages to look through: icrawler's max_num also sets how many pages the feeder asks for
+        arguments["max_num"] = min(1000, wanted * RESULT_DEPTH_FACTOR)
+        downloader = _run_crawler(crawler_cls, crawl, outcome, source.get("threads", DEFAULT_THREADS), arguments,
+                                  f"{engine} {query!r}", query_limit=(per_query, outcome.images), **options)
+        outcome.new_images = downloader.counted
+        outcome.images += downloader.counted
+        rows.extend(_latest_per_origin(earlier + downloader.records_in_rank_order()))
+        if outcome.urls_seen == 0:
+            logger.warning(
+                "%s returned no image URL for query %r: icrawler's parser found nothing on the result page "
+                "(the engine may have changed its page, as Google's has: icrawler issues #107, #135) or the "
+                "engine blocked the request", engine, query)
+        elif per_query and outcome.images < per_query and not crawl.done():
+            logger.warning("%s %r: exhausted at %d of max_num %d images (%d result URLs)",
+                           engine, query, outcome.images, per_query, outcome.urls_seen)
+        else:
+            logger.info("%s %r: %d new images from %d result URLs", engine, query, outcome.new_images,
+                        outcome.urls_seen)
+    return rows
+
+
+def _greedy_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
+    site = source["greedy"]
+    outcome = QueryOutcome(index, "greedy", "greedy", site)
+    earlier = crawl.replay_all(_earlier_records(crawl.store, "greedy", site), outcome)
+    crawl.outcomes.append(outcome)
+    per_site = source.get("max_num")
+    if _images_wanted(crawl, per_site, outcome.images) <= 0 or crawl.done():
+        return earlier
+    downloader = _run_crawler(GreedyImageCrawler, crawl, outcome, source.get("threads", DEFAULT_THREADS),
+                              {"domains": site, "max_num": 0}, f"greedy {site}", query_limit=(per_site, outcome.images),
+                              idle_exit_s=2 * crawl.limits.timeout_s, parser_cls=SiteParser)
+    outcome.new_images = downloader.counted
+    outcome.images += downloader.counted
+    if outcome.urls_seen == 0:
+        logger.warning("greedy %s: no image URL found on the site's pages", site)
+    return _latest_per_origin(earlier + downloader.records_in_rank_order())
+
+
+def _earlier_records(store: ClassStore, source: str, query: str, engine: str = "") -> list[dict]:
+    """What earlier runs of this query (or site) tried: the latest record per URL, in first-try order."""
+    return _latest_per_origin([record for record in store.records if record["source"] == source
+                               and record["query"] == query and record["engine"] == engine])
+
+
+def _latest_per_origin(records: list[dict]) -> list[dict]:
+    latest = {}
+    for record in records:
+        latest[record["origin"]] = record  # a key keeps its first position, takes the last value
+    return list(latest.values())
+
+
+def _images_wanted(crawl: _ClassCrawl, per_query: int | None, have: int) -> int:
+    """How many more images a query should look for: its own cap and the class's target."""
+    wanted = []
+    if per_query:
+        wanted.append(per_query - have)
+    if crawl.counter.target is not None:
+        wanted.append(crawl.counter.target - crawl.counter.count)
+    return min(wanted) if wanted else DEFAULT_MAX_NUM
+
+
+def _run_crawler(crawler_cls, crawl: _ClassCrawl, outcome: QueryOutcome, threads: int, arguments: dict,
+                 label: str, query_limit: tuple[int | None, int] = (None, 0), idle_exit_s: float | None = None,
+                 **options) -> StoreDownloader:
+    crawler = crawler_cls(
+        downloader_cls=StoreDownloader,
         downloader_threads=threads,
-        storage={"backend": "FileSystem", "root_dir": str(download_dir)},
-        extra_downloader_args={"label": f"{engine} {query!r}"},
+        storage={"backend": "FileSystem", "root_dir": str(crawl.store.files)},
+        extra_downloader_args={"crawl": crawl, "outcome": outcome, "label": label, "query_limit": query_limit,
+                               "idle_exit_s": idle_exit_s},
+        log_level=logging.WARNING,
+        **options,
     )
-    if feeder_cls is not None:
-        options["feeder_cls"] = feeder_cls
-    if engine == "flickr":
-        crawler = FlickrImageCrawler(apikey=api_key, **options)
-        crawler.crawl(max_num=max_num, text=query, **(filters or {}))
-    else:
-        crawler = ENGINES[engine](**options)
-        crawler.crawl(keyword=query, filters=filters, max_num=max_num)
-    fetched = [dataclasses.replace(item, query=query) for item in crawler.downloader.results()]
-    if not fetched:
-        logger.warning(
-            "%s returned no image URLs for %r: the engine may have changed its result page "
-            "(icrawler's parser finds nothing) or blocked the request",
-            engine,
-            query,
-        )
-    else:
-        images = sum(item.check is not None and item.check.ok for item in fetched)
-        log = logger.warning if images < max_num else logger.info
-        log("%s %r: %d of max_num %d images from %d URLs", engine, query, images, max_num, len(fetched))
-    return fetched
+    crawler.crawl(**arguments)
+    downloader: StoreDownloader = crawler.downloader
+    outcome.urls_seen = downloader.seen
+    return downloader
 
 
 def read_url_list(path: Path | str) -> list[str]:
@@ -200,277 +441,224 @@ def read_url_list(path: Path | str) -> list[str]:
     return urls
 
 
-def download_urls(urls: list[str], download_dir: Path, *, threads: int = DEFAULT_THREADS) -> list[Fetched]:
-    """Download ``urls`` into ``download_dir`` with icrawler's UrlListCrawler; results in list order."""
-    if not urls:
-        return []
-    crawler = UrlListCrawler(
-        downloader_cls=RecordingDownloader,
-        downloader_threads=threads,
-        storage={"backend": "FileSystem", "root_dir": str(download_dir)},
-        extra_downloader_args={"label": "url list"},
-    )
-    crawler.crawl(urls, max_num=0)  # 0: no limit (the default, 1000, would cut long lists)
-    position = {url: number for number, url in enumerate(urls)}
-    return sorted(crawler.downloader.results(), key=lambda item: position[item.origin])
-
-
-class RecordingDownloader(ImageDownloader):
-    """icrawler's image downloader, changed so that every URL it is given ends up in :meth:`results`.
+class StoreDownloader(ImageDownloader):
+    """icrawler's image downloader, changed so that every URL it is given ends up in the class's store.
 
     ImageDownloader loses images silently, so this one differs:
-    - each task becomes a :class:`Fetched`: the file, or why there is none (HTTP status,
-      network error after retries, size cap), instead of a log line only;
-    - files are kept whatever they hold and verified with ``inspect_image``; the original
-      ``keep_file`` drops non-images without a word and dies on a decompression bomb;
-    - ``max_num`` counts decodable images;
+    - each URL becomes a journal record: the body, or why there is none (HTTP status,
+      network error after retries, size or time limit), instead of a log line only;
+    - a URL the store already has is not requested; a body is kept whatever it holds and
+      verified (``keep_file`` drops non-images without a word and dies on a decompression bomb);
+    - it stops when the class's target (or the query's max_num) counts enough new, valid,
+      non-duplicate images, or the class's time budget is spent;
     - workers stop when the parser has finished, not after 5 s without a new URL
       (which loses the rest of a crawl whenever a result page is slow).
     """
 
-    def __init__(self, thread_num, signal, session, storage, label="", max_bytes=MAX_DOWNLOAD_BYTES):
+    def __init__(self, thread_num, signal, session, storage, crawl=None, outcome=None, label="",
+                 query_limit=(None, 0), idle_exit_s=None):
         super().__init__(thread_num, signal, session, storage)
+        self.crawl: _ClassCrawl = crawl
+        self.outcome: QueryOutcome = outcome
         self.label = label
-        self.max_bytes = max_bytes
-        self._records: list[tuple[int, Fetched]] = []
-        self._started = 0
+        self.per_query, self.query_had = query_limit
+        # GreedyImageCrawler's feeder and parser never finish on their own: its crawl ends
+        # when no new URL has come for this long.
+        self.idle_exit_s = idle_exit_s
+        self.seen = 0
+        self.counted = 0
+        self._records: list[tuple[int, dict]] = []
 
-    def results(self) -> list[Fetched]:
-        """What each URL gave, in the order the downloader took them from its queue."""
-        return [item for _, item in sorted(self._records, key=lambda record: record[0])]
+    def records_in_rank_order(self) -> list[dict]:
+        return [record for _, record in sorted(self._records, key=lambda item: item[0])]
 
-    def worker_exec(self, max_num, default_ext="jpg", req_timeout=DOWNLOAD_TIMEOUT_S, **kwargs):
-        self.max_num = max_num
+    def _should_stop(self) -> bool:
+        query_full = self.per_query is not None and self.query_had + self.counted >= self.per_query
+        return query_full or self.crawl.done()
+
+    def worker_exec(self, max_num=0, default_ext="jpg", req_timeout=None, **kwargs):
+        last_task = time.monotonic()
         while not self.signal.get("reach_max_num"):
             try:
                 task = self.in_queue.get(timeout=0.1)
             except queue.Empty:
-                if self.signal.get("parser_exited"):
+                idle = self.idle_exit_s is not None and time.monotonic() - last_task > self.idle_exit_s
+                if self.signal.get("parser_exited") or idle or self.crawl.out_of_time():
+                    if idle or self.crawl.out_of_time():
+                        self.signal.set(reach_max_num=True)
                     break
                 continue
+            last_task = time.monotonic()
             try:
-                self.download(task, default_ext, req_timeout)
+                self.download(task)
             finally:
                 self.in_queue.task_done()
 
-    def download(self, task, default_ext, timeout=DOWNLOAD_TIMEOUT_S, max_retry=DOWNLOAD_ATTEMPTS, **kwargs):
+    def download(self, task, default_ext="jpg", timeout=None, max_retry=DOWNLOAD_ATTEMPTS, **kwargs):
         url = task["file_url"]
         task["success"], task["filename"] = False, None
         with self.lock:
-            if self.reach_max_num():
+            if self._should_stop():
                 self.signal.set(reach_max_num=True)
                 return False
-            seq = self._started
-            self._started += 1
+            self.seen += 1
+            rank = self.seen
+        if not self.crawl.store.claim(url):
+            return False  # already in the store (or being fetched by another thread): never twice
+        provenance = {"origin": url, "source": self.outcome.source, "engine": self.outcome.engine,
+                      "query": self.outcome.query if self.outcome.source in ("engine", "greedy") else "",
+                      "rank": rank}
         try:
-            content, reason = self._fetch(url, timeout, max_retry)
-            if content is None:
-                logger.info("%s: no file from %s: %s", self.label, url, reason)
-                self._record(seq, Fetched(origin=url, path=None, reason=reason))
-                return False
-            filename = f"{seq:06d}{_kept_suffix(urlparse(url).path)}"
-            self.storage.write(filename, content)
-            path = Path(self.storage.root_dir) / filename
-            check = inspect_image(path)
+            record = self._fetch_and_store(url, provenance, max_retry)
         except Exception as error:  # an exception would end this worker thread and strand its queue
-            logger.exception("%s: downloading %s failed", self.label, url)
-            self._record(seq, Fetched(origin=url, path=None, reason=f"download error: {error_text(error)}"))
-            return False
+            logger.exception("%s: storing %s failed", self.label, url)
+            record = self.crawl.store.add_failure(provenance, f"download error: {error_text(error)}")
+        finally:
+            self.crawl.store.release(url)
+        counted = self.crawl.counter.offer(record, self.crawl.limits)
         with self.lock:
-            if check.ok:
-                if self.reach_max_num():  # other threads filled max_num meanwhile
-                    path.unlink()
-                    return False
-                self.fetched_num += 1
-        self._record(seq, Fetched(origin=url, path=path, check=check))
-        task["success"], task["filename"] = True, filename
-        return check.ok
+            self._records.append((rank, record))
+            self.counted += counted
+            if len(self._records) % PROGRESS_EVERY == 0:
+                logger.info("%s: %d URLs tried, %d new images", self.label, len(self._records), self.counted)
+            if self._should_stop():
+                self.signal.set(reach_max_num=True)
+        task["success"] = counted
+        return counted
 
-    def _fetch(self, url: str, timeout: float, attempts: int) -> tuple[bytes | None, str]:
-        """(content, "") or (None, reason). Network errors are retried; HTTP errors are final."""
+    def _fetch_and_store(self, url: str, provenance: dict, attempts: int) -> dict:
+        limits = self.crawl.limits
         reason = ""
         for _ in range(attempts):
             try:
-                with self.session.get(url, timeout=timeout, stream=True) as response:
+                with self.session.get(url, timeout=limits.timeout_s, stream=True) as response:
+                    provenance = {**provenance, "http_status": response.status_code,
+                                  "content_type": response.headers.get("Content-Type", "")}
                     if response.status_code != 200:
-                        return None, f"HTTP {response.status_code} {response.reason}".strip()
-                    return self._read_capped(response)
-            except requests.RequestException as error:
+                        return self.crawl.store.add_failure(
+                            provenance, f"HTTP {response.status_code} {response.reason}".strip())
+                    body, reason = self._read_capped(response, limits)
+                    if body is not None:
+                        return self.crawl.store.add_body(body, provenance, limits)
+                    if "crawl.max_bytes" in reason:
+                        break  # the same body again would be as large
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as error:  # read1 raises urllib3's own
                 reason = f"request failed after {attempts} attempts: {error_text(error)}"
-        return None, reason
+        return self.crawl.store.add_failure(provenance, reason)
 
-    def _read_capped(self, response) -> tuple[bytes | None, str]:
-        too_large = f"larger than the {self.max_bytes} byte download limit"
+    @staticmethod
+    def _read_capped(response, limits: CrawlLimits) -> tuple[bytes | None, str]:
+        too_large = f"larger than crawl.max_bytes ({limits.max_bytes} bytes)"
         declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        if declared.isdigit() and int(declared) > limits.max_bytes:
             return None, too_large
-        chunks, size = [], 0
-        for chunk in response.iter_content(2**16):
+        chunks, size, started = [], 0, time.monotonic()
+        # read1 returns what has arrived (up to 64 KiB) instead of waiting for a full block, so
+        # the clock is checked while a server drips; decode_content undoes gzip like iter_content
+        while chunk := response.raw.read1(2**16, decode_content=True):
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > limits.max_bytes:
                 return None, too_large
+            # requests' timeout is per read: a server dripping a byte a second never trips it
+            if time.monotonic() - started > limits.timeout_s:
+                return None, f"too slow: body not complete within crawl.timeout_s ({limits.timeout_s:g} s)"
             chunks.append(chunk)
         return b"".join(chunks), ""
 
-    def _record(self, seq: int, item: Fetched) -> None:
-        with self.lock:
-            self._records.append((seq, item))
-            if len(self._records) % PROGRESS_EVERY == 0:
-                logger.info("%s: %d URLs tried, %d images", self.label, len(self._records), self.fetched_num)
+
+# ---------------------------------------------------------------------- manifest
 
 
-class _SourceWriter:
-    """Places one source's files under their final names and makes their manifest rows."""
-
-    def __init__(self, out_dir: Path, class_name: str, kind: str, index: int):
-        self.out_dir = out_dir
-        self.base = {"class": class_name, "source": kind, "source_index": index}
-        self.index = index
-        self.rows: list[dict] = []
-        self.seq = 0
-
-    def store(self, fetched: list[Fetched], copy: bool = False) -> None:
-        for item in fetched:
-            row = {**self.base, "query": item.query, "origin": item.origin}
-            if item.path is None:
-                self.rows.append(
-                    {
-                        **row,
-                        "file": "",
-                        "sha256": "",
-                        "status": "failed",
-                        "reason": item.reason,
-                        "width": None,
-                        "height": None,
-                        "format": "",
-                    }
-                )
-                continue
-            check = item.check or inspect_image(item.path)
-            stem = f"{self.index:02d}_{self.seq:06d}"
-            self.seq += 1
-            if check.ok:
-                target = self.out_dir / (stem + (IMAGE_EXTENSIONS.get(check.format) or _kept_suffix(item.path.name)))
-            else:
-                target = self.out_dir / "rejected" / (stem + _kept_suffix(item.path.name))
-                target.parent.mkdir(exist_ok=True)
-            if copy:
-                shutil.copyfile(item.path, target)
-            else:
-                shutil.move(item.path, target)
-            self.rows.append(
-                {
-                    **row,
-                    "file": str(target),
-                    "sha256": _sha256(target),
-                    "status": "ok" if check.ok else "corrupt",
-                    "reason": check.reason,
-                    "width": check.width,
-                    "height": check.height,
-                    "format": check.format or "",
-                }
-            )
-            if self.seq % PROGRESS_EVERY == 0:
-                logger.info("sources[%d]: %d files stored", self.index, self.seq)
+def _not_tried(origin: str, crawl: _ClassCrawl) -> dict:
+    return {"origin": origin, "status": "skipped", "reason": crawl.not_tried_reason()}
 
 
-def _check_source(class_name: str, index: int, source: dict) -> tuple[str, dict]:
-    """The source's kind, after checking it can be used; ValueError/FileNotFoundError otherwise."""
-    where = f"class {class_name!r} sources[{index}]"
-    kinds = [kind for kind in ("folder", "digits", "urls", "engine") if kind in source]
-    if len(kinds) != 1:
-        raise ValueError(f"{where}: needs exactly one of folder, digits, engine, urls; got keys {sorted(source)}")
-    kind = kinds[0]
-    unknown = set(source) - _SOURCE_KEYS[kind]
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key(s) {sorted(unknown)} for a {kind} source (allowed: {sorted(_SOURCE_KEYS[kind])})"
-        )
-    for key in ("threads", "max_num"):
-        value = source.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}.{key}: must be a positive integer, got {value!r}")
+def _materialise(rows: list[dict], class_name: str, out_dir: Path, store: ClassStore,
+                 limits: CrawlLimits) -> pd.DataFrame:
+    """Link the rows' files from the store into ``out_dir`` and make the manifest."""
+    table = []
+    linked: set[Path] = set()
+    for row in rows:
+        status, reason = effective_status(row, limits) if row["status"] != "skipped" else ("skipped", row["reason"])
+        file = ""
+        if row.get("stored"):
+            target = out_dir / row["stored"] if status == "ok" else out_dir / "rejected" / row["stored"]
+            if target not in linked:
+                link_or_copy(store.path(row["stored"]), target)
+                linked.add(target)
+            file = str(target)
+        table.append({**{column: row.get(column) for column in RAW_COLUMNS}, "file": file, "class": class_name,
+                      "status": status, "reason": reason})
+    manifest = pd.DataFrame(table, columns=RAW_COLUMNS)
+    for column in ("rank", "http_status", "bytes", "width", "height"):
+        manifest[column] = manifest[column].astype("Int64")
+    manifest["source_index"] = manifest["source_index"].astype("int64")
+    for column in RAW_COLUMNS:
+        if manifest[column].dtype == object:
+            manifest[column] = manifest[column].fillna("")
+    return manifest
 
-    if kind == "folder":
-        folder = Path(source["folder"])
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{where}.folder: folder {folder} does not exist (class {class_name!r})")
-    elif kind == "digits":
-        digit = source["digits"]
-        if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9:
-            raise ValueError(f"{where}.digits: must be an integer 0-9, got {digit!r}")
-    elif kind == "urls":
-        if not Path(source["urls"]).is_file():
-            raise FileNotFoundError(f"{where}.urls: URL list file {source['urls']} does not exist")
+
+def summarize_crawl(crawl: _ClassCrawl, manifest: pd.DataFrame, seconds: float) -> dict:
+    """The class's crawl in figures: outcome sentence, counts per status, per query."""
+    target, kept = crawl.counter.target, crawl.counter.count
+    if target is None:
+        outcome = f"{kept} new images (no target)"
+    elif crawl.counter.reached:
+        outcome = f"target {target} reached"
+    elif crawl.stopped_by_time:
+        outcome = f"crawl.time_budget_s ({crawl.limits.time_budget_s:g} s) spent at {kept} of target {target}"
     else:
-        _check_engine_source(where, source)
-    return kind, source
+        outcome = f"exhausted at {kept} of target {target}"
+    statuses = manifest["status"].value_counts()
+    return {
+        "class": crawl.class_name,
+        "target": target,
+        "images": kept,
+        "target_reached": crawl.counter.reached if target is not None else None,
+        "outcome": outcome,
+        "rows": len(manifest),
+        "statuses": {status: int(statuses.get(status, 0)) for status in ("ok", "rejected", "corrupt", "failed",
+                                                                         "skipped")},
+        "bytes": int(manifest.loc[manifest["file"] != "", "bytes"].fillna(0).sum()),
+        "seconds": round(seconds, 1),
+        "queries": [vars(outcome) for outcome in crawl.outcomes],
+    }
 
 
-def _check_engine_source(where: str, source: dict) -> None:
-    engine = source["engine"]
-    if engine not in ENGINES:
-        raise ValueError(f"{where}.engine: {engine!r} is not one of {', '.join(ENGINES)}")
-    queries = source["queries"]
-    if not isinstance(queries, list) or not queries or not all(isinstance(q, str) and q.strip() for q in queries):
-        raise ValueError(f"{where}.queries: must be a non-empty list of non-empty strings, got {queries!r}")
-    filters = source.get("filters") or None
-    if filters is not None and not isinstance(filters, dict):
-        raise ValueError(f"{where}.filters: must be a mapping, got {filters!r}")
-    if engine == "flickr":
-        _flickr_api_key(source, where)
-    elif filters:
-        # icrawler checks filters inside its feeder thread, where an error only kills the
-        # thread and the crawl quietly returns nothing; check them here instead.
-        try:
-            _ENGINE_FEEDERS[engine](1, Signal(), None).get_filter().apply(filters)
-        except (KeyError, ValueError, TypeError, AssertionError) as error:
-            raise ValueError(f"{where}.filters: {error}") from None
+def _fail_if_every_engine_is_dead(crawl: _ClassCrawl) -> None:
+    engine_runs = [outcome for outcome in crawl.outcomes if outcome.source == "engine"]
+    ran = [outcome for outcome in engine_runs if outcome.urls_seen is not None]
+    if ran and all(outcome.urls_seen == 0 and outcome.images == 0 for outcome in engine_runs):
+        tried = ", ".join(f"{outcome.engine} {outcome.query!r}" for outcome in ran)
+        raise RuntimeError(
+            f"class {crawl.class_name!r}: no search engine returned a single image URL ({tried}). icrawler's "
+            f"parser finds nothing on the engine's result page (Google's has changed: icrawler issues #107, "
+            f"#135) or the engine blocked the requests. Use another engine (bing), a urls list or a folder "
+            f"for classes.{crawl.class_name}.sources.")
 
 
-def _flickr_api_key(source: dict, where: str = "a flickr source") -> str:
-    key = source.get("api_key") or os.environ.get("FLICKR_API_KEY")
-    if not key:
-        raise ValueError(f"{where}: engine flickr needs an API key: set api_key in the source or FLICKR_API_KEY")
-    return key
+# ------------------------------------------------------------------------- misc
 
 
-def _folder_files(folder: Path) -> list[Fetched]:
-    return [Fetched(origin=str(path), path=path) for path in walk_files(folder)]
+def _source_kind(class_name: str, index: int, source: dict) -> tuple[str, dict]:
+    kinds = [kind for kind in ("folder", "digits", "urls", "engine", "greedy") if kind in source]
+    if len(kinds) != 1:
+        raise ValueError(f"classes.{class_name}.sources[{index}]: needs exactly one of folder, digits, engine, "
+                         f"urls, greedy; got keys {sorted(source)}")
+    return kinds[0], source
 
 
-def _write_digits(digit: int, staging: Path) -> list[Fetched]:
-    from sklearn.datasets import load_digits  # ~5 s import; only digits sources pay it
-
-    digits = load_digits()
-    fetched = []
-    for number in (digits.target == digit).nonzero()[0]:
-        pixels = (digits.images[number] * (255 / 16)).round().astype("uint8")
-        path = staging / f"{number:04d}.png"
-        Image.fromarray(pixels).save(path)  # 2-D uint8 gives mode L
-        fetched.append(Fetched(origin=f"sklearn:digits#{number}", path=path))
-    return fetched
-
-
-def _kept_suffix(name: str) -> str:
-    suffix = PurePosixPath(name).suffix.lower()
-    return suffix if _SUFFIX.fullmatch(suffix) else ".bin"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _describe(kind: str, source: dict) -> str:
+def _describe(class_name: str, kind: str, source: dict) -> str:
     if kind == "engine":
-        return f"{source['engine']} queries {source['queries']} (max_num {source.get('max_num', DEFAULT_MAX_NUM)})"
+        return f"{source['engine']} queries {engine_queries(class_name, source)}"
     return repr(source[kind])
 
 
-def _count_statuses(rows: list[dict]) -> str:
-    counts = Counter(row["status"] for row in rows)
-    return ", ".join(f"{counts[status]} {status}" for status in ("ok", "corrupt", "failed"))
+def _count_statuses(rows: list[dict], limits: CrawlLimits, index: int | None = None) -> str:
+    counts = Counter(
+        row["status"] if row["status"] == "skipped" else effective_status(row, limits)[0]
+        for row in rows if index is None or row.get("source_index") == index
+    )
+    return ", ".join(f"{counts[status]} {status}" for status in ("ok", "rejected", "corrupt", "failed", "skipped")
+                     if counts[status] or status in ("ok", "failed"))

@@ -32,6 +32,7 @@ import pandas as pd
 
 from imgpipe.hamming import hamming_pairs
 from imgpipe.hashing import format_hash, hash_images
+from imgpipe.manifests import CRAWL_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -39,38 +40,46 @@ NEAR_ACTIONS = ("drop", "group")
 REASONS = (
     "corrupt",
     "failed",
+    "rejected",
+    "skipped",
     "excluded",
     "cross_class_exact",
     "cross_class_near",
     "exact_duplicate",
     "near_duplicate",
 )
-RAW_COLUMNS = ("file", "class", "sha256", "status", "origin")
+# the crawl manifest columns this stage needs (imgpipe.manifests.RAW_COLUMNS has them all)
+REQUIRED_RAW_COLUMNS = ("file", "class", "sha256", "status", "origin")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 
-def read_exclude_list(path: str | os.PathLike) -> set[str]:
-    """Entries of a hand-kept exclusion list: sha256 digests, file paths or origins.
+def read_exclude_list(path: str | os.PathLike) -> dict[str, str]:
+    """Entries of a hand-kept exclusion list -> their comments: sha256 digests, file paths or origins.
 
-    One entry per line; blank lines and comments (from a ``#`` at the start of a line or
-    after whitespace, so URL fragments survive) are ignored.
+    One entry per line; blank lines are ignored. A comment starts at a ``#`` at the start
+    of a line or after whitespace (so URL fragments survive); a comment on an entry's line
+    says why it is excluded and shows on the contact sheet.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"exclusion list {path} not found (config key dedupe.exclude): create it, or remove the key"
         )
-    lines = path.read_text(encoding="utf-8").splitlines()
-    entries = (re.sub(r"(^|\s)#.*", "", line).strip() for line in lines)
-    return {entry for entry in entries if entry}
+    entries = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = re.split(r"(?:^|\s)#", line, maxsplit=1)
+        entry, comment = parts[0].strip(), (parts[1].strip() if len(parts) > 1 else "")
+        if entry:
+            entries[entry] = comment
+    return entries
 
 
 def _check_raw(raw: pd.DataFrame) -> None:
-    missing = [c for c in RAW_COLUMNS if c not in raw.columns]
+    missing = [c for c in REQUIRED_RAW_COLUMNS if c not in raw.columns]
     if missing:
         raise ValueError(f"crawl manifest lacks column(s) {missing}; it has {list(raw.columns)}")
-    unknown = set(raw["status"]) - {"ok", "corrupt", "failed"}
+    unknown = set(raw["status"]) - set(CRAWL_STATUSES)
     if unknown:
         raise ValueError(f"crawl manifest has unknown status value(s) {sorted(unknown)}")
     no_sha = (raw["status"] == "ok") & (raw["sha256"].fillna("").astype(str) == "")
@@ -103,6 +112,30 @@ def _excluded_rows(raw: pd.DataFrame, sha: np.ndarray, exclude: Iterable[str]) -
     if exclude and not named.any():
         log.warning("no image matches any of the %d exclusion entries", len(exclude))
     return np.isin(sha, list(set(sha[named]))) & (raw["status"] == "ok").to_numpy()
+
+
+def _column(raw: pd.DataFrame, name: str) -> np.ndarray:
+    """A text column of the crawl manifest ("" where absent or empty)."""
+    if name not in raw.columns:
+        return np.full(len(raw), "", dtype=object)
+    return raw[name].fillna("").astype(str).to_numpy(object)
+
+
+def _exclusion_comments(raw: pd.DataFrame, sha: np.ndarray, exclude: Iterable[str]) -> np.ndarray:
+    """Per row, "excluded by hand", with the comment of the entry that names its content if it has one."""
+    comments = exclude if isinstance(exclude, Mapping) else {}
+    by_key = {}
+    for entry, comment in comments.items():
+        if comment:
+            by_key[entry.lower() if _SHA256.fullmatch(entry) else entry] = comment
+            by_key.setdefault(os.path.normpath(entry), comment)
+    by_sha: dict[str, str] = {}
+    for digest, file, origin in zip(sha, _column(raw, "file"), _column(raw, "origin")):
+        for key in (digest, file, os.path.normpath(file) if file else "", origin):
+            if key and key in by_key:
+                by_sha.setdefault(digest, by_key[key])
+    return np.array([f"excluded by hand: {by_sha[s]}" if s in by_sha else "excluded by hand" for s in sha],
+                    dtype=object)
 
 
 def _cross_class_exact(units: pd.DataFrame) -> dict[int, int]:
@@ -206,8 +239,12 @@ def decide_fates(
             hashes[row], has_hash[row] = phashes[sha[row]], True
 
     reason = np.where(ok, "", raw["status"].to_numpy(object)).astype(object)
+    detail = np.where(ok, "", _column(raw, "reason")).astype(object)
     reason[ok & ~has_hash] = "corrupt"
-    reason[(reason == "") & _excluded_rows(raw, sha, exclude)] = "excluded"
+    detail[ok & ~has_hash] = "the crawl decoded it, dedupe could not"
+    excluded = (reason == "") & _excluded_rows(raw, sha, exclude)
+    reason[excluded] = "excluded"
+    detail[excluded] = _exclusion_comments(raw, sha, exclude)[excluded]
     duplicate_of = np.full(n, -1)
     distance = np.full(n, -1)
 
@@ -257,10 +294,14 @@ def decide_fates(
         {
             "file": raw["file"].astype(str).to_numpy(),
             "class": raw["class"].astype(str).to_numpy(),
+            "origin": _column(raw, "origin"),
+            "source": _column(raw, "source"),
+            "query": _column(raw, "query"),
             "sha256": raw["sha256"].fillna("").astype(str).to_numpy(),
             "phash": [format_hash(int(h)) if has else "" for h, has in zip(hashes, has_hash)],
             "status": np.where(kept, "kept", "dropped"),
             "reason": reason.astype(str),
+            "detail": detail.astype(str),
             "duplicate_of": np.where(duplicate_of >= 0, files[duplicate_of], ""),
             "distance": pd.arrays.IntegerArray(np.maximum(distance, 0), distance < 0),
             "group": np.where(group >= 0, files[group], ""),
@@ -297,19 +338,27 @@ def dedupe_images(
        (manifest order) is dropped, "near_duplicate", duplicate_of the nearest such;
        with "group", all are kept and linked images share a group.
 
-    Columns: file, class, sha256, phash (16 hex digits, "" if not decoded), status
-    ("kept" | "dropped"), reason ("" when kept), duplicate_of ("" when none), distance
+    A ``phash`` column (the crawl's hashes) is reused; only rows without one are hashed.
+
+    Columns (one table a person can audit): file, class, origin (URL or path), source,
+    query, sha256, phash (16 hex digits, "" if not decoded), status ("kept" | "dropped"),
+    reason ("" when kept), detail (the crawl's reason, or the exclusion comment), duplicate_of ("" when none), distance
     (Hamming distance to duplicate_of, 0 for exact copies, <NA> when none), group (for
     kept rows, the first file of its near-duplicate group, its own file when alone;
     "" when dropped).
     """
     _check_raw(raw)
     ok = (raw["status"] == "ok").to_numpy()
-    contents = pd.DataFrame({"sha": _normalised_sha256(raw)[ok], "file": raw["file"].astype(str)[ok]})
+    contents = pd.DataFrame({"sha": _normalised_sha256(raw)[ok], "file": raw["file"].astype(str)[ok],
+                             "phash": _column(raw, "phash")[ok]})
     contents = contents.drop_duplicates("sha")
-    log.info("hashing %d distinct images of %d ok rows", len(contents), ok.sum())
-    hashes = hash_images(contents["file"].tolist(), threads)
-    return decide_fates(raw, dict(zip(contents["sha"], hashes)), near_distance, near_action, exclude)
+    known = contents[contents["phash"] != ""]
+    phashes: dict[str, int | None] = {s: int(h, 16) for s, h in zip(known["sha"], known["phash"])}
+    unhashed = contents[contents["phash"] == ""]
+    log.info("%d distinct images of %d ok rows: %d hashed by the crawl, %d to hash", len(contents), ok.sum(),
+             len(known), len(unhashed))
+    phashes |= dict(zip(unhashed["sha"], hash_images(unhashed["file"].tolist(), threads)))
+    return decide_fates(raw, phashes, near_distance, near_action, exclude)
 
 
 def summarize_fates(fates: pd.DataFrame) -> dict[str, int]:

@@ -21,6 +21,42 @@ def read_manifest(path: Path | str, required_columns: tuple[str, ...] = ()) -> p
     return frame
 
 
+# A class's crawl manifest, raw/<class>.csv: one row per URL or file its sources named.
+RAW_COLUMNS = [
+    "file",  # where the body is (rejected and corrupt ones under rejected/), "" when there is none
+    "class",
+    "source",  # folder | digits | urls | engine | greedy
+    "source_index",  # position in the class's sources
+    "engine",  # the search engine, "greedy" for a site crawl, else ""
+    "query",  # the query (or site) that found the URL
+    "rank",  # position in the query's results, the list, or the folder
+    "origin",  # the URL, the file's path, or sklearn:digits#N
+    "fetched_at",  # UTC, when it was downloaded or imported
+    "http_status",
+    "bytes",
+    "content_type",  # as the server declared it
+    "sha256",
+    "phash",  # 64-bit perceptual hash, 16 hex digits ("" when not decodable)
+    "status",  # see CRAWL_STATUSES
+    "reason",  # why it is not ok
+    "width",
+    "height",
+    "format",  # as Pillow names it: JPEG, PNG, ...
+]
+# ok: kept; rejected: decodable but outside a crawl limit; corrupt: not decodable;
+# failed: no body (HTTP or network error, limit); skipped: not tried (target reached, time spent).
+CRAWL_STATUSES = ("ok", "rejected", "corrupt", "failed", "skipped")
+
+
+def read_raw_manifest(path: Path | str) -> pd.DataFrame:
+    """raw/<class>.csv (columns RAW_COLUMNS); an unknown status raises ValueError naming the file."""
+    frame = read_manifest(path, ("file", "class", "origin", "sha256", "status", "reason"))
+    unknown = set(frame["status"]) - set(CRAWL_STATUSES)
+    if unknown:
+        raise ValueError(f"crawl manifest {path} has unknown status value(s) {sorted(unknown)}")
+    return frame
+
+
 # A model's history.csv, one row per epoch (written by training, read by the report).
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "backbone_frozen",
                    "seconds"]

@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 from imgpipe.config import (
     ConfigError,
     check_config_files,
+    crawl_settings,
     load_schema,
     source_fingerprints,
     training_settings,
@@ -51,6 +52,10 @@ FILE_HASHES = FileHashCache(".snakemake/imgpipe/file-hashes.json")
 def get_source_fingerprints(wildcards):
     """A content hash of each local source: new, renamed or edited files rerun the crawl; a touch does not."""
     return source_fingerprints(get_sources(wildcards), cache=FILE_HASHES)
+
+
+def get_crawl_settings(wildcards):
+    return crawl_settings(config, wildcards.cls)
 
 
 def get_exclude_list(wildcards):

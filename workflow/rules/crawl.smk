@@ -2,9 +2,13 @@ rule crawl:
     output:
         images=directory(f"{RESULTS}/raw/{{cls}}"),
         manifest=f"{RESULTS}/raw/{{cls}}.csv",
+        summary=f"{RESULTS}/raw/{{cls}}.json",
     params:
         sources=get_sources,
         fingerprints=get_source_fingerprints,
+        settings=get_crawl_settings,
+        # what was fetched, kept across runs outside the outputs: a rerun resumes from it
+        store=f"{RESULTS}/crawl-store/{{cls}}",
     log:
         f"{LOGS}/crawl/{{cls}}.log",
     benchmark:

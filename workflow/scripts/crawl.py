@@ -1,5 +1,6 @@
-"""Glue: crawl one class's sources (see imgpipe.crawl)."""
+"""Glue: crawl one class's sources, resuming from its store (see imgpipe.crawl)."""
 
+import json
 from pathlib import Path
 
 from imgpipe.joblog import configure_logging
@@ -9,11 +10,31 @@ configure_logging(snakemake.log[0])
 import mlflow
 
 from imgpipe.crawl import crawl_class
+from imgpipe.crawlstore import CrawlLimits
+from imgpipe.fingerprints import FileHashCache
 from imgpipe.tracking import job_run
 
 class_name = snakemake.wildcards.cls
+settings = snakemake.params.settings
 with job_run(f"crawl {class_name}", tags={"imgpipe.stage": "crawl", "imgpipe.class": class_name}):
-    manifest = crawl_class(class_name, snakemake.params.sources, Path(snakemake.output.images))
+    manifest, summary = crawl_class(
+        class_name,
+        snakemake.params.sources,
+        Path(snakemake.output.images),
+        snakemake.params.store,
+        limits=CrawlLimits.from_config(settings["limits"]),
+        target=settings["target"],
+        near_distance=settings["near_distance"],
+        # the DAG build hashed every local source file already: reuse those hashes, read-only
+        file_hashes=FileHashCache(".snakemake/imgpipe/file-hashes.json"),
+    )
     manifest.to_csv(snakemake.output.manifest, index=False, lineterminator="\n")
-    counts = manifest["status"].value_counts()
-    mlflow.log_metrics({f"images_{status}": int(counts.get(status, 0)) for status in ("ok", "corrupt", "failed")})
+    Path(snakemake.output.summary).write_text(json.dumps(summary, indent=2) + "\n")
+    mlflow.set_tag("imgpipe.crawl_outcome", summary["outcome"])
+    mlflow.log_params({"target": summary["target"], **{f"limit.{k}": v for k, v in settings["limits"].items()}})
+    mlflow.log_metrics({f"images_{status}": count for status, count in summary["statuses"].items()}
+                       | {"images_new_unique": summary["images"], "bytes_downloaded": summary["bytes"]})
+    if summary["target"] is not None:
+        mlflow.log_metric("target_reached", int(summary["target_reached"]))
+    mlflow.log_artifact(snakemake.output.manifest)
+    mlflow.log_artifact(snakemake.output.summary)

@@ -1,0 +1,315 @@
+"""What a class's crawl has collected so far, kept across runs so that a crawl resumes.
+
+A :class:`ClassStore` is a folder outside Snakemake's outputs (Snakemake deletes the
+outputs of a job it reruns, and of one that was killed):
+
+    files/        every body downloaded or imported, once per sha256, named 000000.jpg, ...
+    journal.jsonl one line per URL or file tried: where it came from and what it gave
+
+A body is written to a ``.part`` file and renamed into place before its journal line is
+appended, so a kill leaves at most a ``.part`` file or a file without a line; both are
+removed when the store is opened again. The journal is flushed after every line: a
+SIGKILLed process loses nothing that was flushed (the OS has it).
+
+Limits (:class:`CrawlLimits`) are not baked into the journal: it records what a file *is*
+(decodable or not, its size and format), and the limits in force decide whether it is kept,
+so changing ``crawl.min_size`` never downloads anything again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from imgpipe.files import error_text
+from imgpipe.fingerprints import file_sha256
+from imgpipe.hashing import format_hash, perceptual_hash
+from imgpipe.images import IMAGE_EXTENSIONS, inspect_image
+
+logger = logging.getLogger(__name__)
+
+JOURNAL = "journal.jsonl"
+FILES = "files"
+# What a journal line holds. "status" is what the body is (ok | corrupt) or that there was
+# none (failed); limits turn ok into rejected only when a manifest is made.
+RECORD_FIELDS = (
+    "origin", "source", "engine", "query", "rank", "fetched_at", "http_status", "bytes", "content_type",
+    "sha256", "stored", "status", "reason", "width", "height", "format", "phash",
+)
+_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
+_STORED_NAME = re.compile(r"(\d{6,})(\.[a-z0-9]{1,5})?")
+
+
+@dataclass(frozen=True)
+class CrawlLimits:
+    """What a crawled image must satisfy to be kept (config key ``crawl``)."""
+
+    min_size: int = 32
+    max_aspect: float = 10.0
+    max_bytes: int = 50 * 2**20
+    max_pixels: int = 89_478_485  # Pillow's own decompression-bomb limit
+    formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+    timeout_s: float = 10.0
+    time_budget_s: float | None = None
+
+    @classmethod
+    def from_config(cls, settings: dict | None) -> CrawlLimits:
+        settings = dict(settings or {})
+        if "formats" in settings:
+            settings["formats"] = tuple(name.upper() for name in settings["formats"])
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in settings.items() if key in known})
+
+    def rejection(self, record: dict) -> str:
+        """Why a decodable image breaks a limit ("" when it is within all of them)."""
+        width, height, image_format = record.get("width"), record.get("height"), record.get("format") or ""
+        if width is None or height is None:
+            return ""
+        if min(width, height) < self.min_size:
+            return f"too small: {width}x{height} px, below crawl.min_size {self.min_size}"
+        if max(width, height) > self.max_aspect * min(width, height):
+            return f"aspect ratio {max(width, height) / min(width, height):.1f} above crawl.max_aspect {self.max_aspect:g}"
+        if width * height > self.max_pixels:
+            return f"{width}x{height} = {width * height} pixels, above crawl.max_pixels {self.max_pixels}"
+        if (record.get("bytes") or 0) > self.max_bytes:
+            return f"{record['bytes']} bytes, above crawl.max_bytes {self.max_bytes}"
+        if self.formats and image_format.upper() not in self.formats:
+            return f"format {image_format} not in crawl.formats ({', '.join(self.formats)})"
+        return ""
+
+
+def effective_status(record: dict, limits: CrawlLimits) -> tuple[str, str]:
+    """(status, reason) of a journal record under ``limits``: ok | rejected | corrupt | failed."""
+    if record["status"] != "ok":
+        return record["status"], record["reason"]
+    reason = limits.rejection(record)
+    return ("rejected", reason) if reason else ("ok", "")
+
+
+@dataclass
+class TargetCounter:
+    """Counts new, valid, non-duplicate images of a class towards its target.
+
+    Duplicate means the same bytes, or (with ``near_distance``) a perceptual hash within
+    that many bits of an image already counted: what the dedupe stage would drop.
+    """
+
+    target: int | None
+    near_distance: int | None = None
+    count: int = 0
+    _shas: set = field(default_factory=set)
+    _hashes: list = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def reached(self) -> bool:
+        return self.target is not None and self.count >= self.target
+
+    def offer(self, record: dict, limits: CrawlLimits) -> bool:
+        """Count ``record`` if it is a kept image unlike every counted one; True if counted."""
+        if effective_status(record, limits)[0] != "ok":
+            return False
+        with self._lock:
+            if record["sha256"] in self._shas:
+                return False
+            if self.near_distance and record.get("phash"):
+                value = np.uint64(int(record["phash"], 16))
+                if self._hashes:
+                    known = np.fromiter(self._hashes, dtype=np.uint64, count=len(self._hashes))
+                    distances = np.bitwise_count(known ^ value)
+                    if int(distances.min()) <= self.near_distance:
+                        return False
+                self._hashes.append(value)
+            self._shas.add(record["sha256"])
+            self.count += 1
+            return True
+
+
+class ClassStore:
+    """One class's downloads and journal (see the module docstring). Thread-safe."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.files = self.root / FILES
+        self.files.mkdir(parents=True, exist_ok=True)
+        self.journal_path = self.root / JOURNAL
+        self._lock = threading.Lock()
+        self._in_flight: set[str] = set()
+        self.records = self._read_journal()
+        self.latest: dict[str, dict] = {}
+        self.stored_by_sha: dict[str, str] = {}
+        self._first_record_of: dict[str, dict] = {}  # stored name -> the record that stored it
+        for record in self.records:
+            self._index(record)
+        self._remove_leftovers()
+        self._next_seq = 1 + max((_seq_of(name) for name in self.stored_by_sha.values()), default=-1)
+        self._journal = self.journal_path.open("a", encoding="utf-8")
+
+    # -- reading what is there
+
+    def _read_journal(self) -> list[dict]:
+        if not self.journal_path.exists():
+            return []
+        records, good_bytes = [], 0
+        with self.journal_path.open("rb") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                    if not line.endswith(b"\n"):
+                        raise ValueError("no newline")
+                except ValueError:
+                    # a line cut by a kill is the last one; what follows it (nothing) is lost
+                    logger.warning("%s: dropping a torn last line (%d bytes)", self.journal_path, len(line))
+                    break
+                records.append(record)
+                good_bytes += len(line)
+        if good_bytes != self.journal_path.stat().st_size:
+            with self.journal_path.open("r+b") as handle:
+                handle.truncate(good_bytes)
+        return records
+
+    def _index(self, record: dict) -> None:
+        self.latest[record["origin"]] = record
+        if record.get("stored") and record.get("sha256"):
+            self.stored_by_sha.setdefault(record["sha256"], record["stored"])
+            self._first_record_of.setdefault(record["stored"], record)
+
+    def _remove_leftovers(self) -> None:
+        referenced = set(self.stored_by_sha.values())
+        for path in self.files.iterdir():
+            if path.name not in referenced:
+                logger.info("%s: removing %s, left by an interrupted crawl", self.root, path.name)
+                path.unlink()
+
+    # -- what is known
+
+    def is_final(self, origin: str) -> bool:
+        """True if ``origin`` was tried and trying again cannot change the answer.
+
+        A body that arrived (good or not) and an HTTP 4xx are final; network errors, time-outs
+        and 5xx are tried again on the next run.
+        """
+        record = self.latest.get(origin)
+        if record is None:
+            return False
+        if record["status"] != "failed":
+            return True
+        status = record.get("http_status")
+        return isinstance(status, int) and 400 <= status < 500
+
+    def claim(self, origin: str) -> bool:
+        """Reserve ``origin`` for this thread: False if it is final or another thread has it."""
+        with self._lock:
+            if origin in self._in_flight or self.is_final(origin):
+                return False
+            self._in_flight.add(origin)
+            return True
+
+    def release(self, origin: str) -> None:
+        with self._lock:
+            self._in_flight.discard(origin)
+
+    def path(self, stored: str) -> Path:
+        return self.files / stored
+
+    # -- adding
+
+    def add_body(self, body: bytes | Path, provenance: dict, limits: CrawlLimits) -> dict:
+        """Keep a downloaded body (bytes) or a local file (Path) and journal what it is.
+
+        A body whose sha256 is already stored is not written again: its record points at the
+        stored file. Returns the journal record.
+        """
+        if isinstance(body, Path):
+            sha, size = provenance.get("sha256") or file_sha256(body), body.stat().st_size
+        else:
+            sha, size = hashlib.sha256(body).hexdigest(), len(body)
+        with self._lock:
+            existing = self.stored_by_sha.get(sha)
+            if existing is None:
+                seq = self._next_seq
+                self._next_seq += 1
+        if existing is not None:
+            first = self._first_record_of[existing]
+            found = {key: first.get(key) for key in ("status", "reason", "width", "height", "format", "phash")}
+            return self._append({**provenance, "bytes": size, "sha256": sha, "stored": existing, **found})
+
+        part = self.files / f".{seq:06d}.part"
+        if isinstance(body, Path):
+            shutil.copyfile(body, part)
+        else:
+            part.write_bytes(body)
+        check = inspect_image(part, max_pixels=limits.max_pixels)
+        suffix = IMAGE_EXTENSIONS.get(check.format or "") if check.ok else None
+        name = f"{seq:06d}{suffix or _kept_suffix(provenance['origin'])}"
+        phash = ""
+        if check.ok:
+            try:
+                phash = format_hash(perceptual_hash(part))
+            except Exception as error:  # noqa: BLE001 - decodable but not hashable (odd EXIF): still an image
+                logger.warning("%s: no perceptual hash (%s)", provenance["origin"], error_text(error))
+        os.replace(part, self.files / name)
+        record = {
+            **provenance, "bytes": size, "sha256": sha, "stored": name,
+            "status": "ok" if check.ok else "corrupt", "reason": check.reason,
+            "width": check.width, "height": check.height, "format": check.format or "", "phash": phash,
+        }
+        return self._append(record)
+
+    def add_failure(self, provenance: dict, reason: str) -> dict:
+        """Journal an origin that gave no body (HTTP error, network error, too large)."""
+        return self._append({**provenance, "status": "failed", "reason": reason})
+
+    def _append(self, record: dict) -> dict:
+        record = {key: record.get(key) for key in RECORD_FIELDS}
+        record["fetched_at"] = record["fetched_at"] or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for key in ("query", "engine", "content_type", "sha256", "stored", "reason", "format", "phash"):
+            record[key] = record[key] or ""
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with self._lock:
+            self._journal.write(line)
+            self._journal.flush()
+            self.records.append(record)
+            self._index(record)
+        return record
+
+    def close(self) -> None:
+        with self._lock:
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+            self._journal.close()
+
+    def __enter__(self) -> ClassStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (no second copy on disk), copying where links fail."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _seq_of(name: str) -> int:
+    match = _STORED_NAME.fullmatch(name)
+    return int(match.group(1)) if match else -1
+
+
+def _kept_suffix(origin: str) -> str:
+    suffix = PurePosixPath(origin.split("?", 1)[0]).suffix.lower()
+    return suffix if _SUFFIX.fullmatch(suffix) else ".bin"
