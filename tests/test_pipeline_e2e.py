@@ -182,6 +182,31 @@ def test_folder_experiment_end_to_end(folder_project):
     assert planned_jobs(workdir) == {}
     os.utime(workdir / "data" / "dark" / "dark_002.png", (time.time() + 60, time.time() + 60))
     assert planned_jobs(workdir) == {}
+
+    # The contact sheets are linked from the report.
+    assert '<a href="../review/bright.html">bright</a>' in (results / "report" / "report.html").read_text()
+    assert "bright: " in (results / "review" / "bright.html").read_text()
+
+    # An exclusion list: a new entry reruns dedupe and what follows, not the crawl; a comment
+    # edit only redraws the contact sheets (and the report that links them); a touch nothing.
+    kept_file = fates.loc[fates["status"] == "kept", "file"].iloc[0]
+    (workdir / "exclude.txt").write_text(f"{kept_file}  # blurry\n")
+    config["dedupe"]["exclude"] = "exclude.txt"
+    write_config(workdir, config)
+    planned = planned_jobs(workdir)
+    assert "crawl" not in planned and planned["dedupe"] == 1 and planned["train"] == 2
+    snakemake(workdir)
+    fates = pd.read_csv(results / "dedupe" / "manifest.csv", keep_default_na=False)
+    excluded = fates[fates["file"] == kept_file]  # with any copy of the same bytes
+    assert (excluded["reason"] == "excluded").all()
+    assert (excluded["detail"] == f"excluded by hand: {kept_file}").all()
+    sheet = (results / "review" / f"{excluded['class'].iloc[0]}.html").read_text()
+    assert "excluded by hand: blurry" in sheet
+    (workdir / "exclude.txt").write_text(f"{kept_file}  # blurry, and not a disc at all\n")
+    assert planned_jobs(workdir) == {"review": 1, "report": 1, "all": 1}
+    os.utime(workdir / "exclude.txt", (time.time() + 60, time.time() + 60))
+    assert planned_jobs(workdir) == {"review": 1, "report": 1, "all": 1}
+
     write_shape_images(workdir / "data" / "dark" / "more", "dark", 1, seed=9)
     assert planned_jobs(workdir)["crawl"] == 1
 

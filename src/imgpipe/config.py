@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,28 @@ def _check_engine_filters(key: str, source: dict) -> None:
     except (KeyError, ValueError, TypeError, AssertionError) as error:
         detail = str(error.args[0]).replace("\uff0c", ",") if isinstance(error, KeyError) else error_text(error)
         raise ConfigError(f"config key '{key}': {detail}") from None
+
+
+def read_exclude_list(path: str | os.PathLike) -> dict[str, str]:
+    """Entries of a hand-kept exclusion list -> their comments: sha256 digests, file paths or origins.
+
+    One entry per line; blank lines are ignored. A comment starts at a ``#`` at the start
+    of a line or after whitespace (so URL fragments survive); a comment on an entry's line
+    says why it is excluded and shows on the contact sheet.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"exclusion list {path} not found (config key dedupe.exclude): create it, or remove the key"
+        )
+    entries = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = re.split(r"(?:^|\s)#", line, maxsplit=1)
+        entry, comment = parts[0].strip(), (parts[1].strip() if len(parts) > 1 else "")
+        if entry:
+            entries[entry] = comment
+    return entries
+
 
 
 def _check_dedupe(config: dict, base_dir: Path) -> None:

@@ -25,7 +25,6 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -54,27 +53,6 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 
-def read_exclude_list(path: str | os.PathLike) -> dict[str, str]:
-    """Entries of a hand-kept exclusion list -> their comments: sha256 digests, file paths or origins.
-
-    One entry per line; blank lines are ignored. A comment starts at a ``#`` at the start
-    of a line or after whitespace (so URL fragments survive); a comment on an entry's line
-    says why it is excluded and shows on the contact sheet.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"exclusion list {path} not found (config key dedupe.exclude): create it, or remove the key"
-        )
-    entries = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        parts = re.split(r"(?:^|\s)#", line, maxsplit=1)
-        entry, comment = parts[0].strip(), (parts[1].strip() if len(parts) > 1 else "")
-        if entry:
-            entries[entry] = comment
-    return entries
-
-
 def _check_raw(raw: pd.DataFrame) -> None:
     missing = [c for c in REQUIRED_RAW_COLUMNS if c not in raw.columns]
     if missing:
@@ -93,25 +71,30 @@ def _normalised_sha256(raw: pd.DataFrame) -> np.ndarray:
     return raw["sha256"].fillna("").astype(str).str.lower().to_numpy(object)
 
 
-def _excluded_rows(raw: pd.DataFrame, sha: np.ndarray, exclude: Iterable[str]) -> np.ndarray:
-    """Rows named by `exclude` (by sha256, file path or origin), and every copy of them.
+def _exclusions(raw: pd.DataFrame, sha: np.ndarray, exclude: Iterable[str]) -> np.ndarray:
+    """Per row, the exclusion entry (sha256, file path or origin) that drops it, "" for none.
 
     Excluding is about content: a person who lists one file wants that picture gone,
-    so byte-identical copies elsewhere in the crawl go too.
+    so byte-identical copies elsewhere in the crawl go too (with the same entry).
     """
-    exclude = {e.strip() for e in exclude if e.strip()}
-    digests = {e.lower() for e in exclude if _SHA256.fullmatch(e)}
-    paths = {os.path.normpath(e) for e in exclude if "://" not in e}
-    files = raw["file"].astype(str)
-    named = (
-        np.isin(sha, list(digests))
-        | files.isin(exclude).to_numpy()
-        | files.map(os.path.normpath).isin(paths).to_numpy()
-        | raw["origin"].astype(str).isin(exclude).to_numpy()
-    ) & (raw["status"] == "ok").to_numpy()
-    if exclude and not named.any():
-        log.warning("no image matches any of the %d exclusion entries", len(exclude))
-    return np.isin(sha, list(set(sha[named]))) & (raw["status"] == "ok").to_numpy()
+    entries = [e.strip() for e in exclude if e.strip()]
+    lookup: dict[str, str] = {}
+    for entry in entries:
+        lookup.setdefault(entry.lower() if _SHA256.fullmatch(entry) else entry, entry)
+        if "://" not in entry:
+            lookup.setdefault(os.path.normpath(entry), entry)
+    ok = (raw["status"] == "ok").to_numpy()
+    by_sha: dict[str, str] = {}
+    for digest, file, origin, usable in zip(sha, _column(raw, "file"), _column(raw, "origin"), ok):
+        if not usable or digest in by_sha:
+            continue
+        for key in (digest, file, os.path.normpath(file) if file else "", origin):
+            if key and key in lookup:
+                by_sha[digest] = lookup[key]
+                break
+    if entries and not by_sha:
+        log.warning("no image matches any of the %d exclusion entries", len(entries))
+    return np.array([by_sha.get(digest, "") if usable else "" for digest, usable in zip(sha, ok)], dtype=object)
 
 
 def _column(raw: pd.DataFrame, name: str) -> np.ndarray:
@@ -119,23 +102,6 @@ def _column(raw: pd.DataFrame, name: str) -> np.ndarray:
     if name not in raw.columns:
         return np.full(len(raw), "", dtype=object)
     return raw[name].fillna("").astype(str).to_numpy(object)
-
-
-def _exclusion_comments(raw: pd.DataFrame, sha: np.ndarray, exclude: Iterable[str]) -> np.ndarray:
-    """Per row, "excluded by hand", with the comment of the entry that names its content if it has one."""
-    comments = exclude if isinstance(exclude, Mapping) else {}
-    by_key = {}
-    for entry, comment in comments.items():
-        if comment:
-            by_key[entry.lower() if _SHA256.fullmatch(entry) else entry] = comment
-            by_key.setdefault(os.path.normpath(entry), comment)
-    by_sha: dict[str, str] = {}
-    for digest, file, origin in zip(sha, _column(raw, "file"), _column(raw, "origin")):
-        for key in (digest, file, os.path.normpath(file) if file else "", origin):
-            if key and key in by_key:
-                by_sha.setdefault(digest, by_key[key])
-    return np.array([f"excluded by hand: {by_sha[s]}" if s in by_sha else "excluded by hand" for s in sha],
-                    dtype=object)
 
 
 def _cross_class_exact(units: pd.DataFrame) -> dict[int, int]:
@@ -242,9 +208,10 @@ def decide_fates(
     detail = np.where(ok, "", _column(raw, "reason")).astype(object)
     reason[ok & ~has_hash] = "corrupt"
     detail[ok & ~has_hash] = "the crawl decoded it, dedupe could not"
-    excluded = (reason == "") & _excluded_rows(raw, sha, exclude)
+    entry = _exclusions(raw, sha, exclude)
+    excluded = (reason == "") & (entry != "")
     reason[excluded] = "excluded"
-    detail[excluded] = _exclusion_comments(raw, sha, exclude)[excluded]
+    detail[excluded] = "excluded by hand: " + entry[excluded]
     duplicate_of = np.full(n, -1)
     distance = np.full(n, -1)
 

@@ -60,6 +60,14 @@ class Bullets:
 
 
 @dataclass(frozen=True)
+class Links:
+    """Links to files beside the report (relative, so they work wherever results/ is copied)."""
+
+    lead: str
+    targets: list[tuple[str, Path]]
+
+
+@dataclass(frozen=True)
 class Preformatted:
     """Text shown as is (the end of a log)."""
 
@@ -80,7 +88,7 @@ class Figures:
     images: list[tuple[str, Path]]
 
 
-Block = Heading | Paragraph | Bullets | Preformatted | Table | Figures
+Block = Heading | Paragraph | Bullets | Links | Preformatted | Table | Figures
 
 
 def write_report(
@@ -94,6 +102,7 @@ def write_report(
     predictions_paths: dict[str, Path] | None = None,
     log_paths: dict[str, list[Path]] | None = None,
     unavailable: dict[str, str] | None = None,
+    review_sheets: dict[str, Path] | None = None,
 ) -> dict:
     """Write report.md, report.html, learning_curves.png and summary.json to `out_dir`;
     return the summary.
@@ -137,6 +146,9 @@ def write_report(
     blocks += per_class_section(metrics, ranking)
     blocks += data_section(read_split_manifest(split_manifest), read_dedupe_manifest(dedupe_manifest),
                            class_order=_class_order(metrics, ranking))
+    sheets = [(name, Path(path)) for name, path in (review_sheets or {}).items() if Path(path).is_file()]
+    if sheets:
+        blocks.append(Links("Contact sheets (every image of a class, dropped ones with their reason): ", sheets))
     blocks += [Heading("Learning curves", 2), Figures([("loss and accuracy per epoch", curves_path)])]
     if history_problems:
         blocks.append(Bullets([f"{m}: {problem}" for m, problem in history_problems.items()]))
@@ -144,7 +156,7 @@ def write_report(
 
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md_path.write_text(render_markdown(blocks, out_dir), encoding="utf-8")
-    html_path.write_text(render_html(blocks, title=f"imgpipe: {experiment}"), encoding="utf-8")
+    html_path.write_text(render_html(blocks, title=f"imgpipe: {experiment}", out_dir=out_dir), encoding="utf-8")
 
     best = ranking[0] if ranking else None
     runner_up = ranking[1] if len(ranking) > 1 else None
@@ -607,6 +619,8 @@ def render_markdown(blocks: list[Block], out_dir: Path) -> str:
             parts.append(block.text)
         elif isinstance(block, Bullets):
             parts.append("\n".join(f"- {item}" for item in block.items))
+        elif isinstance(block, Links):
+            parts.append(block.lead + ", ".join(f"[{text}]({_relative(path, out_dir)})" for text, path in block.targets))
         elif isinstance(block, Preformatted):
             parts.append("~~~text\n" + block.text + "\n~~~")
         elif isinstance(block, Table):
@@ -614,12 +628,16 @@ def render_markdown(blocks: list[Block], out_dir: Path) -> str:
             parts.append(tabulate(rows, headers=block.headers, tablefmt="pipe", disable_numparse=True,
                                   colalign=_colalign(block)))
         elif isinstance(block, Figures):
-            parts.append("\n\n".join(f"![{caption}]({Path(os.path.relpath(path, out_dir)).as_posix()})"
+            parts.append("\n\n".join(f"![{caption}]({_relative(path, out_dir)})"
                                      for caption, path in block.images))
     return "\n\n".join(parts) + "\n"
 
 
-def render_html(blocks: list[Block], title: str) -> str:
+def _relative(path: Path, out_dir: Path) -> str:
+    return Path(os.path.relpath(path, out_dir)).as_posix()
+
+
+def render_html(blocks: list[Block], title: str, out_dir: Path | None = None) -> str:
     """One self-contained HTML page: plots are embedded as data URIs."""
     parts = []
     for block in blocks:
@@ -629,6 +647,10 @@ def render_html(blocks: list[Block], title: str) -> str:
             parts.append(f"<p>{html.escape(block.text)}</p>")
         elif isinstance(block, Bullets):
             parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in block.items) + "</ul>")
+        elif isinstance(block, Links):
+            links = ", ".join(f'<a href="{html.escape(_relative(path, out_dir or Path(".")))}">{html.escape(text)}</a>'
+                              for text, path in block.targets)
+            parts.append(f"<p>{html.escape(block.lead)}{links}</p>")
         elif isinstance(block, Preformatted):
             parts.append(f"<pre>{html.escape(block.text)}</pre>")
         elif isinstance(block, Table):

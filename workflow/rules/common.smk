@@ -7,8 +7,10 @@ from snakemake.exceptions import WorkflowError
 
 from imgpipe.config import (
     ConfigError,
+    canonical,
     check_config_files,
     crawl_settings,
+    read_exclude_list,
     load_schema,
     source_fingerprints,
     training_settings,
@@ -58,9 +60,9 @@ def get_crawl_settings(wildcards):
     return crawl_settings(config, wildcards.cls)
 
 
-def get_exclude_list(wildcards):
-    exclude = config["dedupe"]["exclude"]
-    return [exclude] if exclude else []
+# The hand-kept exclusion list, read once: its entries drive dedupe, its comments only the
+# contact sheets, so explaining an exclusion (or a touch) retrains nothing.
+EXCLUSIONS = canonical(read_exclude_list(config["dedupe"]["exclude"]) if config["dedupe"]["exclude"] else {})
 
 
 def get_model_settings(wildcards):
@@ -155,6 +157,7 @@ def _write_report_after_failure():
         predictions_paths={m: results / f"eval/{m}/predictions.csv" for m in MODELS},
         log_paths={model: [Path(p) for p in paths] for model, paths in model_logs().items()},
         unavailable=unavailable,
+        review_sheets={c: results / "review" / f"{c}.html" for c in CLASSES},
     )
     # Written outside a job, the report has no Snakemake metadata: dated to the epoch, it is
     # older than any input, so the next run rebuilds it whatever changed meanwhile.

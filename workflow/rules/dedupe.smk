@@ -1,13 +1,13 @@
 rule dedupe:
     input:
         manifests=expand(f"{RESULTS}/raw/{{cls}}.csv", cls=CLASSES),
-        exclude=get_exclude_list,
     output:
         manifest=f"{RESULTS}/dedupe/manifest.csv",
         summary=f"{RESULTS}/dedupe/summary.json",
     params:
         near_distance=config["dedupe"]["near_distance"],
         near_action=config["dedupe"]["near_action"],
+        exclude=sorted(EXCLUSIONS),  # entries only: a comment edit does not rerun this
     log:
         f"{LOGS}/dedupe.log",
     benchmark:
@@ -15,3 +15,22 @@ rule dedupe:
     threads: 2
     script:
         "../scripts/dedupe.py"
+
+
+# One contact sheet per class (one job: they all read the same table, and a job per class
+# would pay Python's start-up once per class).
+rule review:
+    input:
+        manifest=f"{RESULTS}/dedupe/manifest.csv",
+    output:
+        html=expand(f"{RESULTS}/review/{{cls}}.html", cls=CLASSES),
+        grid=expand(f"{RESULTS}/review/{{cls}}.png", cls=CLASSES),
+    params:
+        classes=CLASSES,
+        exclude_comments=EXCLUSIONS,
+    log:
+        f"{LOGS}/review.log",
+    benchmark:
+        f"{BENCHMARKS}/review.tsv"
+    script:
+        "../scripts/review.py"

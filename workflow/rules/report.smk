@@ -6,6 +6,7 @@ rule report:
         plots=expand(f"{RESULTS}/eval/{{model}}/{{plot}}", model=MODELS, plot=[name for name, _ in MODEL_PLOTS]),
         split=f"{RESULTS}/split/manifest.csv",
         dedupe=f"{RESULTS}/dedupe/manifest.csv",
+        review=expand(f"{RESULTS}/review/{{cls}}.html", cls=CLASSES),
     output:
         summary=f"{RESULTS}/report/summary.json",
         markdown=f"{RESULTS}/report/report.md",

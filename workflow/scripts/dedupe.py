@@ -9,15 +9,13 @@ configure_logging(snakemake.log[0])
 import mlflow
 import pandas as pd
 
-from imgpipe.dedupe import dedupe_images, read_exclude_list, summarize_fates
-from imgpipe.manifests import read_manifest
+from imgpipe.dedupe import dedupe_images, summarize_fates
+from imgpipe.manifests import read_raw_manifest
 from imgpipe.tracking import flatten, job_run
 
 with job_run("dedupe", tags={"imgpipe.stage": "dedupe"}):
-    raw = pd.concat([read_manifest(path) for path in snakemake.input.manifests],
-                    ignore_index=True)
-    exclude = read_exclude_list(snakemake.input.exclude[0]) if snakemake.input.exclude else set()
-    fates = dedupe_images(raw, snakemake.params.near_distance, snakemake.params.near_action, exclude,
+    raw = pd.concat([read_raw_manifest(path) for path in snakemake.input.manifests], ignore_index=True)
+    fates = dedupe_images(raw, snakemake.params.near_distance, snakemake.params.near_action, snakemake.params.exclude,
                           threads=snakemake.threads)
     fates.to_csv(snakemake.output.manifest, index=False, lineterminator="\n")
     summary = summarize_fates(fates)

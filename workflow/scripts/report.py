@@ -23,6 +23,7 @@ with job_run("report", tags={"imgpipe.stage": "report"}):
         rank_by=snakemake.params.rank_by,
         predictions_paths=dict(zip(models, map(Path, snakemake.input.predictions))),
         log_paths={model: [Path(p) for p in paths] for model, paths in snakemake.params.model_logs.items()},
+        review_sheets={Path(path).stem: Path(path) for path in snakemake.input.review},
     )
     if summary["best_model"] is not None:
         mlflow.set_tag("imgpipe.best_model", summary["best_model"])
@@ -32,3 +33,6 @@ with job_run("report", tags={"imgpipe.stage": "report"}):
         mlflow.log_metric(f"best_{summary['rank_by']}", summary["best_value"])
     for path in snakemake.output:
         mlflow.log_artifact(path, artifact_path="report")
+    for path in snakemake.input.review:  # the classes' contact sheets (their PNG grids beside them)
+        mlflow.log_artifact(path, artifact_path="review")
+        mlflow.log_artifact(path.removesuffix(".html") + ".png", artifact_path="review")
