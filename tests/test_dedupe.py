@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from imgpipe.dedupe import decide_fates, dedupe_images, read_exclude_list, summarize_fates
+from imgpipe.config import read_exclude_list
+from imgpipe.dedupe import decide_fates, dedupe_images, summarize_fates
 from imgpipe.hamming import choose_hamming_method, hamming_pairs, hamming_pairs_brute_force, hamming_pairs_multi_index
 from imgpipe.hashing import format_hash, perceptual_hash
 
