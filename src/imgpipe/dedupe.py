@@ -31,7 +31,7 @@ import pandas as pd
 
 from imgpipe.hamming import hamming_pairs
 from imgpipe.hashing import format_hash, hash_images
-from imgpipe.manifests import CRAWL_STATUSES
+from imgpipe.manifests import CRAWL_STATUSES, FATE_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,7 @@ def decide_fates(
             "group": np.where(group >= 0, files[group], ""),
         }
     )
+    fates = fates[FATE_COLUMNS]  # the order the manifest documents (a missing column raises)
     dropped = fates.loc[~kept, "reason"].value_counts()
     log.info("kept %d of %d images; dropped: %s", kept.sum(), n, dropped.to_dict() or "none")
     return fates

@@ -57,6 +57,23 @@ def read_raw_manifest(path: Path | str) -> pd.DataFrame:
     return frame
 
 
+# dedupe/manifest.csv: the fate of every row of every class's crawl manifest, in their order.
+FATE_COLUMNS = [
+    "file", "class", "origin", "source", "query", "sha256", "phash",
+    "status",  # kept | dropped
+    "reason",  # why dropped (imgpipe.dedupe.REASONS), "" when kept
+    "detail",  # the crawl's reason, or the exclusion entry that dropped it
+    "duplicate_of",  # the file it duplicates ("" when none)
+    "distance",  # Hamming distance to duplicate_of (0: same bytes)
+    "group",  # kept rows: the first file of its near-duplicate group
+]
+
+
+def read_dedupe_manifest(path: Path | str) -> pd.DataFrame:
+    """dedupe/manifest.csv (columns FATE_COLUMNS)."""
+    return read_manifest(path, ("file", "class", "status", "reason", "duplicate_of", "group"))
+
+
 # A model's history.csv, one row per epoch (written by training, read by the report).
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "backbone_frozen",
                    "seconds"]

@@ -24,7 +24,7 @@ from tabulate import tabulate
 from imgpipe import stats
 from imgpipe.dedupe import REASONS as DEDUPE_REASONS
 from imgpipe.layout import MODEL_PLOTS
-from imgpipe.manifests import HISTORY_COLUMNS, read_manifest, read_split_manifest
+from imgpipe.manifests import HISTORY_COLUMNS, read_dedupe_manifest, read_split_manifest
 from imgpipe.plots import plot_learning_curves
 from imgpipe.split import SPLITS
 
@@ -378,10 +378,6 @@ def load_histories(history_paths: dict[str, Path]) -> tuple[dict[str, pd.DataFra
             continue
         histories[model] = history
     return histories, problems
-
-
-def read_dedupe_manifest(path: Path) -> pd.DataFrame:
-    return read_manifest(path, ("file", "class", "status", "reason"))
 
 
 def best_model_section(metrics: dict[str, dict], ranking: list[str], rank_by: str,

@@ -9,13 +9,13 @@ configure_logging(snakemake.log[0])
 import mlflow
 import pandas as pd
 
-from imgpipe.manifests import read_manifest
+from imgpipe.manifests import read_dedupe_manifest, read_manifest
 from imgpipe.split import describe_losses, split_sizes, stratified_group_split, write_manifest
 from imgpipe.tracking import job_run
 
 with job_run("split", tags={"imgpipe.stage": "split"}):
     images = pd.concat([read_manifest(path) for path in snakemake.input.images], ignore_index=True)
-    losses = describe_losses(read_manifest(snakemake.input.dedupe))
+    losses = describe_losses(read_dedupe_manifest(snakemake.input.dedupe))
     manifest = stratified_group_split(images[images["status"] == "ok"], snakemake.params.ratios,
                                       snakemake.params.seed, snakemake.params.classes, losses)
     write_manifest(manifest, snakemake.output.manifest)
