@@ -378,6 +378,16 @@ def test_bing_parser_reads_every_format_of_a_recorded_page():
     assert icrawler_urls == [url for url in recorded_bing_urls(RECORDED_HOST) if url.endswith(".jpg")]
 
 
+def test_baidu_parser_reads_a_recorded_result_page():
+    # Baidu's acjson format: image URLs obfuscated in objURL (or plain in hoverURL), \' escapes,
+    # an empty last entry
+    from icrawler.builtin.baidu import BaiduParser
+
+    page = SimpleNamespace(content=(Path(__file__).parent / "data" / "baidu_acjson_tank.json").read_bytes())
+    urls = [task["file_url"] for task in BaiduParser(1, Signal(), None).parse(page)]
+    assert urls == [f"{RECORDED_HOST}/tanks/t1.jpg", f"{RECORDED_HOST}/tanks/drawing.png", f"{RECORDED_HOST}/tanks/t3.jpg"]
+
+
 def bing_page(urls) -> bytes:
     """A result page in Bing's async format: one div.imgpt per result, its metadata as compact JSON."""
     divs = "".join(
