@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -325,3 +326,46 @@ def test_one_failing_model_does_not_take_the_others_down(workdir):
     assert runs["broken"].info.status == runs["diverging"].info.status == "FAILED"
     assert runs["cnn"].info.status == "FINISHED" and "test/accuracy" in runs["cnn"].data.metrics
     assert runs["snakemake partial"].info.status == "FAILED"
+
+
+def test_a_crawl_killed_with_its_snakemake_resumes_without_downloading_twice(workdir):
+    """kill -9 of the whole process group mid-crawl: Snakemake deletes the crawl's outputs as
+    incomplete, but the crawl store is not an output, so the rerun requests no image again."""
+    from crawl_server import distinct_jpeg
+
+    bodies = {f"/{kind}/{number}.jpg": distinct_jpeg(number + 100 * (kind == "b")) for kind in ("a", "b")
+              for number in range(6)}
+    routes = {path: Response(body) for path, body in bodies.items()}
+    routes["/a/4.jpg"] = Response(bodies["/a/4.jpg"], drip_s=0.5)  # killed while this one drips
+    with LocalServer(routes) as server:
+        for kind in ("a", "b"):
+            (workdir / f"{kind}.txt").write_text(
+                "\n".join(server.url(path) for path in bodies if path.startswith(f"/{kind}/")) + "\n")
+        write_config(workdir, {
+            "experiment": "killed",
+            "classes": {kind: {"sources": [{"urls": f"{kind}.txt", "threads": 1}]} for kind in ("a", "b")},
+            "models": {"cnn": {"arch": "simple_cnn", "epochs": 1}},
+        })
+        command = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile",
+                   str(workdir / "config.yaml"), "--cores", "1", "results/killed/raw/a.csv"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        process = subprocess.Popen(command, cwd=workdir, env=env, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while "/a/4.jpg" not in server.requests:
+            assert process.poll() is None and time.monotonic() < deadline, "the crawl never reached /a/4.jpg"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        assert "/a/4.jpg" not in server.served and not (workdir / "results/killed/raw/a.csv").exists()
+
+        server.routes["/a/4.jpg"] = Response(bodies["/a/4.jpg"])
+        snakemake(workdir, "--unlock")
+        # (a flag first: targets right after --resources would be read as resources)
+        snakemake(workdir, "--keep-going", "results/killed/raw/a.csv", "results/killed/raw/b.csv")
+
+    assert sorted(server.served) == sorted(bodies), "every image served exactly once, across both runs"
+    raw = pd.read_csv(workdir / "results/killed/raw/a.csv", keep_default_na=False)
+    assert (raw["status"] == "ok").all() and len(raw) == 6
+    assert sorted(Path(file).name for file in raw["file"]) == [f"{n:06d}.jpg" for n in range(6)]
