@@ -492,3 +492,25 @@ def test_greedy_source_crawls_a_site(tmp_path):
     assert status == {"a.jpg": "ok", "b.png": "ok", "tiny.png": "rejected"}
     assert (manifest.engine == "greedy").all() and summary["images"] == 2
     assert [server.requests.count(path) for path in ("/", "/page2.html", "/img/a.jpg")] == [1, 1, 1]
+
+
+def test_time_budget_stops_the_class_and_says_so(tmp_path, caplog):
+    paths = [f"/slow/{n}.jpg" for n in range(8)]
+    routes = {path: Response(distinct_jpeg(n), delay_s=0.4) for n, path in enumerate(paths)}
+    with LocalServer(routes) as server:
+        url_file = tmp_path / "urls.txt"
+        url_file.write_text("\n".join(server.url(path) for path in paths) + "\n")
+        limits = CrawlLimits(timeout_s=5, time_budget_s=1.0)
+        with caplog.at_level(logging.WARNING, logger="imgpipe.crawl"):
+            manifest, summary = crawl("tank", [{"urls": str(url_file), "threads": 1}], tmp_path, limits=limits,
+                                      target=8)
+        got = int((manifest.status == "ok").sum())
+        assert 1 <= got < 8 and (manifest.status[got:] == "skipped").all()
+        assert set(manifest.reason[got:]) == {"not tried: crawl.time_budget_s 1 s spent"}
+        assert summary["outcome"] == f"crawl.time_budget_s (1 s) spent at {got} of target 8"
+        assert f"class 'tank': crawl.time_budget_s (1 s) spent at {got} of target 8" in caplog.text
+
+        # the next run continues where it stopped
+        again, summary = crawl("tank", [{"urls": str(url_file), "threads": 1}], tmp_path, "again", target=8)
+    assert (again.status == "ok").all() and summary["outcome"] == "target 8 reached"
+    assert sorted(server.served) == sorted(paths)

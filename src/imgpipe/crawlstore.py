@@ -108,7 +108,10 @@ class TargetCounter:
     near_distance: int | None = None
     count: int = 0
     _shas: set = field(default_factory=set)
-    _hashes: list = field(default_factory=list)
+    # counted perceptual hashes, in an array that doubles when full: one vectorised
+    # comparison per offer (100,000 images: ~5e9 popcounts in all, seconds)
+    _hashes: np.ndarray = field(default_factory=lambda: np.zeros(1024, dtype=np.uint64))
+    _n_hashes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -124,12 +127,13 @@ class TargetCounter:
                 return False
             if self.near_distance and record.get("phash"):
                 value = np.uint64(int(record["phash"], 16))
-                if self._hashes:
-                    known = np.fromiter(self._hashes, dtype=np.uint64, count=len(self._hashes))
-                    distances = np.bitwise_count(known ^ value)
-                    if int(distances.min()) <= self.near_distance:
-                        return False
-                self._hashes.append(value)
+                known = self._hashes[:self._n_hashes]
+                if len(known) and int(np.bitwise_count(known ^ value).min()) <= self.near_distance:
+                    return False
+                if self._n_hashes == len(self._hashes):
+                    self._hashes = np.concatenate([self._hashes, np.zeros_like(self._hashes)])
+                self._hashes[self._n_hashes] = value
+                self._n_hashes += 1
             self._shas.add(record["sha256"])
             self.count += 1
             return True
