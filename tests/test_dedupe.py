@@ -179,6 +179,41 @@ def test_method_choice_follows_the_cost_model():
     assert choose_hamming_method(100_000, 40) is None  # brute force
 
 
+def planted_near_pairs(seed, n=4000, n_planted=400, max_flips=12):
+    """Random hashes; near copies (0..max_flips bits, half of them within a 20-bit window,
+    so that some pairs are near on one chunk only); exact repeats; and a crowd that shares
+    its low 40 bits, so that many hashes share each chunk value."""
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**64, size=n, dtype=np.uint64)
+    ends = rng.choice(n, 2 * n_planted, replace=False)
+    for k, (source, target) in enumerate(zip(ends[:n_planted], ends[n_planted:])):
+        window = int(rng.integers(0, 45)) + np.arange(20) if k % 2 else np.arange(64)
+        flips = rng.choice(window, size=rng.integers(0, max_flips + 1), replace=False)
+        hashes[target] = hashes[source] ^ np.uint64(sum(1 << int(b) for b in flips))
+    hashes[:40] = hashes[40:80]
+    crowd = rng.choice(n, 300, replace=False)
+    low = np.uint64((1 << 40) - 1)
+    hashes[crowd] = (hashes[crowd] & ~low) | (hashes[crowd[0]] & low)
+    return hashes
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_search_equals_brute_force_on_planted_pairs(seed):
+    hashes = planted_near_pairs(seed)
+    everything = hamming_pairs_brute_force(hashes, 12)
+    for max_distance in [0, 1, 3, 5, 8, 10, 12]:
+        expected = everything[everything[:, 2] <= max_distance]
+        chosen = choose_hamming_method(len(hashes), max_distance)
+        # Chunk radii 0..3, in dense tables (up to 24 bits) and by sorted lookups (wider).
+        chunk_counts = {3, 4, max_distance + 1, chosen or 4} | ({2} if max_distance <= 3 else set())
+        results = {"auto": hamming_pairs(hashes, max_distance)}
+        results |= {m: hamming_pairs_multi_index(hashes, max_distance, m) for m in chunk_counts}
+        for method, got in results.items():
+            assert np.array_equal(got, expected), (method, max_distance)
+        assert len(expected) > 40 * (max_distance > 0)
+    assert choose_hamming_method(len(hashes), 6) is not None  # "auto" searched by chunks
+
+
 # ----------------------------------------------------------------------- the rules
 
 

@@ -1,0 +1,461 @@
+"""De-duplication at scale (issue 7): imgpipe against imagededup and imagehash. Prints JSON.
+
+a) A generated corpus of JPEG photos (default 3,000) in groups: a distinct base photo
+   and some of its copies, each made one way: an exact copy, a re-encode at another
+   JPEG quality, a resize to about half, a brightness change, a 5% crop (5% off each
+   side, as in bench/dedupe_threshold.py) and an EXIF rotation (pixels turned 90 degrees,
+   orientation tag set so that viewers show it upright). Every pair within a group is a
+   true duplicate pair; pairs across groups are not. For each tool, at distance 10:
+   images/s hashed on 1 and 2 workers, search seconds, precision and recall of the found
+   pairs, and recall by kind of copy (base against copy).
+   - imgpipe: hashing.hash_images (threads) + hamming.hamming_pairs;
+   - imagededup: PHash with its defaults (encode_images with num_enc_workers processes,
+     find_duplicates with max_distance_threshold=10);
+   - imagehash: a plain loop of imagehash.phash(Image.open(path)) (a process pool for 2
+     workers) and an all-pairs comparison in numpy.
+b) Hamming search alone: 100,000 and 1,000,000 uniformly random 64-bit hashes with 1,000
+   planted pairs at distances 0..10: seconds, peak memory (a fresh process per size),
+   recall of the planted pairs, and that every pair found is within the distance; at
+   100,000 also that the result equals brute force.
+
+Base photos are made offline: a crop of one of the photos that ship with scikit-learn and
+matplotlib, recoloured, blended with a random low-frequency pattern (colour field,
+shapes, a grating) and grain, so that bases are distinct from each other.
+
+    PYTHONPATH=src .venv/bin/python bench/dedupe.py [--images 3000] [--hashes 100000 1000000]
+
+imagededup and imagehash are optional (left out of the JSON when missing). imagededup
+requires torch and torchvision; to keep pip from replacing the installed ones:
+    pip install --no-deps imagededup imagehash PyWavelets tqdm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import matplotlib.cbook
+import numpy as np
+from PIL import Image, ImageEnhance
+from sklearn.datasets import load_sample_images
+
+from imgpipe.hamming import choose_hamming_method, hamming_pairs, hamming_pairs_brute_force
+from imgpipe.hashing import hash_images
+
+DISTANCE = 10
+COPY_KINDS = ["exact", "reencode", "resize", "brightness", "crop_5pct", "exif_rotation"]
+COPIES_PER_GROUP = ([0, 1, 2, 3], [0.4, 0.25, 0.2, 0.15])
+LONG_SIDES = (400, 1600)
+ASPECTS = [4 / 3, 3 / 2, 16 / 9, 1, 3 / 4, 2 / 3]
+BASE_QUALITY = 90
+N_PLANTED = 1000
+
+
+# ------------------------------------------------------------------------- the corpus
+
+
+def source_photos() -> list[np.ndarray]:
+    grace = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    return list(load_sample_images().images) + [np.asarray(Image.open(grace).convert("RGB"))]
+
+
+def low_frequency_field(rng, height, width, channels=3):
+    """A smooth random colour field: a few-by-few random grid upsampled."""
+    grid = rng.uniform(0, 255, (int(rng.integers(2, 7)), int(rng.integers(2, 7)), channels)).astype(np.uint8)
+    field = Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(field, dtype=np.float32)
+
+
+def photo_crop(rng, sources, width, height) -> np.ndarray:
+    """A random crop of a random source photo, turned and mirrored at random, at width x height."""
+    src = np.rot90(sources[int(rng.integers(len(sources)))], k=int(rng.integers(4)))
+    if rng.random() < 0.5:
+        src = src[:, ::-1]
+    sh, sw = src.shape[:2]
+    ch = max(8, round(min(sh, sw * height / width) * rng.uniform(0.15, 0.9)))
+    cw = min(sw, max(8, round(ch * width / height)))
+    y, x = int(rng.integers(0, sh - ch + 1)), int(rng.integers(0, sw - cw + 1))
+    crop = Image.fromarray(np.ascontiguousarray(src[y : y + ch, x : x + cw]))
+    return np.asarray(crop.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+
+
+def photo_collage(rng, sources, width, height, depth=2) -> np.ndarray:
+    """One photo crop, or (at random) the frame split in two, each part a collage itself."""
+    if depth == 0 or min(width, height) < 64 or rng.random() < 0.35:
+        return photo_crop(rng, sources, width, height)
+    if rng.random() < 0.5:
+        cut = round(width * rng.uniform(0.3, 0.7))
+        parts = [photo_collage(rng, sources, w, height, depth - 1) for w in (cut, width - cut)]
+        return np.concatenate(parts, axis=1)
+    cut = round(height * rng.uniform(0.3, 0.7))
+    parts = [photo_collage(rng, sources, width, h, depth - 1) for h in (cut, height - cut)]
+    return np.concatenate(parts, axis=0)
+
+
+def base_photo(rng, sources) -> Image.Image:
+    long_side = int(rng.integers(*LONG_SIDES))
+    aspect = ASPECTS[int(rng.integers(len(ASPECTS)))]
+    if aspect >= 1:
+        width, height = long_side, round(long_side / aspect)
+    else:
+        width, height = round(long_side * aspect), long_side
+    # Crops of real photos, recoloured ...
+    pixels = photo_collage(rng, sources, width, height) * rng.uniform(0.6, 1.3, 3) + rng.uniform(-30, 30, 3)
+    # ... blended with a random low-frequency pattern: colour field, shapes, a grating.
+    pattern = low_frequency_field(rng, height, width)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for _ in range(int(rng.integers(1, 5))):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        ry, rx = rng.uniform(0.08, 0.4) * height, rng.uniform(0.08, 0.4) * width
+        inside = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1)[..., None]
+        pattern = np.where(inside, rng.uniform(0, 255, 3).astype(np.float32), pattern)
+    angle, cycles = rng.uniform(0, np.pi), rng.uniform(1, 6)
+    grating = np.sin(2 * np.pi * cycles * (xx * np.cos(angle) + yy * np.sin(angle)) / max(width, height))
+    pattern += (40 * grating)[..., None]
+    alpha = rng.uniform(0.4, 0.65)
+    pixels = (1 - alpha) * pixels + alpha * pattern + rng.normal(0, rng.uniform(2, 6), pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def save_copy(kind, base, base_path, path, rng):
+    if kind == "exact":
+        shutil.copyfile(base_path, path)
+    elif kind == "reencode":
+        with Image.open(base_path) as decoded:
+            decoded.save(path, quality=int(rng.choice([50, 60, 70, 75])))
+    elif kind == "resize":
+        factor = rng.uniform(0.4, 0.7)
+        base.resize((round(base.width * factor), round(base.height * factor)), Image.Resampling.BICUBIC).save(
+            path, quality=85
+        )
+    elif kind == "brightness":
+        factor = float(rng.choice([0.8, 0.85, 1.15, 1.2]))
+        ImageEnhance.Brightness(base).enhance(factor).save(path, quality=85)
+    elif kind == "crop_5pct":
+        dx, dy = round(base.width * 0.05), round(base.height * 0.05)
+        base.crop((dx, dy, base.width - dx, base.height - dy)).save(path, quality=85)
+    elif kind == "exif_rotation":
+        # Stored turned; the tag tells viewers (and imgpipe) to turn it back upright.
+        exif = Image.Exif()
+        clockwise = rng.random() < 0.5
+        exif[0x0112] = 6 if clockwise else 8
+        turned = base.transpose(Image.Transpose.ROTATE_90 if clockwise else Image.Transpose.ROTATE_270)
+        turned.save(path, quality=BASE_QUALITY, exif=exif)
+    else:
+        raise ValueError(kind)
+
+
+def write_group(task):
+    """Writes one group (a base photo and its copies); returns [(file name, group, kind)]."""
+    folder, group, n_copies, seed = task
+    rng = np.random.default_rng(seed)
+    sources = _SOURCES
+    base = base_photo(rng, sources)
+    base_path = Path(folder) / f"g{group:05d}_base.jpg"
+    base.save(base_path, quality=BASE_QUALITY)
+    rows = [(base_path.name, group, "base")]
+    for kind in rng.choice(COPY_KINDS, size=n_copies, replace=False):
+        path = Path(folder) / f"g{group:05d}_{kind}.jpg"
+        save_copy(str(kind), base, base_path, path, rng)
+        rows.append((path.name, group, str(kind)))
+    return rows
+
+
+_SOURCES: list[np.ndarray] = []
+
+
+def _init_sources():
+    _SOURCES[:] = source_photos()
+
+
+def write_corpus(folder: Path, n_images: int, seed: int, workers: int):
+    rng = np.random.default_rng(seed)
+    tasks, total = [], 0
+    while total < n_images:
+        n_copies = min(int(rng.choice(COPIES_PER_GROUP[0], p=COPIES_PER_GROUP[1])), n_images - total - 1)
+        tasks.append((str(folder), len(tasks), n_copies, int(rng.integers(2**63))))
+        total += 1 + n_copies
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_init_sources) as pool:
+        groups = pool.map(write_group, tasks, chunksize=8)
+    return [row for rows in groups for row in rows]
+
+
+# -------------------------------------------------------------------------- the tools
+
+
+def pairs_of_sets(pairs):
+    return {(min(i, j), max(i, j)) for i, j in pairs}
+
+
+def all_pairs_numpy(hashes: np.ndarray, max_distance: int):
+    """Every pair within max_distance by comparing all pairs, a block of rows at a time."""
+    out = []
+    for start in range(0, len(hashes), 512):
+        dist = np.bitwise_count(hashes[start : start + 512, None] ^ hashes[None, :])
+        ii, jj = np.nonzero(dist <= max_distance)
+        keep = jj > ii + start
+        out += zip((ii[keep] + start).tolist(), jj[keep].tolist())
+    return out
+
+
+def run_imgpipe(files, workers):
+    started = time.perf_counter()
+    hashes = hash_images(files, workers)
+    hash_s = time.perf_counter() - started
+    array = np.array([h if h is not None else 0 for h in hashes], dtype=np.uint64)
+    started = time.perf_counter()
+    pairs = hamming_pairs(array, DISTANCE)
+    search_s = time.perf_counter() - started
+    return hash_s, search_s, pairs_of_sets(pairs[:, :2].tolist()), array
+
+
+def _imagehash_int(path):
+    import imagehash
+
+    with Image.open(path) as image:
+        return int(str(imagehash.phash(image)), 16)
+
+
+def run_imagehash(files, workers):
+    started = time.perf_counter()
+    if workers == 1:
+        hashes = [_imagehash_int(path) for path in files]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            hashes = list(pool.map(_imagehash_int, files, chunksize=64))
+    hash_s = time.perf_counter() - started
+    started = time.perf_counter()
+    array = np.array(hashes, dtype=np.uint64)
+    pairs = all_pairs_numpy(array, DISTANCE)
+    search_s = time.perf_counter() - started
+    return hash_s, search_s, pairs_of_sets(pairs), array
+
+
+def run_imagededup(folder, names, workers):
+    from imagededup.methods import PHash
+
+    phash = PHash(verbose=False)
+    started = time.perf_counter()
+    encodings = phash.encode_images(image_dir=folder, num_enc_workers=workers)
+    hash_s = time.perf_counter() - started
+    started = time.perf_counter()
+    found = phash.find_duplicates(encoding_map=encodings, max_distance_threshold=DISTANCE)
+    search_s = time.perf_counter() - started
+    index = {name: i for i, name in enumerate(names)}
+    pairs = [(index[a], index[b]) for a, duplicates in found.items() for b in duplicates]
+    return hash_s, search_s, pairs_of_sets(pairs), None
+
+
+def quality(found, truth, rows):
+    hits = found & truth
+    by_kind = {}
+    base_of = {group: i for i, (_, group, kind) in enumerate(rows) if kind == "base"}
+    for kind in COPY_KINDS:
+        wanted = {
+            (min(base_of[g], i), max(base_of[g], i)) for i, (_, g, k) in enumerate(rows) if k == kind
+        }
+        by_kind[kind] = round(len(wanted & found) / len(wanted), 4) if wanted else None
+    return {
+        "pairs_found": len(found),
+        "true_pairs_found": len(hits),
+        "precision": round(len(hits) / len(found), 4) if found else None,
+        "recall": round(len(hits) / len(truth), 4) if truth else None,
+        "recall_base_vs_copy_by_kind": by_kind,
+    }
+
+
+def crop_sweep(folder, rows, fractions=(0.01, 0.025, 0.05, 0.075, 0.1), n_bases=300):
+    """How pHash (imgpipe's) tolerates crops: share of bases within DISTANCE of a crop of
+    themselves that loses `fraction` of the width and height on each side."""
+    bases = [folder / name for name, _, kind in rows if kind == "base"][:n_bases]
+    paths = []
+    for k, base in enumerate(bases):
+        with Image.open(base) as image:
+            for fraction in fractions:
+                dx, dy = round(image.width * fraction), round(image.height * fraction)
+                paths.append(folder / f"sweep_{k}_{fraction}.jpg")
+                image.crop((dx, dy, image.width - dx, image.height - dy)).save(paths[-1], quality=85)
+    base_hashes = np.repeat(np.array(hash_images(bases, 2), dtype=np.uint64), len(fractions))
+    crop_hashes = np.array(hash_images(paths, 2), dtype=np.uint64)
+    within = (np.bitwise_count(base_hashes ^ crop_hashes) <= DISTANCE).reshape(len(bases), len(fractions))
+    shares = within.mean(axis=0)
+    return {f"{fraction:g}": round(float(share), 3) for fraction, share in zip(fractions, shares)}
+
+
+def available(module):
+    try:
+        __import__(module)
+        return True
+    except Exception as exc:  # noqa: BLE001 - a broken optional install is reported, not fatal
+        print(f"{module} unavailable: {exc}", file=sys.stderr)
+        return False
+
+
+def corpus_figures(n_images, seed, workers_list):
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="imgpipe-dedupe-bench-") as tmp:
+        folder = Path(tmp)
+        started = time.perf_counter()
+        rows = write_corpus(folder, n_images, seed, max(workers_list))
+        names = [name for name, _, _ in rows]
+        files = [str(folder / name) for name in names]
+        groups = np.array([group for _, group, _ in rows])
+        members = [np.flatnonzero(groups == g).tolist() for g in np.unique(groups)]
+        truth = {(i, j) for group in members for i in group for j in group if i < j}
+        pixels = [Image.open(f).size for f in files]
+        figures["corpus"] = {
+            "images": len(files),
+            "groups": int(len(np.unique(groups))),
+            "copies_by_kind": {k: sum(1 for r in rows if r[2] == k) for k in COPY_KINDS},
+            "true_pairs": len(truth),
+            "megapixels_mean": round(float(np.mean([w * h for w, h in pixels])) / 1e6, 2),
+            "megabytes": round(sum(os.path.getsize(f) for f in files) / 2**20, 1),
+            "seconds_to_write": round(time.perf_counter() - started, 1),
+        }
+        tools = {"imgpipe": lambda w: run_imgpipe(files, w)}
+        if available("imagededup"):
+            tools["imagededup_phash"] = lambda w: run_imagededup(folder, names, w)
+        if available("imagehash"):
+            tools["imagehash_phash_loop"] = lambda w: run_imagehash(files, w)
+        hash_images(files[:20])  # warm imports and the page cache
+        hashes = {}
+        for tool, run in tools.items():
+            row = {}
+            for workers in workers_list:
+                hash_s, search_s, found, hashes[tool] = run(workers)
+                row[f"images_per_s_{workers}_workers"] = round(len(files) / hash_s, 1)
+                row[f"search_s_{workers}_workers"] = round(search_s, 3)
+            row |= quality(found, truth, rows)
+            figures[tool] = row
+            print(f"{tool}: {row}", file=sys.stderr, flush=True)
+        # Distinct bases that still hash close (by imgpipe's hash): false pairs no tool can avoid.
+        base_idx = [i for i, r in enumerate(rows) if r[2] == "base"]
+        base_hashes = np.array(hash_images([files[i] for i in base_idx], 2), dtype=np.uint64)
+        close = hamming_pairs(base_hashes, DISTANCE)
+        dist = np.bitwise_count(base_hashes[:, None] ^ base_hashes[None, :])
+        figures["corpus"]["distinct_base_pairs_within_10"] = len(close)
+        figures["corpus"]["min_distance_between_bases"] = int(dist[np.triu_indices(len(base_idx), 1)].min())
+        figures["imgpipe_recall_base_vs_crop_by_fraction_per_side"] = crop_sweep(folder, rows)
+        if "imagehash_phash_loop" in hashes:
+            # Same pHash definition; imgpipe decodes JPEGs at reduced scale (and turns by EXIF).
+            upright = [i for i, r in enumerate(rows) if r[2] != "exif_rotation"]
+            moved = np.bitwise_count(hashes["imgpipe"][upright] ^ hashes["imagehash_phash_loop"][upright])
+            figures["imgpipe_vs_imagehash_bits_differing"] = {
+                "mean": round(float(moved.mean()), 2),
+                "p95": int(np.percentile(moved, 95)),
+                "max": int(moved.max()),
+                "identical_share": round(float((moved == 0).mean()), 3),
+            }
+    if "imagededup_phash" in figures:
+        speedup = {}
+        for workers in workers_list:
+            key = f"images_per_s_{workers}_workers"
+            ratio = figures["imgpipe"][key] / figures["imagededup_phash"][key]
+            speedup[f"{workers}_workers"] = round(ratio, 2)
+        figures["imgpipe_hashing_speedup_over_imagededup"] = speedup
+    return figures
+
+
+# ---------------------------------------------------------------------- Hamming search
+
+
+def planted_hashes(n, seed):
+    """n uniformly random hashes; N_PLANTED of them replaced by copies of others at 0..10 bits."""
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**64, size=n, dtype=np.uint64)
+    ends = rng.choice(n, 2 * N_PLANTED, replace=False)
+    sources, targets = ends[:N_PLANTED], ends[N_PLANTED:]
+    distances = np.arange(N_PLANTED) % (DISTANCE + 1)
+    for source, target, d in zip(sources, targets, distances):
+        mask = sum(1 << int(b) for b in rng.choice(64, size=int(d), replace=False))
+        hashes[target] = hashes[source] ^ np.uint64(mask)
+    planted = np.stack([np.minimum(sources, targets), np.maximum(sources, targets)], axis=1)
+    return hashes, planted
+
+
+def memory_mb(field):
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def search_once(n, seed, brute_force, queue):
+    hashes, planted = planted_hashes(n, seed)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from here
+    before = memory_mb("VmRSS")
+    started = time.perf_counter()
+    pairs = hamming_pairs(hashes, DISTANCE)
+    seconds = time.perf_counter() - started
+    peak = memory_mb("VmHWM")
+    found = set(map(tuple, pairs[:, :2].tolist()))
+    recomputed = np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]])
+    row = {
+        "hashes": n,
+        "chunks": choose_hamming_method(n, DISTANCE),
+        "seconds": round(seconds, 2),
+        "peak_rss_mb": round(peak, 1),
+        "peak_rss_above_inputs_mb": round(peak - before, 1),
+        "pairs": len(pairs),
+        "planted_pairs": len(planted),
+        "planted_recall": sum(tuple(p) in found for p in planted.tolist()) / len(planted),
+        "all_pairs_within_distance_and_distances_right": bool(
+            (recomputed == pairs[:, 2]).all()
+            and (pairs[:, 2] <= DISTANCE).all()
+            and (pairs[:, 0] < pairs[:, 1]).all()
+        ),
+    }
+    if brute_force:
+        started = time.perf_counter()
+        row["same_as_brute_force"] = bool(np.array_equal(hamming_pairs_brute_force(hashes, DISTANCE), pairs))
+        row["brute_force_s"] = round(time.perf_counter() - started, 1)
+    queue.put(row)
+
+
+def search_figures(sizes, seed, brute_force_up_to):
+    rows = []
+    context = multiprocessing.get_context("spawn")  # a fresh process: peak memory of this size alone
+    for n in sizes:
+        queue = context.Queue()
+        process = context.Process(target=search_once, args=(n, seed, n <= brute_force_up_to, queue))
+        process.start()
+        rows.append(queue.get())
+        process.join()
+        print(f"search: {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=3000, help="corpus size (0: skip part a)")
+    parser.add_argument(
+        "--hashes", type=int, nargs="*", default=[100_000, 1_000_000], help="search sizes (b; none: skip)"
+    )
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--brute-force-up-to", type=int, default=100_000, help="brute-force check up to this size"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    figures = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "max_distance": DISTANCE}
+    if args.images:
+        figures |= corpus_figures(args.images, args.seed, args.workers)
+    if args.hashes:
+        figures["hamming_search"] = search_figures(args.hashes, args.seed, args.brute_force_up_to)
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
