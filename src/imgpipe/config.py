@@ -506,12 +506,16 @@ def check_config_files(paths) -> None:
             raise ConfigError(f"config file '{path}': key given twice: {', '.join(duplicates)}")
 
 
+CRAWL_EXECUTION_KEYS = ("timeout_s", "time_budget_s")
+
+
 def crawl_settings(config: dict, class_name: str) -> dict:
     """What a class's crawl job depends on besides its sources: limits, target, and (with a
     target) the distance within which an image does not count as new."""
     target = config["classes"][class_name]["target"]
     return canonical({
-        "limits": config["crawl"],
+        # how long to wait changes how fast a crawl goes, not what it keeps: not a rerun trigger
+        "limits": {key: value for key, value in config["crawl"].items() if key not in CRAWL_EXECUTION_KEYS},
         "target": target,
         "near_distance": config["dedupe"]["near_distance"] if target is not None else None,
     })

@@ -125,12 +125,19 @@ class SiteParser(GreedyParser):
 
         self._first_time(response.url.split("#", 1)[0].rstrip("/"))  # the start page is fed, not linked
         soup = BeautifulSoup(response.content.decode("utf-8", "ignore"), "lxml")
+        def resolve(link: str) -> str:
+            try:
+                return urljoin(response.url, link.strip()).split("#", 1)[0]
+            except ValueError:  # e.g. "http://[x/" (a bad IPv6 host): one broken link, not the end of the crawl
+                logger.info("greedy: ignoring malformed link %r on %s", link, response.url)
+                return ""
+
         for tag in soup.find_all("img", src=True):
-            url = urljoin(response.url, tag["src"].strip()).split("#", 1)[0]
+            url = resolve(tag["src"])
             if url.startswith(("http://", "https://")) and self._first_time(url):
                 yield {"file_url": url}
         for tag in soup.find_all("a", href=True):
-            url = urljoin(response.url, tag["href"].strip()).split("#", 1)[0].rstrip("/")
+            url = resolve(tag["href"]).rstrip("/")
             if not url.startswith(("http://", "https://")) or not self._first_time(url):
                 continue
             suffix = Path(urlsplit(url).path).suffix.lower()
@@ -202,8 +209,7 @@ class _ClassCrawl:
         lowering a target (or a first run with it) gives the first images, not all ever fetched.
         """
         if self.counter.reached:
-            return {"origin": record["origin"], "status": "skipped",
-                    "reason": f"beyond target {self.counter.target} (kept in the crawl store)"}
+            return {**record, "status": "skipped", "reason": f"beyond target {self.counter.target}"}
         outcome.images += self.counter.offer(record, self.limits)
         return record
 
@@ -258,9 +264,10 @@ def crawl_class(
             rows.extend({**row, "source": kind, "source_index": index} for row in source_rows)
             logger.info("class %r: sources[%d] done: %s", class_name, index, _count_statuses(rows, limits, index))
         _fail_if_every_engine_is_dead(crawl)
+        rows, final = _capped_at_target(rows, target, near_distance, limits)
         manifest = _materialise(rows, class_name, out_dir, store, limits)
-    summary = summarize_crawl(crawl, manifest, time.monotonic() - started)
-    log = logger.info if target is None or counter.reached else logger.warning
+    summary = summarize_crawl(crawl, final, manifest, time.monotonic() - started)
+    log = logger.info if target is None or final.reached else logger.warning
     log("class %r: %s; %s", class_name, summary["outcome"], _count_statuses(rows, limits))
     return manifest, summary
 
@@ -308,7 +315,7 @@ def _local_item(crawl: _ClassCrawl, outcome: QueryOutcome, origin: str, sha: str
     if crawl.done():
         return _not_tried(origin, crawl)
     provenance = {"origin": origin, "source": outcome.source, "sha256": sha, "rank": outcome.urls_seen}
-    record = crawl.store.add_body(body(), provenance, crawl.limits)
+    record = crawl.store.add_body(body(), provenance)
     counted = crawl.counter.offer(record, crawl.limits)
     outcome.images += counted
     outcome.new_images += counted
@@ -319,13 +326,14 @@ def _url_list_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
     urls = read_url_list(source["urls"])
     outcome = QueryOutcome(index, "urls", query=str(source["urls"]), urls_seen=len(urls))
     rows = {url: crawl.replay(crawl.store.latest[url], outcome) for url in urls if crawl.store.is_final(url)}
-    pending = [url for url in urls if url not in rows]
+    pending = [url for url in urls if url not in rows]  # never tried, or a failure worth trying again
     if pending and not crawl.done():
         logger.info("sources[%d]: %d of %d URLs to download", index, len(pending), len(urls))
         downloader = _run_crawler(UrlListCrawler, crawl, outcome, source.get("threads", DEFAULT_THREADS),
                                   {"url_list": pending, "max_num": 0}, "url list")
         outcome.new_images = downloader.counted
         outcome.images += downloader.counted
+        outcome.urls_seen = len(urls)  # the list, not only what was downloaded this time
     crawl.outcomes.append(outcome)
     return [rows.get(url) or crawl.store.latest.get(url) or _not_tried(url, crawl) for url in urls]
 
@@ -352,12 +360,14 @@ def _engine_rows(crawl: _ClassCrawl, index: int, source: dict, feeder_cls=None) 
         else:
             arguments = {"keyword": query, "filters": source.get("filters") or None}
         # result pages to look through: icrawler's max_num also sets how many pages the feeder asks for
-        arguments["max_num"] = min(1000, wanted * RESULT_DEPTH_FACTOR)
+        # (from the top: results already answered are listed without a request, so the depth
+        # counts them too and a raised target looks past them)
+        arguments["max_num"] = min(1000, len(earlier) + wanted * RESULT_DEPTH_FACTOR)
         downloader = _run_crawler(crawler_cls, crawl, outcome, source.get("threads", DEFAULT_THREADS), arguments,
                                   f"{engine} {query!r}", query_limit=(per_query, outcome.images), **options)
         outcome.new_images = downloader.counted
         outcome.images += downloader.counted
-        rows.extend(_latest_per_origin(earlier + downloader.records_in_rank_order()))
+        rows.extend(_in_rank_order(_latest_per_origin(earlier + downloader.records_in_rank_order())))
         if outcome.urls_seen == 0:
             logger.warning(
                 "%s returned no image URL for query %r: icrawler's parser found nothing on the result page "
@@ -375,7 +385,7 @@ def _engine_rows(crawl: _ClassCrawl, index: int, source: dict, feeder_cls=None) 
 def _greedy_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
     site = source["greedy"]
     outcome = QueryOutcome(index, "greedy", "greedy", site)
-    earlier = crawl.replay_all(_earlier_records(crawl.store, "greedy", site), outcome)
+    earlier = crawl.replay_all(_earlier_records(crawl.store, "greedy", site, "greedy"), outcome)
     crawl.outcomes.append(outcome)
     per_site = source.get("max_num")
     if _images_wanted(crawl, per_site, outcome.images) <= 0 or crawl.done():
@@ -387,13 +397,18 @@ def _greedy_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
     outcome.images += downloader.counted
     if outcome.urls_seen == 0:
         logger.warning("greedy %s: no image URL found on the site's pages", site)
-    return _latest_per_origin(earlier + downloader.records_in_rank_order())
+    return _in_rank_order(_latest_per_origin(earlier + downloader.records_in_rank_order()))
 
 
 def _earlier_records(store: ClassStore, source: str, query: str, engine: str = "") -> list[dict]:
     """What earlier runs of this query (or site) tried: the latest record per URL, in first-try order."""
     return _latest_per_origin([record for record in store.records if record["source"] == source
                                and record["query"] == query and record["engine"] == engine])
+
+
+def _in_rank_order(records: list[dict]) -> list[dict]:
+    """Results in the order the engine gave them, so a rerun lists (and counts) them as the first run did."""
+    return sorted(records, key=lambda record: record.get("rank") or 0)
 
 
 def _latest_per_origin(records: list[dict]) -> list[dict]:
@@ -504,7 +519,11 @@ class StoreDownloader(ImageDownloader):
             self.seen += 1
             rank = self.seen
         if not self.crawl.store.claim(url):
-            return False  # already in the store (or being fetched by another thread): never twice
+            # already answered (perhaps for another query, or an earlier run): never requested
+            # twice, but listed and counted here like any other result
+            if self.crawl.store.is_final(url):
+                self._keep(rank, self.crawl.store.latest[url])
+            return False
         provenance = {"origin": url, "source": self.outcome.source, "engine": self.outcome.engine,
                       "query": self.outcome.query if self.outcome.source in ("engine", "greedy") else "",
                       "rank": rank}
@@ -515,6 +534,11 @@ class StoreDownloader(ImageDownloader):
             record = self.crawl.store.add_failure(provenance, f"download error: {error_text(error)}")
         finally:
             self.crawl.store.release(url)
+        counted = self._keep(rank, record)
+        task["success"] = counted
+        return counted
+
+    def _keep(self, rank: int, record: dict) -> bool:
         counted = self.crawl.counter.offer(record, self.crawl.limits)
         with self.lock:
             self._records.append((rank, record))
@@ -523,7 +547,6 @@ class StoreDownloader(ImageDownloader):
                 logger.info("%s: %d URLs tried, %d new images", self.label, len(self._records), self.counted)
             if self._should_stop():
                 self.signal.set(reach_max_num=True)
-        task["success"] = counted
         return counted
 
     def _fetch_and_store(self, url: str, provenance: dict, attempts: int) -> dict:
@@ -537,33 +560,35 @@ class StoreDownloader(ImageDownloader):
                     if response.status_code != 200:
                         return self.crawl.store.add_failure(
                             provenance, f"HTTP {response.status_code} {response.reason}".strip())
-                    body, reason = self._read_capped(response, limits)
+                    body, reason, size = self._read_capped(response, limits)
                     if body is not None:
-                        return self.crawl.store.add_body(body, provenance, limits)
+                        return self.crawl.store.add_body(body, provenance)
                     if "crawl.max_bytes" in reason:
-                        break  # the same body again would be as large
+                        # the same body again would be as large; its size makes the answer final
+                        return self.crawl.store.add_failure({**provenance, "bytes": size}, reason)
             except (requests.RequestException, urllib3.exceptions.HTTPError) as error:  # read1 raises urllib3's own
                 reason = f"request failed after {attempts} attempts: {error_text(error)}"
         return self.crawl.store.add_failure(provenance, reason)
 
     @staticmethod
-    def _read_capped(response, limits: CrawlLimits) -> tuple[bytes | None, str]:
+    def _read_capped(response, limits: CrawlLimits) -> tuple[bytes | None, str, int]:
+        """(body, "", size), or (None, why, bytes seen) for a body too large or too slow."""
         too_large = f"larger than crawl.max_bytes ({limits.max_bytes} bytes)"
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limits.max_bytes:
-            return None, too_large
+            return None, too_large, int(declared)
         chunks, size, started = [], 0, time.monotonic()
         # read1 returns what has arrived (up to 64 KiB) instead of waiting for a full block, so
         # the clock is checked while a server drips; decode_content undoes gzip like iter_content
         while chunk := response.raw.read1(2**16, decode_content=True):
             size += len(chunk)
             if size > limits.max_bytes:
-                return None, too_large
+                return None, too_large, size
             # requests' timeout is per read: a server dripping a byte a second never trips it
             if time.monotonic() - started > limits.timeout_s:
-                return None, f"too slow: body not complete within crawl.timeout_s ({limits.timeout_s:g} s)"
+                return None, f"too slow: body not complete within crawl.timeout_s ({limits.timeout_s:g} s)", size
             chunks.append(chunk)
-        return b"".join(chunks), ""
+        return b"".join(chunks), "", size
 
 
 # ---------------------------------------------------------------------- manifest
@@ -571,6 +596,29 @@ class StoreDownloader(ImageDownloader):
 
 def _not_tried(origin: str, crawl: _ClassCrawl) -> dict:
     return {"origin": origin, "status": "skipped", "reason": crawl.not_tried_reason()}
+
+
+def _capped_at_target(rows: list[dict], target: int | None, near_distance: int | None,
+                      limits: CrawlLimits) -> tuple[list[dict], TargetCounter]:
+    """The rows as the manifest lists them: each URL once (the first time a source named it),
+    and everything after the target-th new image ``skipped``.
+
+    Downloads run in parallel, so a crawl can end a few images past its target; counting again
+    here, in the manifest's order, gives the data a rerun from the store would give.
+    """
+    counter = TargetCounter(target, near_distance if target else None)
+    listed, capped = set(), []
+    for row in rows:
+        if row["origin"] in listed:
+            continue
+        listed.add(row["origin"])
+        if row["status"] != "skipped":
+            if counter.reached:
+                row = {**row, "status": "skipped", "reason": f"beyond target {target}"}
+            else:
+                counter.offer(row, limits)
+        capped.append(row)
+    return capped, counter
 
 
 def _materialise(rows: list[dict], class_name: str, out_dir: Path, store: ClassStore,
@@ -581,7 +629,7 @@ def _materialise(rows: list[dict], class_name: str, out_dir: Path, store: ClassS
     for row in rows:
         status, reason = effective_status(row, limits) if row["status"] != "skipped" else ("skipped", row["reason"])
         file = ""
-        if row.get("stored"):
+        if row.get("stored") and status != "skipped":
             target = out_dir / row["stored"] if status == "ok" else out_dir / "rejected" / row["stored"]
             if target not in linked:
                 link_or_copy(store.path(row["stored"]), target)
@@ -599,12 +647,13 @@ def _materialise(rows: list[dict], class_name: str, out_dir: Path, store: ClassS
     return manifest
 
 
-def summarize_crawl(crawl: _ClassCrawl, manifest: pd.DataFrame, seconds: float) -> dict:
-    """The class's crawl in figures: outcome sentence, counts per status, per query."""
-    target, kept = crawl.counter.target, crawl.counter.count
+def summarize_crawl(crawl: _ClassCrawl, counted: TargetCounter, manifest: pd.DataFrame, seconds: float) -> dict:
+    """The class's crawl in figures: outcome sentence, counts per status, per query (``counted``:
+    the new images of the manifest)."""
+    target, kept = counted.target, counted.count
     if target is None:
         outcome = f"{kept} new images (no target)"
-    elif crawl.counter.reached:
+    elif counted.reached:
         outcome = f"target {target} reached"
     elif crawl.stopped_by_time:
         outcome = f"crawl.time_budget_s ({crawl.limits.time_budget_s:g} s) spent at {kept} of target {target}"
@@ -615,7 +664,7 @@ def summarize_crawl(crawl: _ClassCrawl, manifest: pd.DataFrame, seconds: float) 
         "class": crawl.class_name,
         "target": target,
         "images": kept,
-        "target_reached": crawl.counter.reached if target is not None else None,
+        "target_reached": counted.reached if target is not None else None,
         "outcome": outcome,
         "rows": len(manifest),
         "statuses": {status: int(statuses.get(status, 0)) for status in ("ok", "rejected", "corrupt", "failed",

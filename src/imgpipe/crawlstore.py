@@ -123,7 +123,7 @@ class TargetCounter:
         if effective_status(record, limits)[0] != "ok":
             return False
         with self._lock:
-            if record["sha256"] in self._shas:
+            if self.reached or record["sha256"] in self._shas:
                 return False
             if self.near_distance and record.get("phash"):
                 value = np.uint64(int(record["phash"], 16))
@@ -142,13 +142,15 @@ class TargetCounter:
 class ClassStore:
     """One class's downloads and journal (see the module docstring). Thread-safe."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, max_bytes: int = CrawlLimits.max_bytes):
         self.root = Path(root)
+        self.max_bytes = max_bytes  # a body refused as larger than this is not requested again
         self.files = self.root / FILES
         self.files.mkdir(parents=True, exist_ok=True)
         self.journal_path = self.root / JOURNAL
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()
+        self._storing: dict[str, threading.Event] = {}  # sha256 being written by a thread -> done
         self.records = self._read_journal()
         self.latest: dict[str, dict] = {}
         self.stored_by_sha: dict[str, str] = {}
@@ -156,7 +158,8 @@ class ClassStore:
         for record in self.records:
             self._index(record)
         self._remove_leftovers()
-        self._next_seq = 1 + max((_seq_of(name) for name in self.stored_by_sha.values()), default=-1)
+        referenced = {record["stored"] for record in self.records if record.get("stored")}
+        self._next_seq = 1 + max((_seq_of(name) for name in referenced), default=-1)
         self._journal = self.journal_path.open("a", encoding="utf-8")
 
     # -- reading what is there
@@ -189,7 +192,7 @@ class ClassStore:
             self._first_record_of.setdefault(record["stored"], record)
 
     def _remove_leftovers(self) -> None:
-        referenced = set(self.stored_by_sha.values())
+        referenced = {record["stored"] for record in self.records if record.get("stored")}
         for path in self.files.iterdir():
             if path.name not in referenced:
                 logger.info("%s: removing %s, left by an interrupted crawl", self.root, path.name)
@@ -209,6 +212,8 @@ class ClassStore:
         if record["status"] != "failed":
             return True
         status = record.get("http_status")
+        if record["reason"].startswith("larger than crawl.max_bytes"):
+            return (record.get("bytes") or 0) > self.max_bytes  # tried again once the limit is raised
         return isinstance(status, int) and 400 <= status < 500
 
     def claim(self, origin: str) -> bool:
@@ -228,7 +233,7 @@ class ClassStore:
 
     # -- adding
 
-    def add_body(self, body: bytes | Path, provenance: dict, limits: CrawlLimits) -> dict:
+    def add_body(self, body: bytes | Path, provenance: dict) -> dict:
         """Keep a downloaded body (bytes) or a local file (Path) and journal what it is.
 
         A body whose sha256 is already stored is not written again: its record points at the
@@ -238,22 +243,36 @@ class ClassStore:
             sha, size = provenance.get("sha256") or file_sha256(body), body.stat().st_size
         else:
             sha, size = hashlib.sha256(body).hexdigest(), len(body)
-        with self._lock:
-            existing = self.stored_by_sha.get(sha)
-            if existing is None:
-                seq = self._next_seq
-                self._next_seq += 1
+        while True:  # the same bytes from two URLs at once: the second waits and reuses the first's file
+            with self._lock:
+                existing = self.stored_by_sha.get(sha)
+                busy = self._storing.get(sha)
+                if existing is None and busy is None:
+                    seq = self._next_seq
+                    self._next_seq += 1
+                    self._storing[sha] = threading.Event()
+                    break
+            if existing is not None:
+                break
+            busy.wait()
         if existing is not None:
             first = self._first_record_of[existing]
             found = {key: first.get(key) for key in ("status", "reason", "width", "height", "format", "phash")}
             return self._append({**provenance, "bytes": size, "sha256": sha, "stored": existing, **found})
 
+        try:
+            return self._store_new(body, provenance, sha, size, seq)
+        finally:
+            with self._lock:
+                self._storing.pop(sha).set()
+
+    def _store_new(self, body: bytes | Path, provenance: dict, sha: str, size: int, seq: int) -> dict:
         part = self.files / f".{seq:06d}.part"
         if isinstance(body, Path):
             shutil.copyfile(body, part)
         else:
             part.write_bytes(body)
-        check = inspect_image(part, max_pixels=limits.max_pixels)
+        check = inspect_image(part)  # crawl.max_pixels is applied by CrawlLimits.rejection, not here
         suffix = IMAGE_EXTENSIONS.get(check.format or "") if check.ok else None
         name = f"{seq:06d}{suffix or _kept_suffix(provenance['origin'])}"
         phash = ""

@@ -54,12 +54,11 @@ class ImageCheck:
     reason: str = ""
 
 
-def inspect_image(path: Path | str, max_pixels: int | None = None) -> ImageCheck:
+def inspect_image(path: Path | str) -> ImageCheck:
     """Open and fully decode ``path``; bad content gives ``ok=False`` with a reason, never an exception.
 
     Only file-system errors (missing file, no permission) raise, since they say nothing
-    about the content. An image of more than ``max_pixels`` pixels (default: Pillow's
-    ``Image.MAX_IMAGE_PIXELS``) is not decoded. The first frame of an animated image is what gets decoded.
+    about the content. An image of more than Pillow's ``Image.MAX_IMAGE_PIXELS`` is not decoded. The first frame of an animated image is what gets decoded.
     """
     path = Path(path)
     with path.open("rb") as handle:
@@ -78,7 +77,7 @@ def inspect_image(path: Path | str, max_pixels: int | None = None) -> ImageCheck
         with image:
             width, height = image.size
             found = dict(width=width, height=height, format=image.format)
-            limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+            limit = Image.MAX_IMAGE_PIXELS
             # Pillow only warns between 1x and 2x its limit and would decode such an
             # image; we reject at 1x, before spending the memory.
             if limit and width * height > limit:

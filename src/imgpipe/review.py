@@ -13,6 +13,7 @@ import html
 import io
 import logging
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
@@ -92,9 +93,13 @@ def write_contact_sheet(fates: pd.DataFrame, class_name: str, html_path: Path | 
     counts = {fate: int(count) for fate, count in with_file.apply(_fate, axis=1).value_counts().items()} \
         if len(with_file) else {}
 
-    tiles, shown = [], with_file.head(MAX_TILES)
+    tiles, shown, drawn, untiled = [], with_file.head(MAX_TILES), set(), []
     for row in shown.itertuples(index=False):
         fate = _fate(row)
+        if row.file in drawn:  # the same bytes under another URL: one tile per file, the URL listed below
+            untiled.append((row.origin or row.file, fate, f"same bytes as {Path(row.file).name}, shown above"))
+            continue
+        drawn.add(row.file)
         caption = [f"<b>{html.escape(fate)}</b>"]
         detail = row.detail
         entry = detail.removeprefix("excluded by hand: ") if fate == "excluded" else ""
@@ -105,7 +110,7 @@ def write_contact_sheet(fates: pd.DataFrame, class_name: str, html_path: Path | 
         if row.duplicate_of:
             other_class = class_of.get(row.duplicate_of, class_name)
             target = tile_ids.get(other_class, {}).get(row.duplicate_of, "")
-            href = f"#{target}" if other_class == class_name else f"{sheet_name(other_class)}#{target}"
+            href = f"#{target}" if other_class == class_name else f"{quote(sheet_name(other_class))}#{target}"
             distance = "" if pd.isna(row.distance) else f" (distance {int(row.distance)})"
             label = Path(row.duplicate_of).name + ("" if other_class == class_name else f" in {other_class}")
             caption.append(f'of <a href="{html.escape(href)}">{html.escape(label)}</a>{distance}')
@@ -118,9 +123,9 @@ def write_contact_sheet(fates: pd.DataFrame, class_name: str, html_path: Path | 
             f'<figcaption>{name}<br>{"<br>".join(caption)}</figcaption></figure>')
     left_out = len(with_file) - len(shown)
 
-    failures = "".join(
-        f"<tr><td>{html.escape(row.origin)}</td><td>{html.escape(row.reason)}</td><td>{html.escape(row.detail)}</td></tr>"
-        for row in without_file.itertuples(index=False))
+    untiled = [(row.origin, row.reason, row.detail) for row in without_file.itertuples(index=False)] + untiled
+    failures = "".join(f"<tr><td>{html.escape(origin)}</td><td>{html.escape(fate)}</td><td>{html.escape(why)}</td></tr>"
+                       for origin, fate, why in untiled)
     summary = ", ".join(f"{count} {fate}" for fate, count in counts.items())
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -134,8 +139,8 @@ def write_contact_sheet(fates: pd.DataFrame, class_name: str, html_path: Path | 
         + (f"<p><b>{left_out} more images are not shown</b> (at most {MAX_TILES} per page): see the dedupe "
            "manifest.</p>" if left_out else "")
         + f'<div class="tiles">{"".join(tiles)}</div>'
-        + (f"<h2>No image ({len(without_file)})</h2><table><tr><th>URL or file</th><th>fate</th><th>why</th></tr>"
-           f"{failures}</table>" if len(without_file) else "")
+        + (f"<h2>Without a tile of their own ({len(untiled)})</h2><table><tr><th>URL or file</th><th>fate</th>"
+           f"<th>why</th></tr>{failures}</table>" if untiled else "")
         + "</body></html>\n"
     )
     Path(html_path).write_text(page, encoding="utf-8")

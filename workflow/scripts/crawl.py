@@ -22,7 +22,8 @@ with job_run(f"crawl {class_name}", tags={"imgpipe.stage": "crawl", "imgpipe.cla
         snakemake.params.sources,
         Path(snakemake.output.images),
         snakemake.params.store,
-        limits=CrawlLimits.from_config(settings["limits"]),
+        # timeout_s and time_budget_s are read here, not passed as params: changing them reruns nothing
+        limits=CrawlLimits.from_config(snakemake.config["crawl"]),
         target=settings["target"],
         near_distance=settings["near_distance"],
         # the DAG build hashed every local source file already: reuse those hashes, read-only
@@ -31,7 +32,7 @@ with job_run(f"crawl {class_name}", tags={"imgpipe.stage": "crawl", "imgpipe.cla
     manifest.to_csv(snakemake.output.manifest, index=False, lineterminator="\n")
     Path(snakemake.output.summary).write_text(json.dumps(summary, indent=2) + "\n")
     mlflow.set_tag("imgpipe.crawl_outcome", summary["outcome"])
-    mlflow.log_params({"target": summary["target"], **{f"limit.{k}": v for k, v in settings["limits"].items()}})
+    mlflow.log_params({"target": summary["target"], **{f"limit.{k}": v for k, v in snakemake.config["crawl"].items()}})
     mlflow.log_metrics({f"images_{status}": count for status, count in summary["statuses"].items()}
                        | {"images_new_unique": summary["images"], "bytes_downloaded": summary["bytes"]})
     if summary["target"] is not None:
