@@ -53,7 +53,7 @@ from icrawler.builtin.bing import BingParser
 from icrawler.builtin.greedy import GreedyParser
 from PIL import Image
 
-from imgpipe.crawlstore import ClassStore, CrawlLimits, TargetCounter, effective_status, link_or_copy
+from imgpipe.crawlstore import TOO_LARGE, ClassStore, CrawlLimits, TargetCounter, effective_status, link_or_copy
 from imgpipe.files import error_text, walk_files
 from imgpipe.fingerprints import FileHashCache
 from imgpipe.manifests import RAW_COLUMNS
@@ -186,6 +186,7 @@ class _ClassCrawl:
     counter: TargetCounter
     file_hashes: FileHashCache
     deadline: float | None
+    feeder_cls: type | None = None  # replaces the engines' feeders (tests: a local server)
     outcomes: list[QueryOutcome] = field(default_factory=list)
     stopped_by_time: bool = False
 
@@ -203,13 +204,11 @@ class _ClassCrawl:
         return f"not tried: crawl.time_budget_s {self.limits.time_budget_s:g} s spent"
 
     def replay(self, record: dict, outcome: QueryOutcome) -> dict:
-        """The row of a record fetched by an earlier run: counted, or skipped once the target is reached.
+        """The row of a record fetched by an earlier run, counted towards the target.
 
-        Stopping at the target here too keeps the data the same whatever the store holds:
-        lowering a target (or a first run with it) gives the first images, not all ever fetched.
+        Rows past the target are marked skipped by _capped_at_target, so the data is the same
+        whatever the store holds: a lower target gives the first images, not all ever fetched.
         """
-        if self.counter.reached:
-            return {**record, "status": "skipped", "reason": f"beyond target {self.counter.target}"}
         outcome.images += self.counter.offer(record, self.limits)
         return record
 
@@ -251,16 +250,13 @@ def crawl_class(
     with ClassStore(store_dir) as store:
         if store.records:
             logger.info("class %r: resuming: %d URLs/files already tried", class_name, len(store.latest))
-        crawl = _ClassCrawl(class_name, store, limits, counter, file_hashes or FileHashCache(), deadline)
+        crawl = _ClassCrawl(class_name, store, limits, counter, file_hashes or FileHashCache(), deadline, feeder_cls)
         rows: list[dict] = []
         for index, (kind, source) in enumerate(checked):
             logger.info("class %r: sources[%d] %s %s", class_name, index, kind, _describe(class_name, kind, source))
             fetch = {"folder": _folder_rows, "digits": _digits_rows, "urls": _url_list_rows,
                      "engine": _engine_rows, "greedy": _greedy_rows}[kind]
-            if kind == "engine":
-                source_rows = fetch(crawl, index, source, feeder_cls)
-            else:
-                source_rows = fetch(crawl, index, source)
+            source_rows = fetch(crawl, index, source)
             rows.extend({**row, "source": kind, "source_index": index} for row in source_rows)
             logger.info("class %r: sources[%d] done: %s", class_name, index, _count_statuses(rows, limits, index))
         _fail_if_every_engine_is_dead(crawl)
@@ -329,16 +325,14 @@ def _url_list_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
     pending = [url for url in urls if url not in rows]  # never tried, or a failure worth trying again
     if pending and not crawl.done():
         logger.info("sources[%d]: %d of %d URLs to download", index, len(pending), len(urls))
-        downloader = _run_crawler(UrlListCrawler, crawl, outcome, source.get("threads", DEFAULT_THREADS),
-                                  {"url_list": pending, "max_num": 0}, "url list")
-        outcome.new_images = downloader.counted
-        outcome.images += downloader.counted
+        _run_crawler(UrlListCrawler, crawl, outcome, source.get("threads", DEFAULT_THREADS),
+                     {"url_list": pending, "max_num": 0}, "url list")
         outcome.urls_seen = len(urls)  # the list, not only what was downloaded this time
     crawl.outcomes.append(outcome)
     return [rows.get(url) or crawl.store.latest.get(url) or _not_tried(url, crawl) for url in urls]
 
 
-def _engine_rows(crawl: _ClassCrawl, index: int, source: dict, feeder_cls=None) -> list[dict]:
+def _engine_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
     engine = source["engine"]
     per_query = source.get("max_num") or (None if crawl.counter.target is not None else DEFAULT_MAX_NUM)
     rows = []
@@ -352,8 +346,8 @@ def _engine_rows(crawl: _ClassCrawl, index: int, source: dict, feeder_cls=None) 
             continue
         crawler_cls = ENGINES[engine]
         options = {"parser_cls": _ENGINE_PARSERS[engine]} if engine in _ENGINE_PARSERS else {}
-        if feeder_cls is not None:
-            options["feeder_cls"] = feeder_cls
+        if crawl.feeder_cls is not None:
+            options["feeder_cls"] = crawl.feeder_cls
         if engine == "flickr":
             options["apikey"] = source.get("api_key") or os.environ.get("FLICKR_API_KEY")
             arguments = {"text": query, **(source.get("filters") or {})}
@@ -365,8 +359,6 @@ def _engine_rows(crawl: _ClassCrawl, index: int, source: dict, feeder_cls=None) 
         arguments["max_num"] = min(1000, len(earlier) + wanted * RESULT_DEPTH_FACTOR)
         downloader = _run_crawler(crawler_cls, crawl, outcome, source.get("threads", DEFAULT_THREADS), arguments,
                                   f"{engine} {query!r}", query_limit=(per_query, outcome.images), **options)
-        outcome.new_images = downloader.counted
-        outcome.images += downloader.counted
         rows.extend(_in_rank_order(_latest_per_origin(earlier + downloader.records_in_rank_order())))
         if outcome.urls_seen == 0:
             logger.warning(
@@ -393,8 +385,6 @@ def _greedy_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
     downloader = _run_crawler(GreedyImageCrawler, crawl, outcome, source.get("threads", DEFAULT_THREADS),
                               {"domains": site, "max_num": 0}, f"greedy {site}", query_limit=(per_site, outcome.images),
                               idle_exit_s=2 * crawl.limits.timeout_s, parser_cls=SiteParser)
-    outcome.new_images = downloader.counted
-    outcome.images += downloader.counted
     if outcome.urls_seen == 0:
         logger.warning("greedy %s: no image URL found on the site's pages", site)
     return _in_rank_order(_latest_per_origin(earlier + downloader.records_in_rank_order()))
@@ -443,6 +433,8 @@ def _run_crawler(crawler_cls, crawl: _ClassCrawl, outcome: QueryOutcome, threads
     crawler.crawl(**arguments)
     downloader: StoreDownloader = crawler.downloader
     outcome.urls_seen = downloader.seen
+    outcome.new_images = downloader.counted
+    outcome.images += downloader.counted
     return downloader
 
 
@@ -563,7 +555,7 @@ class StoreDownloader(ImageDownloader):
                     body, reason, size = self._read_capped(response, limits)
                     if body is not None:
                         return self.crawl.store.add_body(body, provenance)
-                    if "crawl.max_bytes" in reason:
+                    if reason.startswith(TOO_LARGE):
                         # the same body again would be as large; its size makes the answer final
                         return self.crawl.store.add_failure({**provenance, "bytes": size}, reason)
             except (requests.RequestException, urllib3.exceptions.HTTPError) as error:  # read1 raises urllib3's own
@@ -573,7 +565,7 @@ class StoreDownloader(ImageDownloader):
     @staticmethod
     def _read_capped(response, limits: CrawlLimits) -> tuple[bytes | None, str, int]:
         """(body, "", size), or (None, why, bytes seen) for a body too large or too slow."""
-        too_large = f"larger than crawl.max_bytes ({limits.max_bytes} bytes)"
+        too_large = f"{TOO_LARGE} ({limits.max_bytes} bytes)"
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limits.max_bytes:
             return None, too_large, int(declared)
@@ -627,7 +619,7 @@ def _materialise(rows: list[dict], class_name: str, out_dir: Path, store: ClassS
     table = []
     linked: set[Path] = set()
     for row in rows:
-        status, reason = effective_status(row, limits) if row["status"] != "skipped" else ("skipped", row["reason"])
+        status, reason = effective_status(row, limits)
         file = ""
         if row.get("stored") and status != "skipped":
             target = out_dir / row["stored"] if status == "ok" else out_dir / "rejected" / row["stored"]
@@ -705,9 +697,7 @@ def _describe(class_name: str, kind: str, source: dict) -> str:
 
 
 def _count_statuses(rows: list[dict], limits: CrawlLimits, index: int | None = None) -> str:
-    counts = Counter(
-        row["status"] if row["status"] == "skipped" else effective_status(row, limits)[0]
-        for row in rows if index is None or row.get("source_index") == index
-    )
+    counts = Counter(effective_status(row, limits)[0] for row in rows
+                     if index is None or row.get("source_index") == index)
     return ", ".join(f"{counts[status]} {status}" for status in ("ok", "rejected", "corrupt", "failed", "skipped")
                      if counts[status] or status in ("ok", "failed"))

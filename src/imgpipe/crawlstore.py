@@ -46,6 +46,8 @@ RECORD_FIELDS = (
     "origin", "source", "engine", "query", "rank", "fetched_at", "http_status", "bytes", "content_type",
     "sha256", "stored", "status", "reason", "width", "height", "format", "phash",
 )
+# The reason of a body refused for crawl.max_bytes starts so (the crawl writes it, the store reads it).
+TOO_LARGE = "larger than crawl.max_bytes"
 _SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
 _STORED_NAME = re.compile(r"(\d{6,})(\.[a-z0-9]{1,5})?")
 
@@ -212,7 +214,7 @@ class ClassStore:
         if record["status"] != "failed":
             return True
         status = record.get("http_status")
-        if record["reason"].startswith("larger than crawl.max_bytes"):
+        if record["reason"].startswith(TOO_LARGE):
             return (record.get("bytes") or 0) > self.max_bytes  # tried again once the limit is raised
         return isinstance(status, int) and 400 <= status < 500
 
