@@ -156,12 +156,12 @@ class ClassStore:
         self.records = self._read_journal()
         self.latest: dict[str, dict] = {}
         self.stored_by_sha: dict[str, str] = {}
-        self._first_record_of: dict[str, dict] = {}  # stored name -> the record that stored it
+        # stored name -> the record that stored it: every file the journal refers to
+        self._first_record_of: dict[str, dict] = {}
         for record in self.records:
             self._index(record)
         self._remove_leftovers()
-        referenced = {record["stored"] for record in self.records if record.get("stored")}
-        self._next_seq = 1 + max((_seq_of(name) for name in referenced), default=-1)
+        self._next_seq = 1 + max((_seq_of(name) for name in self._first_record_of), default=-1)
         self._journal = self.journal_path.open("a", encoding="utf-8")
 
     # -- reading what is there
@@ -189,14 +189,13 @@ class ClassStore:
 
     def _index(self, record: dict) -> None:
         self.latest[record["origin"]] = record
-        if record.get("stored") and record.get("sha256"):
+        if record.get("stored"):
             self.stored_by_sha.setdefault(record["sha256"], record["stored"])
             self._first_record_of.setdefault(record["stored"], record)
 
     def _remove_leftovers(self) -> None:
-        referenced = {record["stored"] for record in self.records if record.get("stored")}
         for path in self.files.iterdir():
-            if path.name not in referenced:
+            if path.name not in self._first_record_of:
                 logger.info("%s: removing %s, left by an interrupted crawl", self.root, path.name)
                 path.unlink()
 
