@@ -310,7 +310,8 @@ def dedupe_images(
 
     Columns (one table a person can audit): file, class, origin (URL or path), source,
     query, sha256, phash (16 hex digits, "" if not decoded), status ("kept" | "dropped"),
-    reason ("" when kept), detail (the crawl's reason, or the exclusion comment), duplicate_of ("" when none), distance
+    reason ("" when kept), detail (the crawl's reason, or the exclusion entry that matched),
+    duplicate_of ("" when none), distance
     (Hamming distance to duplicate_of, 0 for exact copies, <NA> when none), group (for
     kept rows, the first file of its near-duplicate group, its own file when alone;
     "" when dropped).
