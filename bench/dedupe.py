@@ -8,7 +8,8 @@ a) A generated corpus of JPEG photos (default 3,000) in groups: a distinct base 
    true duplicate pair; pairs across groups are not. For each tool, at distance 10:
    images/s hashed on 1 and 2 workers, search seconds, precision and recall of the found
    pairs, and recall by kind of copy (base against copy).
-   - imgpipe: hashing.hash_images (threads) + hamming.hamming_pairs;
+   - imgpipe: hashing.hash_images (threads; two hashes per image, whole and center) +
+     hamming.owner_pairs (images as near as their nearest hashes);
    - imagededup: PHash with its defaults (encode_images with num_enc_workers processes,
      find_duplicates with max_distance_threshold=10);
    - imagehash: a plain loop of imagehash.phash(Image.open(path)) (a process pool for 2
@@ -17,6 +18,9 @@ b) Hamming search alone: 100,000 and 1,000,000 uniformly random 64-bit hashes wi
    planted pairs at distances 0..10: seconds, peak memory (a fresh process per size),
    recall of the planted pairs, and that every pair found is within the distance; at
    100,000 also that the result equals brute force.
+c) The search dedupe runs for 1,000,000 images: two random hashes each (whole and center),
+   image pairs by the nearest of their hashes, at distance 10 and at imgpipe's default:
+   seconds and peak memory.
 
 Base photos are made offline: a crop of one of the photos that ship with scikit-learn and
 matplotlib, recoloured, blended with a random low-frequency pattern (colour field,
@@ -48,8 +52,9 @@ import numpy as np
 from PIL import Image, ImageEnhance
 from sklearn.datasets import load_sample_images
 
-from imgpipe.hamming import choose_hamming_method, hamming_pairs, hamming_pairs_brute_force
-from imgpipe.hashing import hash_images
+from imgpipe.config import load_schema
+from imgpipe.hamming import choose_hamming_method, hamming_pairs, hamming_pairs_brute_force, owner_pairs
+from imgpipe.hashing import hash_distance, hash_images
 
 DISTANCE = 10
 COPY_KINDS = ["exact", "reencode", "resize", "brightness", "crop_5pct", "exif_rotation"]
@@ -207,15 +212,17 @@ def all_pairs_numpy(hashes: np.ndarray, max_distance: int):
     return out
 
 
-def run_imgpipe(files, workers):
+def run_imgpipe(files, workers, distance=DISTANCE):
     started = time.perf_counter()
     hashes = hash_images(files, workers)
     hash_s = time.perf_counter() - started
-    array = np.array([h if h is not None else 0 for h in hashes], dtype=np.uint64)
     started = time.perf_counter()
-    pairs = hamming_pairs(array, DISTANCE)
+    flat = np.array([h for pair in hashes for h in pair], dtype=np.uint64)  # (every file decodes)
+    owners = np.repeat(np.arange(len(hashes)), [len(pair) for pair in hashes])
+    pairs = owner_pairs(flat, owners, distance)
     search_s = time.perf_counter() - started
-    return hash_s, search_s, pairs_of_sets(pairs[:, :2].tolist()), array
+    whole = np.array([pair.whole for pair in hashes], dtype=np.uint64)
+    return hash_s, search_s, pairs_of_sets(pairs[:, :2].tolist()), whole
 
 
 def _imagehash_int(path):
@@ -273,22 +280,39 @@ def quality(found, truth, rows):
     }
 
 
-def crop_sweep(folder, rows, fractions=(0.01, 0.025, 0.05, 0.075, 0.1), n_bases=300):
-    """How pHash (imgpipe's) tolerates crops: share of bases within DISTANCE of a crop of
-    themselves that loses `fraction` of the width and height on each side."""
+CROP_SWEEP = {  # name -> (left, top, right, bottom) share of the width/height cut away
+    **{f"{f:g}_each_side": (f, f, f, f) for f in (0.01, 0.025, 0.05, 0.075, 0.1)},
+    "0.05_left_and_top": (0.05, 0.05, 0, 0),
+    "0.1_left": (0.1, 0, 0, 0),
+}
+
+
+def crop_sweep(folder, rows, n_bases=300):
+    """How imgpipe's hashes tolerate crops: share of bases within DISTANCE of a crop of
+    themselves, by the whole-picture hash alone and by imgpipe's (nearest of whole and
+    center). Symmetric crops and, beyond what the center hash is for, one-sided ones."""
     bases = [folder / name for name, _, kind in rows if kind == "base"][:n_bases]
     paths = []
     for k, base in enumerate(bases):
         with Image.open(base) as image:
-            for fraction in fractions:
-                dx, dy = round(image.width * fraction), round(image.height * fraction)
-                paths.append(folder / f"sweep_{k}_{fraction}.jpg")
-                image.crop((dx, dy, image.width - dx, image.height - dy)).save(paths[-1], quality=85)
-    base_hashes = np.repeat(np.array(hash_images(bases, 2), dtype=np.uint64), len(fractions))
-    crop_hashes = np.array(hash_images(paths, 2), dtype=np.uint64)
-    within = (np.bitwise_count(base_hashes ^ crop_hashes) <= DISTANCE).reshape(len(bases), len(fractions))
-    shares = within.mean(axis=0)
-    return {f"{fraction:g}": round(float(share), 3) for fraction, share in zip(fractions, shares)}
+            for name, (left, top, right, bottom) in CROP_SWEEP.items():
+                box = (round(image.width * left), round(image.height * top),
+                       image.width - round(image.width * right), image.height - round(image.height * bottom))
+                paths.append(folder / f"sweep_{k}_{name}.jpg")
+                image.crop(box).save(paths[-1], quality=85)
+    base_hashes = hash_images(bases, 2)
+    crop_hashes = hash_images(paths, 2)
+    whole, nearest = {}, {}
+    for c, name in enumerate(CROP_SWEEP):
+        pairs = [(base_hashes[b], crop_hashes[b * len(CROP_SWEEP) + c]) for b in range(len(bases))]
+        whole[name] = round(float(np.mean([(a.whole ^ b.whole).bit_count() <= DISTANCE for a, b in pairs])), 3)
+        nearest[name] = round(float(np.mean([hash_distance(a, b) <= DISTANCE for a, b in pairs])), 3)
+    return {"whole_hash_only": whole, "imgpipe": nearest}
+
+
+def imgpipe_default_near_distance() -> int:
+    schema = load_schema(Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml")
+    return schema["properties"]["dedupe"]["properties"]["near_distance"]["default"]
 
 
 def available(module):
@@ -337,14 +361,18 @@ def corpus_figures(n_images, seed, workers_list):
             row |= quality(found, truth, rows)
             figures[tool] = row
             print(f"{tool}: {row}", file=sys.stderr, flush=True)
-        # Distinct bases that still hash close (by imgpipe's hash): false pairs no tool can avoid.
+        # imgpipe again at its default dedupe.near_distance (the others' default is 10)
+        default = imgpipe_default_near_distance()
+        found = run_imgpipe(files, max(workers_list), default)[2]
+        figures["imgpipe"]["at_default_near_distance"] = {"near_distance": default, **quality(found, truth, rows)}
+        # Distinct bases that still hash close (by imgpipe's hashes): false pairs no tool can avoid.
         base_idx = [i for i, r in enumerate(rows) if r[2] == "base"]
-        base_hashes = np.array(hash_images([files[i] for i in base_idx], 2), dtype=np.uint64)
-        close = hamming_pairs(base_hashes, DISTANCE)
-        dist = np.bitwise_count(base_hashes[:, None] ^ base_hashes[None, :])
-        figures["corpus"]["distinct_base_pairs_within_10"] = len(close)
-        figures["corpus"]["min_distance_between_bases"] = int(dist[np.triu_indices(len(base_idx), 1)].min())
-        figures["imgpipe_recall_base_vs_crop_by_fraction_per_side"] = crop_sweep(folder, rows)
+        base_hashes = hash_images([files[i] for i in base_idx], 2)
+        flat = np.array([h for pair in base_hashes for h in pair], dtype=np.uint64)
+        owners = np.repeat(np.arange(len(base_idx)), 2)
+        figures["corpus"]["distinct_base_pairs_within_10"] = len(owner_pairs(flat, owners, DISTANCE))
+        figures["corpus"]["min_distance_between_bases"] = int(owner_pairs(flat, owners, 64)[:, 2].min())
+        figures["recall_base_vs_crop"] = crop_sweep(folder, rows)
         if "imagehash_phash_loop" in hashes:
             # Same pHash definition; imgpipe decodes JPEGs at reduced scale (and turns by EXIF).
             upright = [i for i, r in enumerate(rows) if r[2] != "exif_rotation"]
@@ -422,6 +450,32 @@ def search_once(n, seed, brute_force, queue):
     queue.put(row)
 
 
+def image_search_once(n_images, seed, distance, queue):
+    """What dedupe searches for n_images: two hashes each (whole, center), paired by owner."""
+    hashes, _ = planted_hashes(2 * n_images, seed)
+    owners = np.arange(2 * n_images) // 2
+    Path("/proc/self/clear_refs").write_text("5")
+    started = time.perf_counter()
+    pairs = owner_pairs(hashes, owners, distance)
+    queue.put({"images": n_images, "hashes": 2 * n_images, "max_distance": distance,
+               "seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(memory_mb("VmHWM"), 1),
+               "image_pairs": len(pairs)})
+
+
+def image_search_figures(sizes, seed):
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for n in sizes:
+        for distance in sorted({DISTANCE, imgpipe_default_near_distance()}):
+            queue = context.Queue()
+            process = context.Process(target=image_search_once, args=(n, seed, distance, queue))
+            process.start()
+            rows.append(queue.get())
+            process.join()
+            print(f"image search: {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
 def search_figures(sizes, seed, brute_force_up_to):
     rows = []
     context = multiprocessing.get_context("spawn")  # a fresh process: peak memory of this size alone
@@ -443,6 +497,10 @@ def main() -> None:
     parser.add_argument(
         "--hashes", type=int, nargs="*", default=[100_000, 1_000_000], help="search sizes (b; none: skip)"
     )
+    parser.add_argument(
+        "--image-search", type=int, nargs="*", default=[1_000_000],
+        help="images whose two hashes each are searched as dedupe does (c; none: skip)",
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
         "--brute-force-up-to", type=int, default=100_000, help="brute-force check up to this size"
@@ -454,6 +512,8 @@ def main() -> None:
         figures |= corpus_figures(args.images, args.seed, args.workers)
     if args.hashes:
         figures["hamming_search"] = search_figures(args.hashes, args.seed, args.brute_force_up_to)
+    if args.image_search:
+        figures["image_search"] = image_search_figures(args.image_search, args.seed)
     print(json.dumps(figures, indent=1))
 
 

@@ -50,7 +50,7 @@ def hashing_figures():
         figures["images_per_s_without_draft_1_thread"] = round(N_JPEGS / seconds, 1)
         drafted, seconds = timed(hash_images, paths, 1)
         figures["images_per_s_with_draft_1_thread"] = round(N_JPEGS / seconds, 1)
-        moved = [(a ^ b).bit_count() for a, b in zip(full, drafted)]
+        moved = [(a.whole ^ b.whole).bit_count() for a, b in zip(full, drafted)]
         figures["draft_vs_full_decode_distance"] = {
             "mean": round(float(np.mean(moved)), 2),
             "max": int(np.max(moved)),

@@ -136,6 +136,24 @@ def test_same_bytes_are_stored_once(tmp_path):
     assert summary["images"] == 1
 
 
+def test_a_cropped_copy_does_not_count_towards_the_target(tmp_path):
+    """What dedupe would drop (here a copy with 5% cut from each side, 8-10 bits from the
+    original by the whole-picture hash alone) is not a new image."""
+    from sklearn.datasets import load_sample_images
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    china, flower = (Image.fromarray(array) for array in load_sample_images().images)
+    china.save(folder / "a_china.jpg", quality=90)
+    dx, dy = round(china.width * 0.05), round(china.height * 0.05)
+    china.crop((dx, dy, china.width - dx, china.height - dy)).save(folder / "b_china_cropped.jpg", quality=85)
+    flower.save(folder / "c_flower.jpg", quality=90)
+    manifest, summary = crawl("tank", [{"folder": str(folder)}], tmp_path, target=3, near_distance=6)
+
+    assert (manifest.status == "ok").all() and manifest.phash_center.str.len().eq(16).all()
+    assert summary["outcome"] == "exhausted at 2 of target 3"
+
+
 def test_limits_reject_with_their_reason(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

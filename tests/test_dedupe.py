@@ -11,12 +11,28 @@ from sklearn.datasets import load_sample_images
 
 from imgpipe.config import read_exclude_list
 from imgpipe.dedupe import decide_fates, dedupe_images, summarize_fates
-from imgpipe.hamming import choose_hamming_method, hamming_pairs, hamming_pairs_brute_force, hamming_pairs_multi_index
-from imgpipe.hashing import format_hash, perceptual_hash
+from imgpipe.hamming import (
+    choose_hamming_method,
+    hamming_pairs,
+    hamming_pairs_brute_force,
+    hamming_pairs_multi_index,
+    owner_pairs,
+)
+from imgpipe.hashing import format_hash, hash_distance, perceptual_hashes
 
 
 def distance(a: int, b: int) -> int:
     return (a ^ b).bit_count()
+
+
+def whole_hash(path) -> int:
+    return perceptual_hashes(path).whole
+
+
+def cropped(image: Image.Image, fraction: float) -> Image.Image:
+    """`image` with `fraction` of its width and height cut from each side."""
+    dx, dy = round(image.width * fraction), round(image.height * fraction)
+    return image.crop((dx, dy, image.width - dx, image.height - dy))
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +80,11 @@ def test_phash_survives_reencoding_and_resizing_but_tells_photos_apart(tmp_path,
     china.save(tmp_path / "china_q30.jpg", quality=30)
     china.resize((160, 107), Image.Resampling.BILINEAR).save(tmp_path / "china_small.jpg", quality=75)
     flower.save(tmp_path / "flower.jpg", quality=90)
-    original = perceptual_hash(tmp_path / "china.png")
+    original = whole_hash(tmp_path / "china.png")
 
-    assert distance(original, perceptual_hash(tmp_path / "china_q30.jpg")) <= 4
-    assert distance(original, perceptual_hash(tmp_path / "china_small.jpg")) <= 4
-    assert distance(original, perceptual_hash(tmp_path / "flower.jpg")) >= 20
+    assert distance(original, whole_hash(tmp_path / "china_q30.jpg")) <= 4
+    assert distance(original, whole_hash(tmp_path / "china_small.jpg")) <= 4
+    assert distance(original, whole_hash(tmp_path / "flower.jpg")) >= 20
 
 
 def test_phash_applies_exif_orientation(tmp_path, photos):
@@ -80,10 +96,10 @@ def test_phash_applies_exif_orientation(tmp_path, photos):
     exif[0x0112] = 6
     stored.save(tmp_path / "tagged.jpg", quality=90, exif=exif)
     stored.save(tmp_path / "rotated.jpg", quality=90)
-    upright = perceptual_hash(tmp_path / "upright.jpg")
+    upright = whole_hash(tmp_path / "upright.jpg")
 
-    assert distance(upright, perceptual_hash(tmp_path / "tagged.jpg")) <= 2
-    assert distance(upright, perceptual_hash(tmp_path / "rotated.jpg")) >= 16
+    assert distance(upright, whole_hash(tmp_path / "tagged.jpg")) <= 2
+    assert distance(upright, whole_hash(tmp_path / "rotated.jpg")) >= 16
 
 
 def test_phash_reads_16_bit_and_palette_images_without_clipping(tmp_path, photos):
@@ -91,21 +107,55 @@ def test_phash_reads_16_bit_and_palette_images_without_clipping(tmp_path, photos
     gray.save(tmp_path / "gray.png")
     Image.fromarray(np.asarray(gray).astype(np.uint16) * 257).save(tmp_path / "gray16.png")
     photos[0].convert("P").save(tmp_path / "palette.png")
-    reference = perceptual_hash(tmp_path / "gray.png")
+    reference = whole_hash(tmp_path / "gray.png")
 
-    assert distance(reference, perceptual_hash(tmp_path / "gray16.png")) <= 2
-    assert distance(reference, perceptual_hash(tmp_path / "palette.png")) <= 4
+    assert distance(reference, whole_hash(tmp_path / "gray16.png")) <= 2
+    assert distance(reference, whole_hash(tmp_path / "palette.png")) <= 4
 
 
 def test_phash_of_flat_image_is_only_the_dc_bit(tmp_path):
     Image.new("RGB", (50, 30), (120, 130, 140)).save(tmp_path / "flat.png")
 
-    assert perceptual_hash(tmp_path / "flat.png") == 1 << 63
+    assert perceptual_hashes(tmp_path / "flat.png") == (1 << 63, 1 << 63)
     assert format_hash(1 << 63) == "8000000000000000"
     assert format_hash(5) == "0000000000000005"
 
 
+def test_center_hash_brings_a_cropped_copy_within_reach(tmp_path, photos):
+    """pHash of the whole picture moves ~10 bits for a 5%-per-side crop (the default
+    near_distance); the crop is the original's center, which the center hash covers."""
+    for k, photo in enumerate(photos):
+        photo.save(tmp_path / f"photo{k}.jpg", quality=90)
+        cropped(photo, 0.05).save(tmp_path / f"crop{k}.jpg", quality=85)
+        original, crop = perceptual_hashes(tmp_path / f"photo{k}.jpg"), perceptual_hashes(tmp_path / f"crop{k}.jpg")
+
+        assert distance(original.whole, crop.whole) >= 8
+        assert distance(original.center, crop.whole) <= 4
+        assert hash_distance(original, crop) == min(distance(a, b) for a in original for b in crop) <= 4
+    other = perceptual_hashes(tmp_path / "photo1.jpg")
+    assert hash_distance(perceptual_hashes(tmp_path / "photo0.jpg"), other) >= 20
+
+
 # ------------------------------------------------------------------ Hamming search
+
+
+def test_owner_pairs_pair_owners_by_their_nearest_hashes():
+    rng = np.random.default_rng(3)
+    owners = np.sort(rng.integers(0, 150, 400))
+    hashes = rng.integers(0, 2**64, size=400, dtype=np.uint64)
+    hashes[::7] = hashes[::7] & ~np.uint64(0xFFFF)  # crowded low bits: many pairs
+    by_owner: dict[int, list[int]] = {}
+    for owner, value in zip(owners.tolist(), hashes.tolist()):
+        by_owner.setdefault(owner, []).append(value)
+    expected = sorted(
+        [a, b, hash_distance(by_owner[a], by_owner[b])]
+        for a, b in itertools.combinations(sorted(by_owner), 2)
+        if hash_distance(by_owner[a], by_owner[b]) <= 20
+    )
+
+    assert expected and owner_pairs(hashes, owners, 20).tolist() == expected
+    with pytest.raises(ValueError, match="3 owners for 2 hashes"):
+        owner_pairs([1, 2], [0, 0, 1], 3)
 
 
 def all_pairs(hashes):
@@ -294,6 +344,20 @@ def test_near_drop_is_greedy_in_manifest_order():
     assert fates["group"].tolist() == ["a", "", "c", ""]
 
 
+def test_images_with_several_hashes_are_as_near_as_their_nearest_hashes():
+    # (whole, center): b's whole picture is near a's center (b is a crop of a); c and d (two
+    # classes) are near by their centers only.
+    raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "cat", "s3"), ("d", "dog", "s4"))
+    phashes = {"s1": (0xFF << 8, 0xF), "s2": (0b0111, 0xFF << 40), "s3": (0xFF << 20, 0xFF << 30),
+               "s4": (0xFF << 50, 0xFF << 31)}
+    fates = decide_fates(raw, phashes, near_distance=2)
+
+    assert fates["reason"].tolist() == ["", "near_duplicate", "cross_class_near", "cross_class_near"]
+    assert fates["duplicate_of"].tolist() == ["", "a", "d", "c"]
+    assert fates["distance"].tolist() == [pd.NA, 1, 2, 2]
+    assert fates[["phash", "phash_center"]].iloc[1].tolist() == ["0000000000000007", "0000ff0000000000"]
+
+
 def test_near_drop_leaves_kept_images_pairwise_apart():
     hashes = planted_hashes(seed=5, n_random=60, n_planted=120)
     rows = [(f"f{i}", "cls", f"s{i}") for i in range(len(hashes))]
@@ -397,7 +461,33 @@ def test_dedupe_images_on_files(crawl, caplog):
     ]
     assert fates["duplicate_of"][3] == crawl["file"][4] and fates["duplicate_of"][4] == crawl["file"][3]
     assert fates["phash"].str.len().tolist() == [16] * 6 + [0]
+    assert fates["phash_center"].str.len().tolist() == [16] * 6 + [0]
     assert "cannot decode" in caplog.text and "hashed 6/6 images" in caplog.text
+
+
+def test_a_cropped_copy_is_a_near_duplicate(tmp_path, photos):
+    for k, photo in enumerate(photos):
+        photo.save(tmp_path / f"photo{k}.jpg", quality=90)
+        cropped(photo, 0.05).save(tmp_path / f"crop{k}.jpg", quality=85)
+    raw = manifest(
+        *[(str(tmp_path / f"{name}{k}.jpg"), "cat", f"{name}{k}") for k in (0, 1) for name in ("crop", "photo")]
+    )
+    fates = dedupe_images(raw, near_distance=6)  # whole pictures 8-10 bits apart, centers <= 4
+
+    assert fates["reason"].tolist() == ["", "near_duplicate", "", "near_duplicate"]
+    assert fates["duplicate_of"].tolist() == ["", raw["file"][0], "", raw["file"][2]]
+
+
+def test_crawl_hashes_are_reused_and_rows_without_a_center_hash_hashed_again(crawl, caplog):
+    hashed = dedupe_images(crawl, near_distance=10)
+    crawl = crawl.assign(phash=hashed["phash"], phash_center=hashed["phash_center"])
+    crawl.loc[3, "phash_center"] = ""  # a row from a store written before center hashes existed
+    with caplog.at_level(logging.INFO, logger="imgpipe"):
+        again = dedupe_images(crawl, near_distance=10)
+
+    pd.testing.assert_frame_equal(again, hashed)
+    # the row without a center hash, and the undecodable file (no hash at all)
+    assert "4 hashed by the crawl, 2 to hash" in caplog.text and "hashed 2/2 images" in caplog.text
 
 
 def test_dedupe_images_is_deterministic(crawl):

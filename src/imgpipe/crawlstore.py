@@ -33,7 +33,7 @@ import numpy as np
 
 from imgpipe.files import error_text
 from imgpipe.fingerprints import file_sha256
-from imgpipe.hashing import format_hash, perceptual_hash
+from imgpipe.hashing import format_hash, perceptual_hashes
 from imgpipe.images import IMAGE_EXTENSIONS, inspect_image
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ FILES = "files"
 # none (failed); limits turn ok into rejected only when a manifest is made.
 RECORD_FIELDS = (
     "origin", "source", "engine", "query", "rank", "fetched_at", "http_status", "bytes", "content_type",
-    "sha256", "stored", "status", "reason", "width", "height", "format", "phash",
+    "sha256", "stored", "status", "reason", "width", "height", "format", "phash", "phash_center",
 )
 # The reason of a body refused for crawl.max_bytes starts so (the crawl writes it, the store reads it).
 TOO_LARGE = "larger than crawl.max_bytes"
@@ -102,8 +102,9 @@ def effective_status(record: dict, limits: CrawlLimits) -> tuple[str, str]:
 class TargetCounter:
     """Counts new, valid, non-duplicate images of a class towards its target.
 
-    Duplicate means the same bytes, or (with ``near_distance``) a perceptual hash within
-    that many bits of an image already counted: what the dedupe stage would drop.
+    Duplicate means the same bytes, or (with ``near_distance``) perceptual hashes within
+    that many bits of an image already counted (the nearest of their whole and center
+    hashes): what the dedupe stage would drop.
     """
 
     target: int | None
@@ -127,15 +128,16 @@ class TargetCounter:
         with self._lock:
             if self.reached or record["sha256"] in self._shas:
                 return False
-            if self.near_distance and record.get("phash"):
-                value = np.uint64(int(record["phash"], 16))
+            # (a store written before center hashes existed has only the whole one)
+            values = [np.uint64(int(record[key], 16)) for key in ("phash", "phash_center") if record.get(key)]
+            if self.near_distance and values:
                 known = self._hashes[:self._n_hashes]
-                if len(known) and int(np.bitwise_count(known ^ value).min()) <= self.near_distance:
+                if len(known) and min(int(np.bitwise_count(known ^ v).min()) for v in values) <= self.near_distance:
                     return False
-                if self._n_hashes == len(self._hashes):
+                while self._n_hashes + len(values) > len(self._hashes):
                     self._hashes = np.concatenate([self._hashes, np.zeros_like(self._hashes)])
-                self._hashes[self._n_hashes] = value
-                self._n_hashes += 1
+                self._hashes[self._n_hashes:self._n_hashes + len(values)] = values
+                self._n_hashes += len(values)
             self._shas.add(record["sha256"])
             self.count += 1
             return True
@@ -258,7 +260,8 @@ class ClassStore:
             busy.wait()
         if existing is not None:
             first = self._first_record_of[existing]
-            found = {key: first.get(key) for key in ("status", "reason", "width", "height", "format", "phash")}
+            found = {key: first.get(key)
+                     for key in ("status", "reason", "width", "height", "format", "phash", "phash_center")}
             return self._append({**provenance, "bytes": size, "sha256": sha, "stored": existing, **found})
 
         try:
@@ -276,17 +279,18 @@ class ClassStore:
         check = inspect_image(part)  # crawl.max_pixels is applied by CrawlLimits.rejection, not here
         suffix = IMAGE_EXTENSIONS.get(check.format or "") if check.ok else None
         name = f"{seq:06d}{suffix or _kept_suffix(provenance['origin'])}"
-        phash = ""
+        hashes = ("", "")
         if check.ok:
             try:
-                phash = format_hash(perceptual_hash(part))
+                hashes = tuple(map(format_hash, perceptual_hashes(part)))
             except Exception as error:  # noqa: BLE001 - decodable but not hashable (odd EXIF): still an image
                 logger.warning("%s: no perceptual hash (%s)", provenance["origin"], error_text(error))
         os.replace(part, self.files / name)
         record = {
             **provenance, "bytes": size, "sha256": sha, "stored": name,
             "status": "ok" if check.ok else "corrupt", "reason": check.reason,
-            "width": check.width, "height": check.height, "format": check.format or "", "phash": phash,
+            "width": check.width, "height": check.height, "format": check.format or "",
+            "phash": hashes[0], "phash_center": hashes[1],
         }
         return self._append(record)
 
@@ -297,7 +301,8 @@ class ClassStore:
     def _append(self, record: dict) -> dict:
         record = {key: record.get(key) for key in RECORD_FIELDS}
         record["fetched_at"] = record["fetched_at"] or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for key in ("query", "engine", "content_type", "sha256", "stored", "reason", "format", "phash"):
+        for key in ("query", "engine", "content_type", "sha256", "stored", "reason", "format", "phash",
+                    "phash_center"):
             record[key] = record[key] or ""
         line = json.dumps(record, sort_keys=True) + "\n"
         with self._lock:

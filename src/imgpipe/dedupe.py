@@ -15,8 +15,9 @@ Rules, applied in this order:
    one ``group``, so that the split stage keeps each group inside one split.
 
 Near-duplicate search runs on 64-bit perceptual hashes (pHash) compared by Hamming
-distance; all pairs within a distance are found by multi-index hashing, which returns
-exactly what a brute-force comparison would, much faster.
+distance, two per image (whole and center, see imgpipe.hashing; two images are as near
+as their nearest hashes); all pairs within a distance are found by multi-index hashing,
+which returns exactly what a brute-force comparison would, much faster.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from imgpipe.hamming import hamming_pairs
-from imgpipe.hashing import format_hash, hash_images
+from imgpipe.hamming import owner_pairs
+from imgpipe.hashing import ImageHashes, format_hash, hash_images
 from imgpipe.manifests import CRAWL_STATUSES, FATE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def _cross_class_exact(units: pd.DataFrame) -> dict[int, int]:
     return partner
 
 
-def _unit_pairs(units: pd.DataFrame, hashes: np.ndarray, near_distance: int) -> pd.DataFrame:
+def _unit_pairs(units: pd.DataFrame, hashes: Sequence[tuple[int, ...]], near_distance: int) -> pd.DataFrame:
     """Pairs of units (pos_u, pos_v, dist, same_class) within near_distance, both directions.
 
     Hashes are compared once per distinct content (sha256), then mapped back to units
@@ -123,7 +124,10 @@ def _unit_pairs(units: pd.DataFrame, hashes: np.ndarray, near_distance: int) -> 
     """
     reps = units.drop_duplicates("sha")
     rep_of = dict(zip(reps["sha"], range(len(reps))))
-    pairs = hamming_pairs(hashes[reps["pos"].to_numpy()], near_distance)
+    rep_hashes = [hashes[pos] for pos in reps["pos"]]
+    owners = np.repeat(np.arange(len(reps)), [len(h) for h in rep_hashes])
+    flat = np.fromiter((h for group in rep_hashes for h in group), dtype=np.uint64, count=len(owners))
+    pairs = owner_pairs(flat, owners, near_distance)
     forward = pd.DataFrame(pairs, columns=["a", "b", "dist"])
     both = pd.concat([forward, forward.rename(columns={"a": "b", "b": "a"})], ignore_index=True)
     side = pd.DataFrame({"rep": units["sha"].map(rep_of), "pos": units["pos"], "cls": units["cls"]})
@@ -173,14 +177,15 @@ def _components(pairs: pd.DataFrame) -> dict[int, int]:
 
 def decide_fates(
     raw: pd.DataFrame,
-    phashes: Mapping[str, int | None],
+    phashes: Mapping[str, int | Sequence[int] | None],
     near_distance: int,
     near_action: str = "drop",
     exclude: Iterable[str] = frozenset(),
 ) -> pd.DataFrame:
     """The fates table for a crawl manifest, given the perceptual hash of each content.
 
-    `phashes` maps sha256 to pHash (None: could not be decoded, so the rows are corrupt);
+    `phashes` maps sha256 to its pHash or pHashes (whole and center, as
+    imgpipe.hashing.ImageHashes; None: could not be decoded, so the rows are corrupt);
     every row with status ok needs its sha256 in it. See `dedupe_images` for the rules
     and the columns. Rows keep the manifest's order, and the manifest order decides
     which copy is kept, so the same input always gives the same table.
@@ -198,11 +203,12 @@ def decide_fates(
     unhashed = [f for f, s, o in zip(files, sha, ok) if o and s not in phashes]
     if unhashed:
         raise ValueError(f"no perceptual hash given for {len(unhashed)} file(s), e.g. {unhashed[:3]}")
-    hashes = np.zeros(n, dtype=np.uint64)
-    has_hash = np.zeros(n, dtype=bool)
+    hashes: list[tuple[int, ...]] = [()] * n
     for row in np.nonzero(ok)[0]:
-        if phashes[sha[row]] is not None:
-            hashes[row], has_hash[row] = phashes[sha[row]], True
+        value = phashes[sha[row]]
+        if value is not None:
+            hashes[row] = (int(value),) if isinstance(value, (int, np.integer)) else tuple(map(int, value))
+    has_hash = np.array([bool(h) for h in hashes], dtype=bool)
 
     reason = np.where(ok, "", raw["status"].to_numpy(object)).astype(object)
     detail = np.where(ok, "", _column(raw, "reason")).astype(object)
@@ -265,7 +271,8 @@ def decide_fates(
             "source": _column(raw, "source"),
             "query": _column(raw, "query"),
             "sha256": raw["sha256"].fillna("").astype(str).to_numpy(),
-            "phash": [format_hash(int(h)) if has else "" for h, has in zip(hashes, has_hash)],
+            "phash": [format_hash(h[0]) if h else "" for h in hashes],
+            "phash_center": [format_hash(h[1]) if len(h) > 1 else "" for h in hashes],
             "status": np.where(kept, "kept", "dropped"),
             "reason": reason.astype(str),
             "detail": detail.astype(str),
@@ -306,24 +313,31 @@ def dedupe_images(
        (manifest order) is dropped, "near_duplicate", duplicate_of the nearest such;
        with "group", all are kept and linked images share a group.
 
-    A ``phash`` column (the crawl's hashes) is reused; only rows without one are hashed.
+    The ``phash`` and ``phash_center`` columns (the crawl's hashes) are reused; only rows
+    without both are hashed.
 
     Columns (one table a person can audit): file, class, origin (URL or path), source,
-    query, sha256, phash (16 hex digits, "" if not decoded), status ("kept" | "dropped"),
+    query, sha256, phash and phash_center (16 hex digits each, "" if not decoded), status
+    ("kept" | "dropped"),
     reason ("" when kept), detail (the crawl's reason, or the exclusion entry that matched),
     duplicate_of ("" when none), distance
-    (Hamming distance to duplicate_of, 0 for exact copies, <NA> when none), group (for
+    (Hamming distance to duplicate_of, the nearest of their hashes, 0 for exact copies,
+    <NA> when none), group (for
     kept rows, the first file of its near-duplicate group, its own file when alone;
     "" when dropped).
     """
     _check_raw(raw)
     ok = (raw["status"] == "ok").to_numpy()
     contents = pd.DataFrame({"sha": _normalised_sha256(raw)[ok], "file": raw["file"].astype(str)[ok],
-                             "phash": _column(raw, "phash")[ok]})
+                             "whole": _column(raw, "phash")[ok], "center": _column(raw, "phash_center")[ok]})
     contents = contents.drop_duplicates("sha")
-    known = contents[contents["phash"] != ""]
-    phashes: dict[str, int | None] = {s: int(h, 16) for s, h in zip(known["sha"], known["phash"])}
-    unhashed = contents[contents["phash"] == ""]
+    # A store written before center hashes existed has only the whole one: hashed again.
+    hashed = (contents["whole"] != "") & (contents["center"] != "")
+    known = contents[hashed]
+    phashes: dict[str, ImageHashes | None] = {
+        s: ImageHashes(int(w, 16), int(c, 16)) for s, w, c in zip(known["sha"], known["whole"], known["center"])
+    }
+    unhashed = contents[~hashed]
     log.info("%d distinct images of %d ok rows: %d hashed by the crawl, %d to hash", len(contents), ok.sum(),
              len(known), len(unhashed))
     phashes |= dict(zip(unhashed["sha"], hash_images(unhashed["file"].tolist(), threads)))

@@ -448,3 +448,24 @@ def hamming_pairs(hashes: Sequence[int] | np.ndarray, max_distance: int) -> np.n
     if n_chunks is None:
         return hamming_pairs_brute_force(h, max_distance)
     return hamming_pairs_multi_index(h, max_distance, n_chunks)
+
+
+def owner_pairs(hashes: Sequence[int] | np.ndarray, owners: Sequence[int] | np.ndarray,
+                max_distance: int) -> np.ndarray:
+    """All pairs of owners with any hash of one within `max_distance` bits of any of the other.
+
+    An owner (an image) may have several hashes: ``owners[k]`` owns ``hashes[k]``. Rows
+    are (a, b, distance) with a < b, the distance the smallest between their hashes,
+    sorted by (a, b); an owner is never paired with itself.
+    """
+    owners = np.asarray(owners, dtype=np.int64).ravel()
+    if len(owners) != len(_as_hash_array(hashes)):
+        raise ValueError(f"{len(owners)} owners for {len(_as_hash_array(hashes))} hashes")
+    pairs = hamming_pairs(hashes, max_distance)
+    a, b = owners[pairs[:, 0]], owners[pairs[:, 1]]
+    pairs = np.stack([np.minimum(a, b), np.maximum(a, b), pairs[:, 2]], axis=1)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    pairs = pairs[np.lexsort((pairs[:, 2], pairs[:, 1], pairs[:, 0]))]  # by (a, b), nearest first
+    first = np.ones(len(pairs), dtype=bool)
+    first[1:] = (pairs[1:, 0] != pairs[:-1, 0]) | (pairs[1:, 1] != pairs[:-1, 1])
+    return pairs[first]

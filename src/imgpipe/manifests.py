@@ -36,7 +36,8 @@ RAW_COLUMNS = [
     "bytes",
     "content_type",  # as the server declared it
     "sha256",
-    "phash",  # 64-bit perceptual hash, 16 hex digits ("" when not decodable)
+    "phash",  # 64-bit perceptual hash of the whole image, 16 hex digits ("" when not decodable)
+    "phash_center",  # ... and of its center (imgpipe.hashing.CENTER_MARGIN cut from each side)
     "status",  # see CRAWL_STATUSES
     "reason",  # why it is not ok
     "width",
@@ -59,12 +60,12 @@ def read_raw_manifest(path: Path | str) -> pd.DataFrame:
 
 # dedupe/manifest.csv: the fate of every row of every class's crawl manifest, in their order.
 FATE_COLUMNS = [
-    "file", "class", "origin", "source", "query", "sha256", "phash",
+    "file", "class", "origin", "source", "query", "sha256", "phash", "phash_center",
     "status",  # kept | dropped
     "reason",  # why dropped (imgpipe.dedupe.REASONS), "" when kept
     "detail",  # the crawl's reason, or the exclusion entry that dropped it
     "duplicate_of",  # the file it duplicates ("" when none)
-    "distance",  # Hamming distance to duplicate_of (0: same bytes)
+    "distance",  # Hamming distance to duplicate_of, the nearest of their hashes (0: same bytes)
     "group",  # kept rows: the first file of its near-duplicate group
 ]
 
