@@ -137,6 +137,12 @@ def test_folder_experiment_end_to_end(folder_project):
     runs = runs_by_name(client, "shapes")
     parent = runs["snakemake shapes"]
     assert parent.info.status == "FINISHED"
+    # what the invocation ran with: in the results folder and on its run
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert json.loads((results / "provenance" / "environment.json").read_text())["git"]["commit"] == head.strip()
+    assert "bright" in yaml.safe_load((results / "provenance" / "config.resolved.yaml").read_text())["classes"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "provenance")} == {
+        "provenance/config.resolved.yaml", "provenance/environment.json", "provenance/requirements.txt"}
     expected = {"crawl bright", "crawl dark", "dedupe", "preprocess bright", "preprocess dark", "split", "cnn",
                 "resnet", "report"}
     assert expected <= set(runs)

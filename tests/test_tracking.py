@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from imgpipe.provenance import VERSION, config_hash
+from imgpipe.provenance import VERSION, config_hash, write_provenance
 from imgpipe.tracking import (INVOCATION_TAGS_ENV, PARENT_RUN_ENV, end_invocation, flatten, job_run, log_split_dataset,
                               mark_abandoned_runs, owner_tags, process_is_running, process_start_time,
                               read_run_reference, start_invocation, write_run_reference)
@@ -363,6 +363,23 @@ def test_outside_a_git_checkout_runs_carry_no_commit(mlflow_uri, tmp_path, caplo
     assert client.get_run(run.info.run_id).data.tags["imgpipe.invocation"] == parent_id
 
 
+def test_provenance_is_written_and_logged_on_the_invocation(mlflow_uri, tmp_path):
+    config = {"experiment": "pets", "classes": {"cat": {"sources": [{"engine": "flickr", "api_key": "s3cret"}]}}}
+    workflow = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout
+    folder = write_provenance(tmp_path / "results" / "provenance", config, workflow)
+    parent_id = start_invocation(None, "pets", config, workflow_folder=workflow, provenance_folder=folder)
+    end_invocation(success=True)
+
+    environment = json.loads((folder / "environment.json").read_text())
+    assert environment["imgpipe_version"] == VERSION and environment["config_hash"] == config_hash(config)
+    commit = subprocess.run(["git", "-C", workflow, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert environment["git"]["commit"] == commit.strip()
+    packages = (folder / "requirements.txt").read_text().splitlines()
+    assert any(line.startswith("mlflow==") for line in packages) and any(line.startswith("torch==") for line in packages)
+    resolved = (folder / "config.resolved.yaml").read_text()
+    assert "s3cret" not in resolved and "<redacted>" in resolved
+    logged = [a.path for a in MlflowClient().list_artifacts(parent_id, "provenance")]
+    assert logged == ["provenance/config.resolved.yaml", "provenance/environment.json", "provenance/requirements.txt"]
 
 
 LOG_DATASET_AT = """

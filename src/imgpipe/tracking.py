@@ -9,8 +9,11 @@ counts would push the models' charts off the page). A model run
 names its invocation in a tag instead of being its child: children sit collapsed under
 their parent, out of sight and out of the charts.
 
-The store is created once, in the Snakemake process before any job starts (concurrent
-first-time creation of the SQLite database corrupts it). The invocation's run id, the
+The store is created once, in the Snakemake process before any job starts, under a file
+lock beside a SQLite database (MLflow creating the schema from two processes at once fails
+with "duplicate column name"; two invocations started together would). A tracking server
+that does not answer fails the invocation, and any job, within seconds with its URI: MLflow's
+own retries would block for minutes, so they are cut down unless the user set them. The invocation's run id, the
 experiment and the tags every run carries (git commit, config hash) reach jobs through
 the environment, not through params, so moving the tracking store or the checkout never
 reruns a job. (MLFLOW_RUN_ID would mean "resume this run" to MLflow, so the parent id
@@ -29,12 +32,15 @@ gone KILLED instead of leaving them RUNNING forever.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -69,6 +75,14 @@ MLFLOW_SOURCE_NAME = "mlflow.source.name"
 MLFLOW_SOURCE_TYPE = "mlflow.source.type"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
+# MLflow's HTTP retries default to 7 with backoff factor 2 and a 120 s timeout: minutes of
+# silence before an unreachable server is reported. Exported for jobs unless already set.
+FAIL_FAST_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+SERVER_CHECK_TIMEOUT_S = 5
 
 
 def flatten(values: dict, prefix: str = "") -> dict:
@@ -217,9 +231,63 @@ def with_context_tags(tags: dict[str, str]) -> dict[str, str]:
     return resolve_tags(tags, ignore=[GitRunContext])
 
 
+def check_tracking_server(uri: str) -> None:
+    """Raise RuntimeError within seconds, naming `uri`, when an http(s) tracking server does not answer.
+
+    Any HTTP answer counts as alive (a proxy's 401 is MLflow's to report); only a connection
+    that cannot be made or times out is refused here. Other URIs (files, databases) pass.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_CHECK_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)  # URLError wraps the socket's error
+        detail = error_text(reason) if isinstance(reason, BaseException) else str(reason)
+        raise RuntimeError(
+            f"MLflow tracking server {uri} does not answer ({detail}): "
+            f"start it (`mlflow server --backend-store-uri sqlite:///mlflow.db --host 0.0.0.0 --port 5000`) "
+            f"or point config key mlflow.tracking_uri / MLFLOW_TRACKING_URI at one that runs"
+        ) from None
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI (relative or absolute); None for others."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def store_creation_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while it may be created (other URIs: no lock).
+
+    flock is released by the kernel when the process dies, so a kill -9 leaves no stale lock;
+    the empty .lock file stays (it is not a sign of anything).
+    """
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def start_invocation(tracking_uri: str | None, experiment: str, config: dict,
-                     workflow_folder: Path | str | None = None) -> str:
+                     workflow_folder: Path | str | None = None, provenance_folder: Path | str | None = None) -> str:
     """Create the store and experiment if needed, open the invocation's parent run, export both.
+
+    The files in `provenance_folder` (imgpipe.provenance.write_provenance) are logged to the
+    run under provenance/.
 
     Also computes, once, the tags every run of the invocation carries (`invocation_tags`:
     `workflow_folder` is the Snakefile's folder, whose git commit is recorded) and exports
@@ -230,10 +298,15 @@ def start_invocation(tracking_uri: str | None, experiment: str, config: dict,
 
     if tracking_uri:
         os.environ[TRACKING_URI_ENV] = tracking_uri
+    for name, value in FAIL_FAST_HTTP.items():
+        os.environ.setdefault(name, value)
     mlflow.set_tracking_uri(None)  # a process-wide URI would shadow the environment variable
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    uri = mlflow.get_tracking_uri()
+    check_tracking_server(uri)
+    with store_creation_lock(uri):  # the client's first use creates a new store
+        client = MlflowClient()
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     # Before our own run exists: what a killed invocation left RUNNING is closed first.
     abandoned = mark_abandoned_runs(
         client, experiment_id, marked_by=f"the snakemake invocation started by process {os.getpid()}")
@@ -256,6 +329,8 @@ def start_invocation(tracking_uri: str | None, experiment: str, config: dict,
         }),
     )
     client.log_dict(run.info.run_id, redact_secrets(config), "config.resolved.yaml")
+    if provenance_folder is not None:
+        client.log_artifacts(run.info.run_id, str(provenance_folder), "provenance")
     os.environ[EXPERIMENT_ENV] = experiment
     os.environ[PARENT_RUN_ENV] = run.info.run_id
     os.environ[INVOCATION_TAGS_ENV] = json.dumps(shared_tags)
@@ -332,6 +407,7 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    check_tracking_server(mlflow.get_tracking_uri())
     tags = tags or {}
     run = None
     parent_id = None

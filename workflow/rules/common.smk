@@ -90,12 +90,14 @@ def get_model_start_checkpoint(wildcards):
 
 
 def start_tracking():
-    """The invocation's MLflow run; its runs record the git commit of the Snakefile's folder
-    (workflow.basedir), wherever Snakemake runs."""
+    """The invocation's provenance (results/<experiment>/provenance/) and MLflow run; both
+    record the git commit of the Snakefile's folder (workflow.basedir), wherever Snakemake runs."""
+    from imgpipe.provenance import write_provenance
     from imgpipe.tracking import start_invocation
 
+    provenance = write_provenance(f"{RESULTS}/provenance", config, workflow.basedir)
     start_invocation(config["mlflow"]["tracking_uri"], config["mlflow"]["experiment"] or EXPERIMENT, config,
-                     workflow_folder=workflow.basedir)
+                     workflow_folder=workflow.basedir, provenance_folder=provenance)
 
 
 def end_tracking(success):
