@@ -27,13 +27,13 @@ include: "workflow/rules/predict.smk"
 
 
 rule all:
+    default_target: True
     input:
         rules.report.output,
         # Listed too because after a failed model the report is written without it (onerror):
         # the next run must still see that model's result missing and retry it.
         expand(f"{RESULTS}/eval/{{model}}/metrics.json", model=MODELS),
         PREDICT_OUTPUTS,  # empty unless predict.folders names folders
-    default_target: True
 
 
 onstart:

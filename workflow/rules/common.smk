@@ -21,7 +21,9 @@ from imgpipe.training.devices import model_uses_gpu, visible_gpus
 
 try:
     check_config_files(workflow.configfiles)
-    _validated = validate_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
+    _validated = validate_config(
+        config, load_schema(workflow.source_path("../schemas/config.schema.yaml"))
+    )
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 config.clear()
@@ -62,7 +64,11 @@ def get_crawl_settings(wildcards):
 
 # The hand-kept exclusion list, read once: its entries drive dedupe, its comments only the
 # contact sheets, so explaining an exclusion (or a touch) retrains nothing.
-EXCLUSIONS = canonical(read_exclude_list(config["dedupe"]["exclude"]) if config["dedupe"]["exclude"] else {})
+EXCLUSIONS = canonical(
+    read_exclude_list(config["dedupe"]["exclude"])
+    if config["dedupe"]["exclude"]
+    else {}
+)
 
 
 def get_model_settings(wildcards):
@@ -91,13 +97,19 @@ def get_model_start_checkpoint(wildcards):
 
 def start_tracking():
     """The invocation's provenance (results/<experiment>/provenance/) and MLflow run; both
-    record the git commit of the Snakefile's folder (workflow.basedir), wherever Snakemake runs."""
+    record the git commit of the Snakefile's folder (workflow.basedir), wherever Snakemake runs.
+    """
     from imgpipe.provenance import write_provenance
     from imgpipe.tracking import start_invocation
 
     provenance = write_provenance(f"{RESULTS}/provenance", config, workflow.basedir)
-    start_invocation(config["mlflow"]["tracking_uri"], config["mlflow"]["experiment"] or EXPERIMENT, config,
-                     workflow_folder=workflow.basedir, provenance_folder=provenance)
+    start_invocation(
+        config["mlflow"]["tracking_uri"],
+        config["mlflow"]["experiment"] or EXPERIMENT,
+        config,
+        workflow_folder=workflow.basedir,
+        provenance_folder=provenance,
+    )
 
 
 def end_tracking(success):
@@ -120,14 +132,19 @@ INVOCATION_STARTED = time.time()
 
 def model_logs():
     """Each model's train and evaluate logs: the report shows the end of the newest when it failed."""
-    return {model: [f"{LOGS}/train/{model}.log", f"{LOGS}/evaluate/{model}.log"] for model in MODELS}
+    return {
+        model: [f"{LOGS}/train/{model}.log", f"{LOGS}/evaluate/{model}.log"]
+        for model in MODELS
+    }
 
 
 def write_report_after_failure():
     try:
         _write_report_after_failure()
     except Exception as error:  # the handler must not hide the failure it reports
-        logger.error(f"imgpipe: the report could not be written after the failure: {error!r}")
+        logger.error(
+            f"imgpipe: the report could not be written after the failure: {error!r}"
+        )
 
 
 def _write_report_after_failure():
@@ -142,7 +159,8 @@ def _write_report_after_failure():
         show_verdict()  # the report job itself succeeded in this run: the failure was after it
         return
     data_problem, unavailable = stale_model_results(
-        results, MODELS, CLASSES, {m: config["models"][m]["init_from"] for m in MODELS})
+        results, MODELS, CLASSES, {m: config["models"][m]["init_from"] for m in MODELS}
+    )
     if data_problem:
         logger.error(f"imgpipe: no report: {data_problem} (see the errors above)")
         return
@@ -151,13 +169,19 @@ def _write_report_after_failure():
     summary = write_report(
         EXPERIMENT,
         metrics_paths=metrics,
-        history_paths={m: results / f"models/{m}/history.csv" for m in MODELS if m not in unavailable},
+        history_paths={
+            m: results / f"models/{m}/history.csv"
+            for m in MODELS
+            if m not in unavailable
+        },
         split_manifest=split,
         dedupe_manifest=dedupe,
         out_dir=results / "report",
         rank_by=config["report"]["rank_by"],
         predictions_paths={m: results / f"eval/{m}/predictions.csv" for m in MODELS},
-        log_paths={model: [Path(p) for p in paths] for model, paths in model_logs().items()},
+        log_paths={
+            model: [Path(p) for p in paths] for model, paths in model_logs().items()
+        },
         unavailable=unavailable,
         review_sheets={c: results / "review" / f"{c}.html" for c in CLASSES},
     )
@@ -166,8 +190,10 @@ def _write_report_after_failure():
     for name in ("summary.json", "report.md", "report.html", "learning_curves.png"):
         os.utime(results / "report" / name, (0, 0))
     if unavailable:
-        logger.error(f"imgpipe: {len(unavailable)} of {len(MODELS)} model(s) have no result from this run "
-                     f"({', '.join(unavailable)}); the report compares the others.")
+        logger.error(
+            f"imgpipe: {len(unavailable)} of {len(MODELS)} model(s) have no result from this run "
+            f"({', '.join(unavailable)}); the report compares the others."
+        )
     show_verdict(fresh=True)
 
 
@@ -180,6 +206,54 @@ def show_verdict(fresh=None):
     if not summary_path.is_file():
         return
     summary = json.loads(summary_path.read_text())
-    fresh = summary_path.stat().st_mtime >= INVOCATION_STARTED if fresh is None else fresh
-    logger.info(f"\nReport{'' if fresh else ' (not rebuilt by this run)'}: {Path(summary['report_html']).resolve()}"
-                f"\nVerdict: {summary['verdict']}\n")
+    fresh = (
+        summary_path.stat().st_mtime >= INVOCATION_STARTED if fresh is None else fresh
+    )
+    logger.info(
+        f"\nReport{'' if fresh else ' (not rebuilt by this run)'}: {Path(summary['report_html']).resolve()}"
+        f"\nVerdict: {summary['verdict']}\n"
+    )
+
+
+# predict: one job per `predict.folders` entry and model ("best": the report's first).
+PREDICT_FOLDERS = sorted(config["predict"]["folders"])
+PREDICT_MODELS = (
+    ["best"] if config["predict"]["models"] == "best" else config["predict"]["models"]
+)
+PREDICT_OUTPUTS = expand(
+    f"{RESULTS}/predict/{{folder}}/{{model}}.{{ext}}",
+    folder=PREDICT_FOLDERS,
+    model=PREDICT_MODELS,
+    ext=("csv", "json"),
+)
+
+
+def get_predict_models(wildcards):
+    """The checkpoint that predicts; for "best", the report's summary names it among all models.
+    After evaluation, so the model's folder holds its test figures for the output's header.
+    """
+    if config["predict"]["models"] == "best":
+        return {
+            "summary": f"{RESULTS}/report/summary.json",
+            "checkpoints": expand(f"{RESULTS}/models/{{model}}/model.pt", model=MODELS),
+        }
+    return {
+        "checkpoints": [f"{RESULTS}/models/{wildcards.model}/model.pt"],
+        "evaluation": f"{RESULTS}/eval/{wildcards.model}/metrics.json",
+    }
+
+
+def get_predict_folder(wildcards):
+    return config["predict"]["folders"][wildcards.folder]
+
+
+def get_predict_folder_fingerprint(wildcards):
+    """A content hash of the folder: a new, renamed or edited image reruns the job; a touch does not."""
+    return source_fingerprints(
+        [{"folder": get_predict_folder(wildcards)}], cache=FILE_HASHES
+    )[0]
+
+
+def get_predict_gpus(wildcards):
+    """1 when a GPU was found at DAG build (the job then claims a free device), else 0."""
+    return int(model_uses_gpu("auto", GPUS))

@@ -4,15 +4,17 @@ rule dedupe:
     output:
         manifest=f"{RESULTS}/dedupe/manifest.csv",
         summary=f"{RESULTS}/dedupe/summary.json",
-    params:
-        near_distance=config["dedupe"]["near_distance"],
-        near_action=config["dedupe"]["near_action"],
-        exclude=sorted(EXCLUSIONS),  # entries only: a comment edit does not rerun this
     log:
         f"{LOGS}/dedupe.log",
     benchmark:
         f"{BENCHMARKS}/dedupe.tsv"
+    conda:
+        "../../envs/imgpipe.yaml"
     threads: 2
+    params:
+        near_distance=config["dedupe"]["near_distance"],
+        near_action=config["dedupe"]["near_action"],
+        exclude=sorted(EXCLUSIONS),  # entries only: a comment edit does not rerun this
     script:
         "../scripts/dedupe.py"
 
@@ -25,12 +27,14 @@ rule review:
     output:
         html=expand(f"{RESULTS}/review/{{cls}}.html", cls=CLASSES),
         grid=expand(f"{RESULTS}/review/{{cls}}.png", cls=CLASSES),
-    params:
-        classes=CLASSES,
-        exclude_comments=EXCLUSIONS,
     log:
         f"{LOGS}/review.log",
     benchmark:
         f"{BENCHMARKS}/review.tsv"
+    conda:
+        "../../envs/imgpipe.yaml"
+    params:
+        classes=CLASSES,
+        exclude_comments=EXCLUSIONS,
     script:
         "../scripts/review.py"

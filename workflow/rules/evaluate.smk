@@ -44,14 +44,16 @@ rule evaluate:
         predictions=f"{RESULTS}/eval/{{model}}/predictions.csv",
         # The model's folder describes the model completely, test figures included.
         model_metrics=f"{RESULTS}/models/{{model}}/test_metrics.json",
-    params:
-        batch_size=lambda wildcards: config["models"][wildcards.model]["batch_size"],
     log:
         f"{LOGS}/evaluate/{{model}}.log",
     benchmark:
         f"{BENCHMARKS}/evaluate/{{model}}.tsv"
+    conda:
+        "../../envs/imgpipe.yaml"
     threads: get_model_threads
     resources:
         gpu=get_model_gpus,
+    params:
+        batch_size=lambda wildcards: config["models"][wildcards.model]["batch_size"],
     script:
         "../scripts/evaluate.py"

@@ -8,15 +8,17 @@ rule train:
         summary=f"{RESULTS}/models/{{model}}/summary.json",
         model_card=f"{RESULTS}/models/{{model}}/model_card.json",
         mlflow_run=f"{RESULTS}/models/{{model}}/mlflow_run.json",
-    params:
-        settings=get_model_settings,
-        image=config["images"],
     log:
         f"{LOGS}/train/{{model}}.log",
     benchmark:
         f"{BENCHMARKS}/train/{{model}}.tsv"
+    conda:
+        "../../envs/imgpipe.yaml"
     threads: get_model_threads
     resources:
         gpu=get_model_gpus,
+    params:
+        settings=get_model_settings,
+        image=config["images"],
     script:
         "../scripts/train.py"
