@@ -48,7 +48,7 @@ def main() -> None:
             pd.read_csv(tsv, sep="\t")["s"].iloc[0])
     models = {}
     for metrics_file in sorted((workdir / "results" / "digits" / "eval").glob("*/metrics.json")):
-        metrics = json.loads(metrics_file.read_text())
+        metrics = json.loads(metrics_file.read_text()) | json.loads(metrics_file.with_name("speed.json").read_text())
         models[metrics["model"]] = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc",
                                                             "n_test", "train_seconds", "best_epoch",
                                                             "inference_ms_per_image", "n_parameters")}

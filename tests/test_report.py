@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from imgpipe.plots import plot_confusion_matrix, plot_roc_curves
-from imgpipe.report import rank_models, stale_model_results, write_report
+from imgpipe.report import _cheapest, rank_models, stale_model_results, write_report
 from imgpipe.stats import roc_curves
 
 CLASSES = ["cat", "dog", "fox"]
@@ -418,3 +418,11 @@ def test_after_a_failure_only_current_model_results_count(tmp_path):
     (results / "images" / "dog.csv").unlink()  # a preprocess job failed
     problem, _ = stale_model_results(results, models, classes, starts)
     assert problem.startswith("the data stages did not finish") and "images/dog.csv" in problem
+
+
+def test_the_cheapest_of_tied_models_goes_by_size_not_by_measured_speed():
+    # Two models of one architecture: which one a run timed faster is noise, and must not
+    # change the verdict from one run to the next.
+    a, b = {"n_parameters": 100, "latency_ms_batch1": 0.30}, {"n_parameters": 100, "latency_ms_batch1": 0.20}
+    assert _cheapest({"a": a, "b": b}, ["b", "a"]) == "a"  # a tie in size goes by name
+    assert _cheapest({"a": a, "b": {**b, "n_parameters": 99}}, ["a", "b"]) == "b"

@@ -7,7 +7,8 @@ import torch
 
 from conftest import model_settings
 from imgpipe.checkpoints import CheckpointError, load_trained_model
-from imgpipe.evaluate import classification_metrics, evaluate_checkpoint, mlflow_test_metrics
+from imgpipe.evaluate import classification_metrics, evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
+from imgpipe.manifests import SPEED_KEYS
 from imgpipe.training.engine import TrainingJob, train_model
 
 IMAGE = {"size": 32, "color": "grayscale", "resize": "stretch", "pad_color": "black"}
@@ -38,6 +39,15 @@ def test_evaluation_on_the_test_split(shapes_manifest, tmp_path):
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     assert evaluation.features.shape == (metrics["n_test"], linear.in_features)
     assert np.allclose(predictions[["p_bright", "p_dark"]].sum(axis=1), 1.0, atol=1e-5)
+
+    # the speed figures are measurements: written beside metrics.json, not in it
+    again = evaluate_checkpoint(tmp_path / "m.pt", shapes_manifest, device="cpu", batch_size=16).metrics
+    for name, figures in (("a", metrics), ("b", again)):
+        write_evaluation_outputs(figures, [tmp_path / f"{name}.json"], tmp_path / f"{name}.speed.json", 1.5)
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    speed = json.loads((tmp_path / "a.speed.json").read_text())
+    assert speed == {key: metrics[key] for key in SPEED_KEYS} | {"train_seconds": 1.5}
+    assert not set(SPEED_KEYS) & set(json.loads((tmp_path / "a.json").read_text()))
     model, checkpoint = load_trained_model(tmp_path / "m.pt")
     assert not model.training and checkpoint["arch"] == "simple_cnn"
 

@@ -1,5 +1,6 @@
 """The training engine: strategies, resume after a kill, early stopping, schedules, imbalance."""
 
+import json
 import logging
 
 import pandas as pd
@@ -8,11 +9,11 @@ import torch
 
 from conftest import make_shapes_manifest, model_settings
 from imgpipe.checkpoints import read_torch_file
-from imgpipe.manifests import HISTORY_COLUMNS
+from imgpipe.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN
 from imgpipe.models import build_model
 from imgpipe.training import resume
 from imgpipe.training.engine import (TrainingDiverged, TrainingJob, balanced_sample_weights, class_weight_tensor,
-                                     train_model)
+                                     train_model, write_training_outputs)
 from imgpipe.training.loop import batch_indices, batches_per_epoch
 from imgpipe.training.schedule import lr_multiplier
 from imgpipe.training.strategies import ModelParts, Phase, plan_phases
@@ -38,7 +39,7 @@ def test_training_keeps_the_best_validation_epoch_and_is_reproducible(shapes_man
     epochs_seen = []
     first = job(tmp_path, shapes_manifest, "a", epochs=4, lr=0.01, batch_size=16, scheduler="cosine")
     history, summary = train_model(first, on_epoch=epochs_seen.append)
-    assert list(history.columns) == HISTORY_COLUMNS and len(history) == 4
+    assert list(history.columns) == HISTORY_COLUMNS + [HISTORY_TIMING_COLUMN] and len(history) == 4
     assert [row["epoch"] for row in epochs_seen] == [1, 2, 3, 4]
     best = history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True]).iloc[0]
     assert summary["best_epoch"] == best["epoch"]
@@ -48,8 +49,18 @@ def test_training_keeps_the_best_validation_epoch_and_is_reproducible(shapes_man
     assert summary["best_val_accuracy"] > 0.8  # two easy shapes: a model that learned nothing scores 0.5
     assert (first.work_dir / resume.LAST).exists()  # cleared by the job once every output is written
 
-    again, _ = train_model(job(tmp_path, shapes_manifest, "b", epochs=4, lr=0.01, batch_size=16, scheduler="cosine"))
+    again, again_summary = train_model(job(tmp_path, shapes_manifest, "b", epochs=4, lr=0.01, batch_size=16,
+                                           scheduler="cosine"))
     pd.testing.assert_frame_equal(history.drop(columns="seconds"), again.drop(columns="seconds"))
+
+    # written out, the results are the same bytes; the times go to timing.json
+    for name, (table, figures) in {"a": (history, summary), "b": (again, again_summary)}.items():
+        timing = write_training_outputs(table, figures, tmp_path / f"{name}.csv", tmp_path / f"{name}.json",
+                                        tmp_path / f"{name}.timing.json")
+        assert timing["epoch_seconds"] == table["seconds"].tolist() and timing["train_seconds"] > 0
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert pd.read_csv(tmp_path / "a.csv").columns.tolist() == HISTORY_COLUMNS
+    assert "train_seconds" not in json.loads((tmp_path / "a.json").read_text())
 
 
 @pytest.mark.parametrize("overrides, killed_after", [

@@ -59,6 +59,8 @@ from imgpipe.fingerprints import FileHashCache
 from imgpipe.manifests import RAW_COLUMNS
 
 logger = logging.getLogger(__name__)
+# Sources that import files from this machine (the others fetch URLs).
+LOCAL_SOURCES = ("folder", "digits")
 
 DEFAULT_MAX_NUM = 100
 DEFAULT_THREADS = 4
@@ -262,9 +264,10 @@ def crawl_class(
         _fail_if_every_engine_is_dead(crawl)
         rows, final = _capped_at_target(rows, target, near_distance, limits)
         manifest = _materialise(rows, class_name, out_dir, store, limits)
-    summary = summarize_crawl(crawl, final, manifest, time.monotonic() - started)
+    summary = summarize_crawl(crawl, final, manifest)
     log = logger.info if target is None or final.reached else logger.warning
-    log("class %r: %s; %s", class_name, summary["outcome"], _count_statuses(rows, limits))
+    log("class %r: %s; %s (%.1f s)", class_name, summary["outcome"], _count_statuses(rows, limits),
+        time.monotonic() - started)
     return manifest, summary
 
 
@@ -629,6 +632,10 @@ def _materialise(rows: list[dict], class_name: str, out_dir: Path, store: ClassS
             file = str(target)
         table.append({**{column: row.get(column) for column in RAW_COLUMNS}, "file": file, "class": class_name,
                       "status": status, "reason": reason})
+        if row.get("source") in LOCAL_SOURCES:
+            # When a local file was imported says nothing about it, and would make two runs of
+            # one config differ (the store's journal keeps the time).
+            table[-1]["fetched_at"] = ""
     manifest = pd.DataFrame(table, columns=RAW_COLUMNS)
     for column in ("rank", "http_status", "bytes", "width", "height"):
         manifest[column] = manifest[column].astype("Int64")
@@ -639,9 +646,10 @@ def _materialise(rows: list[dict], class_name: str, out_dir: Path, store: ClassS
     return manifest
 
 
-def summarize_crawl(crawl: _ClassCrawl, counted: TargetCounter, manifest: pd.DataFrame, seconds: float) -> dict:
+def summarize_crawl(crawl: _ClassCrawl, counted: TargetCounter, manifest: pd.DataFrame) -> dict:
     """The class's crawl in figures: outcome sentence, counts per status, per query (``counted``:
-    the new images of the manifest)."""
+    the new images of the manifest). No time: the same crawl from the same store gives the
+    same summary (the log and the MLflow run say how long it took)."""
     target, kept = counted.target, counted.count
     if target is None:
         outcome = f"{kept} new images (no target)"
@@ -662,7 +670,6 @@ def summarize_crawl(crawl: _ClassCrawl, counted: TargetCounter, manifest: pd.Dat
         "statuses": {status: int(statuses.get(status, 0)) for status in ("ok", "rejected", "corrupt", "failed",
                                                                          "skipped")},
         "bytes": int(manifest.loc[manifest["file"] != "", "bytes"].fillna(0).sum()),
-        "seconds": round(seconds, 1),
         "queries": [vars(outcome) for outcome in crawl.outcomes],
     }
 

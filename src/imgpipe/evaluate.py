@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from sklearn import metrics as skm
 from imgpipe import stats
 from imgpipe.checkpoints import load_trained_model
 from imgpipe.datasets import Normalizer, load_split
-from imgpipe.manifests import read_split_manifest
+from imgpipe.manifests import SPEED_KEYS, read_split_manifest
 from imgpipe.training.devices import pick_device
 
 log = logging.getLogger(__name__)
@@ -229,3 +230,16 @@ def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, 
              *result["confidence_intervals"]["accuracy"], result["macro_f1"], result["n_test"],
              speed["latency_ms_batch1"], speed["throughput_images_per_s"], batch_size)
     return Evaluation(result, predictions, y_true, probabilities, features, features_note, roc)
+
+
+def write_evaluation_outputs(metrics: dict, metrics_paths: list[Path | str], speed_path: Path | str,
+                             train_seconds: float | None) -> None:
+    """metrics.json (at each of `metrics_paths`) without wall-clock figures, so the same
+    model evaluated again writes the same bytes; the speed figures (SPEED_KEYS) and the
+    training time go to speed.json beside it."""
+    results = {key: value for key, value in metrics.items() if key not in SPEED_KEYS}
+    speed = {key: metrics[key] for key in SPEED_KEYS if key in metrics} | {"train_seconds": train_seconds}
+    for path in metrics_paths:
+        Path(path).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    Path(speed_path).write_text(json.dumps(speed, indent=2), encoding="utf-8")
+

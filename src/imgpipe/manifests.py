@@ -31,7 +31,7 @@ RAW_COLUMNS = [
     "query",  # the query (or site) that found the URL
     "rank",  # position in the query's results, the list, or the folder
     "origin",  # the URL, the file's path, or sklearn:digits#N
-    "fetched_at",  # UTC, when it was downloaded or imported
+    "fetched_at",  # UTC, when it was downloaded ("" for local files: an import time would make reruns differ)
     "http_status",
     "bytes",
     "content_type",  # as the server declared it
@@ -76,8 +76,17 @@ def read_dedupe_manifest(path: Path | str) -> pd.DataFrame:
 
 
 # A model's history.csv, one row per epoch (written by training, read by the report).
-HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "backbone_frozen",
-                   "seconds"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "backbone_frozen"]
+
+# Measurements of the machine (wall-clock times) are kept apart from results, so that the
+# same config run again from scratch gives byte-identical manifests, history.csv,
+# summary.json and metrics.json. Training's in-memory history also has this column ...
+HISTORY_TIMING_COLUMN = "seconds"
+# ... which goes to models/<model>/timing.json: {"train_seconds", "epoch_seconds": [...]};
+TIMING_FILE = "timing.json"
+# and eval/<model>/speed.json holds these evaluation figures and train_seconds.
+SPEED_FILE = "speed.json"
+SPEED_KEYS = ("latency_ms_batch1", "throughput_images_per_s", "inference_ms_per_image")
 
 
 def read_split_manifest(path: Path | str) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from imgpipe.provenance import VERSION, config_hash, git_commit
 CARD_FILE = "model_card.json"
 # Figures from the train job's summary that say how training went.
 TRAINING_FIGURES = ("best_epoch", "best_metric", "best_val_accuracy", "best_val_loss", "epochs", "epochs_run",
-                    "stopped_early", "train_seconds", "n_parameters", "n_trainable_parameters", "n_train", "n_val",
+                    "stopped_early", "n_parameters", "n_trainable_parameters", "n_train", "n_val",
                     "device", "precision", "threads")
 
 

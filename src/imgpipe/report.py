@@ -24,7 +24,7 @@ from tabulate import tabulate
 from imgpipe import stats
 from imgpipe.dedupe import REASONS as DEDUPE_REASONS
 from imgpipe.layout import MODEL_PLOTS
-from imgpipe.manifests import HISTORY_COLUMNS, read_dedupe_manifest, read_split_manifest
+from imgpipe.manifests import HISTORY_COLUMNS, SPEED_FILE, read_dedupe_manifest, read_split_manifest
 from imgpipe.plots import plot_learning_curves
 from imgpipe.split import SPLITS
 
@@ -298,7 +298,8 @@ def verdict_sentence(metrics: dict[str, dict], ranking: list[str], rank_by: str,
     if comparison["tied"]:
         tied = comparison["tied"]
         cheapest = _cheapest(metrics, [best] + tied)
-        advice = f" {cheapest} is the cheapest of them." if cheapest != best else ""
+        advice = f" {cheapest} is the cheapest of them." if _parameters(metrics[cheapest]) < _parameters(
+            metrics[best]) else ""
         untested = (f" {_join(comparison['untested'])} could not be tested."
                     if comparison["untested"] else "")
         return (f"No significant winner: {first} but is statistically tied{in_accuracy} with {_join(tied)} "
@@ -315,7 +316,11 @@ def check_rank_by(rank_by: str) -> None:
 
 
 def load_metrics(metrics_paths: dict[str, Path]) -> tuple[dict[str, dict], dict[str, str]]:
-    """Read each model's metrics.json: ({model: metrics}, {model: why it could not be read})."""
+    """Read each model's metrics.json: ({model: metrics}, {model: why it could not be read}).
+
+    The speed figures are measurements kept beside it, in speed.json: merged in when
+    present (without them the report shows no speed, with a warning).
+    """
     metrics, failed = {}, {}
     for model, path in metrics_paths.items():
         path = Path(path)
@@ -336,8 +341,20 @@ def load_metrics(metrics_paths: dict[str, Path]) -> tuple[dict[str, dict], dict[
             continue
         if not _is_number(data.get("roc_auc")):
             data["roc_auc"] = None
-        metrics[model] = data
+        metrics[model] = data | _read_speed(path.with_name(SPEED_FILE))
     return metrics, failed
+
+
+def _read_speed(path: Path) -> dict:
+    try:
+        speed = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        log.warning("no speed figures: %s not found", path)
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        log.warning("no speed figures: cannot read %s (%s)", path, error)
+        return {}
+    return speed if isinstance(speed, dict) else {}
 
 
 def rank_models(metrics: dict[str, dict], rank_by: str) -> list[str]:
@@ -788,13 +805,14 @@ def _interval(m: dict, key: str) -> str:
     return f" [{interval[0]:.4f}, {interval[1]:.4f}]"
 
 
+def _parameters(m: dict) -> float:
+    return m.get("n_parameters") if _is_number(m.get("n_parameters")) else math.inf
+
+
 def _cheapest(metrics: dict[str, dict], models: list[str]) -> str:
-    """The model with the fewest parameters (then the fastest, then by name)."""
-    def key(model):
-        m = metrics[model]
-        return (m.get("n_parameters") if _is_number(m.get("n_parameters")) else math.inf,
-                m.get("latency_ms_batch1") if _is_number(m.get("latency_ms_batch1")) else math.inf, model)
-    return min(models, key=key)
+    """The model with the fewest parameters (then by name). Not by measured latency: the verdict
+    would then change from run to run between models of one size."""
+    return min(models, key=lambda model: (_parameters(metrics[model]), model))
 
 
 def _join(names: list[str]) -> str:

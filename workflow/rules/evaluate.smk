@@ -2,6 +2,7 @@ rule evaluate:
     input:
         checkpoint=f"{RESULTS}/models/{{model}}/model.pt",
         summary=f"{RESULTS}/models/{{model}}/summary.json",
+        timing=f"{RESULTS}/models/{{model}}/timing.json",
         mlflow_run=f"{RESULTS}/models/{{model}}/mlflow_run.json",
         manifest=f"{RESULTS}/split/manifest.csv",
     output:
@@ -44,6 +45,7 @@ rule evaluate:
         predictions=f"{RESULTS}/eval/{{model}}/predictions.csv",
         # The model's folder describes the model completely, test figures included.
         model_metrics=f"{RESULTS}/models/{{model}}/test_metrics.json",
+        speed=f"{RESULTS}/eval/{{model}}/speed.json",
     log:
         f"{LOGS}/evaluate/{{model}}.log",
     benchmark:

@@ -1,6 +1,7 @@
 rule report:
     input:
         metrics=expand(f"{RESULTS}/eval/{{model}}/metrics.json", model=MODELS),
+        speed=expand(f"{RESULTS}/eval/{{model}}/speed.json", model=MODELS),
         histories=expand(f"{RESULTS}/models/{{model}}/history.csv", model=MODELS),
         predictions=expand(f"{RESULTS}/eval/{{model}}/predictions.csv", model=MODELS),
         plots=expand(

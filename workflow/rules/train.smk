@@ -6,6 +6,7 @@ rule train:
         checkpoint=f"{RESULTS}/models/{{model}}/model.pt",
         history=f"{RESULTS}/models/{{model}}/history.csv",
         summary=f"{RESULTS}/models/{{model}}/summary.json",
+        timing=f"{RESULTS}/models/{{model}}/timing.json",
         model_card=f"{RESULTS}/models/{{model}}/model_card.json",
         mlflow_run=f"{RESULTS}/models/{{model}}/mlflow_run.json",
     log:

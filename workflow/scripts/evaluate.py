@@ -12,7 +12,7 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 
 import mlflow
 
-from imgpipe.evaluate import evaluate_checkpoint, mlflow_test_metrics
+from imgpipe.evaluate import evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
 from imgpipe.plots import (plot_confident_errors, plot_confusion_matrix, plot_embedding, plot_reliability_diagram,
                            plot_roc_curves, plot_unavailable)
 from imgpipe.tracking import job_run, log_split_dataset, read_run_reference
@@ -29,13 +29,12 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
         batch_size=snakemake.params.batch_size)
     with open(snakemake.input.summary) as handle:
         training = json.load(handle)
+    with open(snakemake.input.timing) as handle:
+        train_seconds = json.load(handle)["train_seconds"]
+    # (the MLflow run id is in models/<model>/mlflow_run.json: a results file must not name a run of one store)
     metrics = {"model": model_name, **evaluation.metrics,
-               **{k: training[k] for k in ("arch", "train_seconds", "best_epoch", "epochs", "best_val_accuracy",
-                                            "device")},
-               "mlflow_run_id": run.info.run_id}
-    for path in (output.metrics, output.model_metrics):
-        with open(path, "w") as handle:
-            json.dump(metrics, handle, indent=2)
+               **{k: training[k] for k in ("arch", "best_epoch", "epochs", "best_val_accuracy", "device")}}
+    write_evaluation_outputs(metrics, [output.metrics, output.model_metrics], output.speed, train_seconds)
     evaluation.predictions.to_csv(output.predictions, index=False, lineterminator="\n")
 
     classes, predictions = metrics["classes"], evaluation.predictions
@@ -58,6 +57,6 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
 
     mlflow.log_metrics(mlflow_test_metrics(metrics))
     mlflow.log_dict(embedding, "evaluation/embedding.json")
-    for path in (output.metrics, output.predictions, output.confusion_matrix, output.roc, output.reliability,
-                 output.embedding, output.confident_errors):
+    for path in (output.metrics, output.speed, output.predictions, output.confusion_matrix, output.roc,
+                 output.reliability, output.embedding, output.confident_errors):
         mlflow.log_artifact(path, artifact_path="evaluation")

@@ -1,6 +1,5 @@
 """Glue: train one model into its MLflow run; after a kill, resume it (see imgpipe.training)."""
 
-import json
 from pathlib import Path
 
 from imgpipe.joblog import configure_logging
@@ -19,7 +18,7 @@ from imgpipe.tracking import (flatten, job_run, log_epoch, log_missing_epochs, l
                               log_start_weights, write_run_reference)
 from imgpipe.training import resume
 from imgpipe.training.devices import pick_device
-from imgpipe.training.engine import TrainingJob, train_model
+from imgpipe.training.engine import TrainingJob, train_model, write_training_outputs
 
 model_name = snakemake.wildcards.model
 settings = snakemake.params.settings
@@ -48,9 +47,8 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
     if state is not None:
         log_missing_epochs(run.info.run_id, state["history"])
     history, summary = train_model(job, on_epoch=log_epoch, resume_state=state, on_start=log_start_weights)
-    history.to_csv(snakemake.output.history, index=False, lineterminator="\n")
-    with open(snakemake.output.summary, "w") as handle:
-        json.dump(summary, handle, indent=2)
+    write_training_outputs(history, summary, snakemake.output.history, snakemake.output.summary,
+                           snakemake.output.timing)
     mlflow.log_metrics({k: float(summary[k]) for k in ("n_parameters", "n_trainable_parameters", "train_seconds",
                                                         "best_epoch", "epochs_run", "best_val_accuracy")})
     write_model_card(snakemake.output.checkpoint, settings, summary, snakemake.config,

@@ -9,6 +9,7 @@ settings and the normalisation.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -25,7 +26,7 @@ from torch import nn
 from imgpipe import __version__
 from imgpipe.checkpoints import model_build_spec, read_model_checkpoint, read_torch_file
 from imgpipe.datasets import Normalizer, SplitTensors, class_names, load_split, normalization_for
-from imgpipe.manifests import HISTORY_COLUMNS, read_split_manifest
+from imgpipe.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN, read_split_manifest
 from imgpipe.models import WeightsLoad, build_model, count_parameters, load_matching_weights, load_start_weights
 from imgpipe.training import resume
 from imgpipe.training.augment import BatchAugment
@@ -329,11 +330,12 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
         epoch_start = time.perf_counter()
         lr = run.optimizer.param_groups[-1]["lr"]
         train, val = run.epoch(phase)
-        row = dict(zip(HISTORY_COLUMNS, (epoch, train.loss, train.accuracy, val.loss, val.accuracy, lr,
-                                         int(phase.backbone_frozen), time.perf_counter() - epoch_start)))
+        row = dict(zip(HISTORY_COLUMNS + [HISTORY_TIMING_COLUMN],
+                       (epoch, train.loss, train.accuracy, val.loss, val.accuracy, lr, int(phase.backbone_frozen),
+                        time.perf_counter() - epoch_start)))
         log.info("%s epoch %d/%d%s: train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.3g (%.1f s)",
                  job.model_name, epoch, settings["epochs"], " (backbone frozen)" if phase.backbone_frozen else "",
-                 train.loss, train.accuracy, val.loss, val.accuracy, lr, row["seconds"])
+                 train.loss, train.accuracy, val.loss, val.accuracy, lr, row[HISTORY_TIMING_COLUMN])
         if not (np.isfinite(train.loss) and np.isfinite(val.loss)):
             raise TrainingDiverged(
                 f"{job.model_name}: the loss became {train.loss if not np.isfinite(train.loss) else val.loss} at "
@@ -379,7 +381,7 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
         "strategy": settings["strategy"],
         "n_parameters": count_parameters(run.model),
         "n_trainable_parameters": sum(p.numel() for p in trainable),
-        "train_seconds": sum(row["seconds"] for row in history),
+        "train_seconds": sum(row[HISTORY_TIMING_COLUMN] for row in history),
         "best_epoch": best["epoch"],
         "epochs": settings["epochs"],
         "epochs_run": len(history),
@@ -400,4 +402,20 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
     }
     log.info("%s: best epoch %d (%s %.4f), %.1f s of training in this job", job.model_name, best["epoch"], metric,
              best[metric], time.perf_counter() - started)
-    return pd.DataFrame(history, columns=HISTORY_COLUMNS), summary
+    return pd.DataFrame(history, columns=HISTORY_COLUMNS + [HISTORY_TIMING_COLUMN]), summary
+
+
+def write_training_outputs(history: pd.DataFrame, summary: dict, history_path: Path | str,
+                           summary_path: Path | str, timing_path: Path | str) -> dict:
+    """history.csv and summary.json without wall-clock times (the same config trained again
+    writes the same bytes), and the times in timing.json; returns the timing."""
+    timing = {
+        "train_seconds": summary["train_seconds"],
+        "epoch_seconds": history[HISTORY_TIMING_COLUMN].tolist(),
+    }
+    history.drop(columns=HISTORY_TIMING_COLUMN).to_csv(history_path, index=False, lineterminator="\n")
+    results = {key: value for key, value in summary.items() if key != "train_seconds"}
+    Path(summary_path).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    Path(timing_path).write_text(json.dumps(timing, indent=2), encoding="utf-8")
+    return timing
+
