@@ -373,3 +373,23 @@ def test_a_model_job_makes_idle_threads_sleep_unless_the_user_chose_otherwise():
     chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
     prepare_model_job(0, chosen)
     assert chosen["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_a_slurm_job_claims_the_gpu_slurm_gave_it_whatever_imgpipe_gpus_says(tmp_path, monkeypatch):
+    from imgpipe.training.devices import prepare_model_job, slurm_job_gpus
+
+    # sbatch copies the submit side's environment: IMGPIPE_GPUS from a login node rides along
+    monkeypatch.setenv(GPUS_ENV, "0,1,2,3")
+    monkeypatch.setenv(GPU_LOCK_DIR_ENV, str(tmp_path / "locks"))
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_JOB_GPUS": "2", "CUDA_VISIBLE_DEVICES": "2", GPUS_ENV: "0,1,2,3",
+             GPU_LOCK_DIR_ENV: str(tmp_path / "locks")}
+    assert slurm_job_gpus(slurm) == ["2"]
+    assert slurm_job_gpus({"SLURM_JOB_ID": "77", "CUDA_VISIBLE_DEVICES": "0"}) is None  # given no GPU
+    assert slurm_job_gpus({"CUDA_VISIBLE_DEVICES": "0"}) is None  # not in Slurm
+    claim = prepare_model_job(1, slurm)
+    try:
+        # the job's own device, locked in a folder of the job alone (two jobs on one node may
+        # both be handed a device Slurm numbers 0)
+        assert claim.device_id == "2" and claim.lock_path == tmp_path / "locks" / "slurm-job-77" / "gpu-2.lock"
+    finally:
+        claim.release()

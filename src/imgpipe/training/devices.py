@@ -89,6 +89,23 @@ def count_nvidia_devices(root: Path | str = "/") -> int:
         return 0
 
 
+# Set in a Slurm job (its batch script or its step) that was given GPUs.
+SLURM_GPU_ENV = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE")
+
+
+def slurm_job_gpus(environ: Mapping[str, str] | None = None) -> list[str] | None:
+    """In a Slurm job that was given GPUs: its devices as its processes number them
+    (CUDA_VISIBLE_DEVICES, which Slurm sets); None outside one.
+
+    Slurm has already made these devices the job's own. IMGPIPE_GPUS, which sbatch copies
+    from the submit side's environment with the rest of it, must not replace them.
+    """
+    environ = os.environ if environ is None else environ
+    if not environ.get("SLURM_JOB_ID") or not any(environ.get(name) for name in SLURM_GPU_ENV):
+        return None
+    return _parse_device_list(environ.get("CUDA_VISIBLE_DEVICES", "")) or None
+
+
 def model_uses_gpu(device_setting: str, gpus: list[str]) -> bool:
     """At DAG build: does a model with this `device` setting hold the gpu resource?
 
@@ -322,8 +339,20 @@ def prepare_model_job(holds_gpu: int, environ: dict | None = None) -> GpuClaim |
       beside a 1-thread CNN ran at 38 images/s spinning, 61 sleeping; alone, 108-117
       either way).
     - A job holding the gpu resource claims a free device and sets CUDA_VISIBLE_DEVICES
-      to it, which must happen before CUDA is initialised.
+      to it, which must happen before CUDA is initialised. In a Slurm job given GPUs the
+      device is one of those (`slurm_job_gpus`), whatever IMGPIPE_GPUS says.
     """
     environ = os.environ if environ is None else environ
     environ.setdefault(OMP_WAIT_POLICY_ENV, "PASSIVE")
-    return claim_gpu() if holds_gpu else None
+    if not holds_gpu:
+        return None
+    slurm_gpus = slurm_job_gpus(environ)
+    if slurm_gpus is not None:
+        # One of the devices Slurm gave this job, locked in a folder of this job alone: a
+        # folder shared by the user's jobs would make two jobs on one node wait for each
+        # other where Slurm numbers each job's devices from 0 (when it confines them by cgroup).
+        job_folder = f"slurm-job-{environ['SLURM_JOB_ID']}"
+        lock_dir = (Path(environ[GPU_LOCK_DIR_ENV]) / job_folder if environ.get(GPU_LOCK_DIR_ENV)
+                    else Path(tempfile.gettempdir()) / f"imgpipe-gpu-locks-{os.getuid()}-{job_folder}")
+        return claim_gpu(slurm_gpus, lock_dir)
+    return claim_gpu()
