@@ -523,3 +523,12 @@ def test_read_exclude_list(tmp_path):
     }
     with pytest.raises(FileNotFoundError, match="missing.txt.*dedupe.exclude"):
         read_exclude_list(tmp_path / "missing.txt")
+
+
+def test_a_hash_given_as_a_signed_integer_is_the_same_bits():
+    raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"))
+    signed = decide_fates(raw, {"s1": np.int64(-1), "s2": (np.int64(-2), 5)}, near_distance=1)
+    unsigned = decide_fates(raw, {"s1": 2**64 - 1, "s2": (2**64 - 2, 5)}, near_distance=1)
+
+    pd.testing.assert_frame_equal(signed, unsigned)
+    assert signed["reason"].tolist() == ["", "near_duplicate"] and signed["phash"][0] == "ffffffffffffffff"

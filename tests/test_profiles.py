@@ -23,7 +23,8 @@ def dry_run(tmp_path: Path, profile: str) -> dict[str, list[str]]:
         [SNAKEMAKE, "-n", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
          "--configfile", str(REPO / "config" / "config.yaml"), "--profile", str(REPO / "profiles" / profile)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path)},
+        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path),
+             "MLFLOW_TRACKING_URI": "http://mlflow.example:5000"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs: dict[str, list[str]] = {}

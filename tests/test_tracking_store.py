@@ -4,11 +4,13 @@ import importlib
 import multiprocessing
 import os
 import socket
+import threading
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from imgpipe.tracking import FAIL_FAST_HTTP, INVOCATION_TAGS_ENV, end_invocation, job_run, start_invocation
+from imgpipe.tracking import (INVOCATION_TAGS_ENV, _experiment_id, check_tracking_server, end_invocation, job_run,
+                              start_invocation)
 
 CONFIG = {"experiment": "race", "models": {"cnn": {"lr": 0.1}}}
 
@@ -46,16 +48,15 @@ def test_invocations_started_at_once_on_a_fresh_sqlite_store_all_start(tmp_path)
     assert sorted(run.info.run_id for run in runs) == sorted(run_id for _, run_id in outcomes)
 
 
-def _closed_port_uri() -> str:
+def _closed_port_uri(credentials: str = "") -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+        return f"http://{credentials}127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in (*FAIL_FAST_HTTP, "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", INVOCATION_TAGS_ENV,
-                 "IMGPIPE_MLFLOW_PARENT_RUN_ID"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", INVOCATION_TAGS_ENV, "IMGPIPE_MLFLOW_PARENT_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -67,16 +68,41 @@ def test_an_unreachable_tracking_server_fails_the_invocation_with_what_to_do(cle
 
     message = str(error.value)
     assert uri in message and "mlflow.tracking_uri" in message and "mlflow server" in message
-    # jobs get MLflow's retries cut down too, unless the user set them
-    assert {name: os.environ[name] for name in FAIL_FAST_HTTP} == FAIL_FAST_HTTP
 
 
-def test_a_user_setting_of_mlflow_retries_is_kept(clean_env):
-    clean_env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "9")
-    with pytest.raises(RuntimeError):
-        start_invocation(_closed_port_uri(), "race", CONFIG)
+def test_a_server_that_accepts_but_never_answers_is_unreachable_too(clean_env):
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections are accepted by the kernel, and nothing ever answers
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match=f"MLflow tracking server {uri} does not answer .*[Tt]imed? ?out"):
+            check_tracking_server(uri)
 
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "9"
+
+def test_credentials_in_the_uri_are_masked_in_the_message(clean_env):
+    uri = _closed_port_uri("alice:s3cret@")
+    with pytest.raises(RuntimeError) as error:
+        check_tracking_server(uri)
+
+    assert "s3cret" not in str(error.value) and "http://***@127.0.0.1:" in str(error.value)
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 401 Unauthorized", b"HTTP/1.1 404 Not Found"])
+def test_any_http_answer_counts_as_a_server(clean_env, answer):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def reply():
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(4096)
+                connection.sendall(answer + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+        thread = threading.Thread(target=reply)
+        thread.start()
+        check_tracking_server(f"http://127.0.0.1:{server.getsockname()[1]}")  # no error: MLflow reports it
+        thread.join()
 
 
 def test_a_job_whose_tracking_server_is_gone_fails_with_the_uri(clean_env):
@@ -85,3 +111,15 @@ def test_a_job_whose_tracking_server_is_gone_fails_with_the_uri(clean_env):
     with pytest.raises(RuntimeError, match=f"MLflow tracking server {uri} does not answer"):
         with job_run("crawl cat", tags={"imgpipe.stage": "crawl"}):
             pass
+
+
+def test_an_experiment_another_invocation_created_meanwhile_is_used(mlflow_uri):
+    """On a server or a database (no file lock), two invocations may both find no experiment
+    and both create it: the second must use the first's, not die with RESOURCE_ALREADY_EXISTS."""
+    client = MlflowClient()
+    created_meanwhile = client.create_experiment("race")
+    lookups = iter([None])  # the first lookup ran before the other invocation created it
+    found = client.get_experiment_by_name
+    client.get_experiment_by_name = lambda name: next(lookups, None) or found(name)
+
+    assert _experiment_id(client, "race") == created_meanwhile

@@ -207,7 +207,9 @@ def decide_fates(
     for row in np.nonzero(ok)[0]:
         value = phashes[sha[row]]
         if value is not None:
-            hashes[row] = (int(value),) if isinstance(value, (int, np.integer)) else tuple(map(int, value))
+            # (a hash read as a signed 64-bit integer is the same bits)
+            values = (value,) if isinstance(value, (int, np.integer)) else value
+            hashes[row] = tuple(int(v) & (2**64 - 1) for v in values)
     has_hash = np.array([bool(h) for h in hashes], dtype=bool)
 
     reason = np.where(ok, "", raw["status"].to_numpy(object)).astype(object)

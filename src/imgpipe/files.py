@@ -21,3 +21,8 @@ def walk_files(folder: Path | str) -> list[Path]:
 def error_text(error: BaseException) -> str:
     """'TypeName: message', or the type name alone when the message is empty."""
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def prepend_to_pythonpath(folder: str) -> None:
+    """Put `folder` first on PYTHONPATH, for the processes this one starts."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, os.environ.get("PYTHONPATH")]))

@@ -12,8 +12,8 @@ their parent, out of sight and out of the charts.
 The store is created once, in the Snakemake process before any job starts, under a file
 lock beside a SQLite database (MLflow creating the schema from two processes at once fails
 with "duplicate column name"; two invocations started together would). A tracking server
-that does not answer fails the invocation, and any job, within seconds with its URI: MLflow's
-own retries would block for minutes, so they are cut down unless the user set them. The invocation's run id, the
+that does not answer fails the invocation, and any job, within seconds with its URI (MLflow's
+own retries would block for minutes before saying anything). The invocation's run id, the
 experiment and the tags every run carries (git commit, config hash) reach jobs through
 the environment, not through params, so moving the tracking store or the checkout never
 reruns a job. (MLFLOW_RUN_ID would mean "resume this run" to MLflow, so the parent id
@@ -39,8 +39,8 @@ import os
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -75,13 +75,9 @@ MLFLOW_SOURCE_NAME = "mlflow.source.name"
 MLFLOW_SOURCE_TYPE = "mlflow.source.type"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
-# MLflow's HTTP retries default to 7 with backoff factor 2 and a 120 s timeout: minutes of
-# silence before an unreachable server is reported. Exported for jobs unless already set.
-FAIL_FAST_HTTP = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-}
+# An invocation and every job first check that an http(s) tracking server answers within
+# this (check_tracking_server); MLflow's own retries, which keep a job alive through a
+# server restart, are left as they are.
 SERVER_CHECK_TIMEOUT_S = 5
 
 
@@ -234,24 +230,55 @@ def with_context_tags(tags: dict[str, str]) -> dict[str, str]:
 def check_tracking_server(uri: str) -> None:
     """Raise RuntimeError within seconds, naming `uri`, when an http(s) tracking server does not answer.
 
-    Any HTTP answer counts as alive (a proxy's 401 is MLflow's to report); only a connection
-    that cannot be made or times out is refused here. Other URIs (files, databases) pass.
+    Without it MLflow retries an unreachable server for minutes before it says anything.
+    Any HTTP answer counts as alive (a 401, a 404 from a proxy: MLflow reports those), and
+    so does a TLS handshake this probe does not verify (private CAs and client certificates
+    are MLflow's to check, with its own settings); only a connection that cannot be made,
+    or a server that does not answer within SERVER_CHECK_TIMEOUT_S, is refused. Other URIs
+    (files, databases) pass. Credentials in the URI are used, and masked in the message.
     """
     if not uri.startswith(("http://", "https://")):
         return
+    import requests
+    import urllib3
+
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_CHECK_TIMEOUT_S):
-            pass
-    except urllib.error.HTTPError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+            requests.get(uri.rstrip("/") + "/health", timeout=SERVER_CHECK_TIMEOUT_S, verify=False)
+    except requests.exceptions.SSLError:
         return
-    except (OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)  # URLError wraps the socket's error
-        detail = error_text(reason) if isinstance(reason, BaseException) else str(reason)
+    except requests.exceptions.RequestException as error:
+        shown = _without_credentials(uri)
+        reason = error_text(error).replace(uri, shown)
         raise RuntimeError(
-            f"MLflow tracking server {uri} does not answer ({detail}): "
+            f"MLflow tracking server {shown} does not answer ({reason}): "
             f"start it (`mlflow server --backend-store-uri sqlite:///mlflow.db --host 0.0.0.0 --port 5000`) "
             f"or point config key mlflow.tracking_uri / MLFLOW_TRACKING_URI at one that runs"
         ) from None
+
+
+def _without_credentials(uri: str) -> str:
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def _experiment_id(client, name: str) -> str:
+    """The experiment's id, created if it does not exist; another invocation creating it at
+    the same moment (on a server or a database the file lock does not cover) is no error."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -298,15 +325,12 @@ def start_invocation(tracking_uri: str | None, experiment: str, config: dict,
 
     if tracking_uri:
         os.environ[TRACKING_URI_ENV] = tracking_uri
-    for name, value in FAIL_FAST_HTTP.items():
-        os.environ.setdefault(name, value)
     mlflow.set_tracking_uri(None)  # a process-wide URI would shadow the environment variable
     uri = mlflow.get_tracking_uri()
     check_tracking_server(uri)
     with store_creation_lock(uri):  # the client's first use creates a new store
         client = MlflowClient()
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = _experiment_id(client, experiment)
     # Before our own run exists: what a killed invocation left RUNNING is closed first.
     abandoned = mark_abandoned_runs(
         client, experiment_id, marked_by=f"the snakemake invocation started by process {os.getpid()}")

@@ -1,9 +1,11 @@
 # Config validation and the helpers the rules share. Everything a job reads from the
 # config reaches it through params, so Snakemake reruns exactly the jobs a change affects.
 
+import os
 import re
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 
 from imgpipe.config import (
     ConfigError,
@@ -16,8 +18,14 @@ from imgpipe.config import (
     training_settings,
     validate_config,
 )
+from imgpipe.files import prepend_to_pythonpath
 from imgpipe.fingerprints import FileHashCache
 from imgpipe.training.devices import model_uses_gpu, visible_gpus
+
+# Under --sdm conda the jobs' environment (envs/imgpipe.yaml) holds imgpipe's dependencies,
+# not imgpipe: jobs import it from this checkout (each job's snakemake reads this file too).
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    prepend_to_pythonpath(os.path.join(workflow.basedir, "src"))
 
 try:
     check_config_files(workflow.configfiles)

@@ -352,7 +352,9 @@ def prepare_model_job(holds_gpu: int, environ: dict | None = None) -> GpuClaim |
         # folder shared by the user's jobs would make two jobs on one node wait for each
         # other where Slurm numbers each job's devices from 0 (when it confines them by cgroup).
         job_folder = f"slurm-job-{environ['SLURM_JOB_ID']}"
-        lock_dir = (Path(environ[GPU_LOCK_DIR_ENV]) / job_folder if environ.get(GPU_LOCK_DIR_ENV)
+        declared = environ.get(GPU_LOCK_DIR_ENV)
+        lock_dir = (Path(declared) / job_folder if declared
                     else Path(tempfile.gettempdir()) / f"imgpipe-gpu-locks-{os.getuid()}-{job_folder}")
+        _prepare_lock_dir(lock_dir, private=not declared)  # in the shared temp folder: ours alone
         return claim_gpu(slurm_gpus, lock_dir)
     return claim_gpu()
