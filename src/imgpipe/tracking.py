@@ -246,16 +246,31 @@ def check_tracking_server(uri: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
             requests.get(uri.rstrip("/") + "/health", timeout=SERVER_CHECK_TIMEOUT_S, verify=False)
+        return
     except requests.exceptions.SSLError:
         return
+    except requests.exceptions.Timeout:
+        reason = f"no answer within {SERVER_CHECK_TIMEOUT_S} s"
     except requests.exceptions.RequestException as error:
-        shown = _without_credentials(uri)
-        reason = error_text(error).replace(uri, shown)
-        raise RuntimeError(
-            f"MLflow tracking server {shown} does not answer ({reason}): "
-            f"start it (`mlflow server --backend-store-uri sqlite:///mlflow.db --host 0.0.0.0 --port 5000`) "
-            f"or point config key mlflow.tracking_uri / MLFLOW_TRACKING_URI at one that runs"
-        ) from None
+        reason = error_text(_root_cause(error))
+    raise RuntimeError(
+        f"MLflow tracking server {_without_credentials(uri)} does not answer ({reason}): "
+        f"start it (`mlflow server --backend-store-uri sqlite:///mlflow.db --host 0.0.0.0 --port 5000`) "
+        f"or point config key mlflow.tracking_uri / MLFLOW_TRACKING_URI at one that runs"
+    )
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The socket error under requests' wrappers (ConnectionError > MaxRetryError > NewConnectionError)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "reason", None) or error.__cause__ or error.__context__ or next(
+            (arg for arg in error.args if isinstance(arg, BaseException)), None)
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
 
 
 def _without_credentials(uri: str) -> str:
