@@ -76,7 +76,8 @@ def test_a_server_that_accepts_but_never_answers_is_unreachable_too(clean_env):
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # connections are accepted by the kernel, and nothing ever answers
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        with pytest.raises(RuntimeError, match=re.escape(f"MLflow tracking server {uri} does not answer (no answer within 5 s)")):
+        expected = f"MLflow tracking server {uri} does not answer (no answer within 5 s)"
+        with pytest.raises(RuntimeError, match=re.escape(expected)):
             check_tracking_server(uri)
 
 
