@@ -53,7 +53,7 @@ from PIL import Image, ImageEnhance
 from sklearn.datasets import load_sample_images
 
 from imgpipe.config import load_schema
-from imgpipe.hamming import choose_hamming_method, hamming_pairs, hamming_pairs_brute_force, owner_pairs
+from imgpipe.hamming import choose_hamming_method, group_pairs, hamming_pairs, hamming_pairs_brute_force, owner_pairs
 from imgpipe.hashing import hash_distance, hash_images
 
 DISTANCE = 10
@@ -217,9 +217,7 @@ def run_imgpipe(files, workers, distance=DISTANCE):
     hashes = hash_images(files, workers)
     hash_s = time.perf_counter() - started
     started = time.perf_counter()
-    flat = np.array([h for pair in hashes for h in pair], dtype=np.uint64)  # (every file decodes)
-    owners = np.repeat(np.arange(len(hashes)), [len(pair) for pair in hashes])
-    pairs = owner_pairs(flat, owners, distance)
+    pairs = group_pairs(hashes, distance)  # (every file decodes)
     search_s = time.perf_counter() - started
     whole = np.array([pair.whole for pair in hashes], dtype=np.uint64)
     return hash_s, search_s, pairs_of_sets(pairs[:, :2].tolist()), whole
@@ -368,10 +366,8 @@ def corpus_figures(n_images, seed, workers_list):
         # Distinct bases that still hash close (by imgpipe's hashes): false pairs no tool can avoid.
         base_idx = [i for i, r in enumerate(rows) if r[2] == "base"]
         base_hashes = hash_images([files[i] for i in base_idx], 2)
-        flat = np.array([h for pair in base_hashes for h in pair], dtype=np.uint64)
-        owners = np.repeat(np.arange(len(base_idx)), 2)
-        figures["corpus"]["distinct_base_pairs_within_10"] = len(owner_pairs(flat, owners, DISTANCE))
-        figures["corpus"]["min_distance_between_bases"] = int(owner_pairs(flat, owners, 64)[:, 2].min())
+        figures["corpus"]["distinct_base_pairs_within_10"] = len(group_pairs(base_hashes, DISTANCE))
+        figures["corpus"]["min_distance_between_bases"] = int(group_pairs(base_hashes, 64)[:, 2].min())
         figures["recall_base_vs_crop"] = crop_sweep(folder, rows)
         if "imagehash_phash_loop" in hashes:
             # Same pHash definition; imgpipe decodes JPEGs at reduced scale (and turns by EXIF).

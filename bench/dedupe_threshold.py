@@ -36,7 +36,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from sklearn.datasets import load_digits, load_sample_images
 
 from imgpipe.dedupe import decide_fates, summarize_fates
-from imgpipe.hamming import owner_pairs
+from imgpipe.hamming import group_pairs
 from imgpipe.hashing import hash_distance, hash_images
 
 CROPS_PER_SOURCE = 200
@@ -186,8 +186,6 @@ def digits_report(folder, recommended):
             Image.fromarray(np.kron(image, np.ones((upscale, upscale), dtype=np.uint8))).save(path)
             files.append(str(path))
         hashes = hash_images(files)
-        flat = np.array(hashes, dtype=np.uint64).ravel()
-        owners = np.repeat(np.arange(len(hashes)), 2)
         labels = digits.target
         raw = pd.DataFrame(
             {
@@ -201,7 +199,7 @@ def digits_report(folder, recommended):
         phashes = dict(zip(raw["sha256"], hashes))
         rows = []
         for t in sorted(set(DIGITS_THRESHOLDS) | {recommended}):
-            pairs = owner_pairs(flat, owners, t)
+            pairs = group_pairs(hashes, t)
             same = labels[pairs[:, 0]] == labels[pairs[:, 1]]
             drop = summarize_fates(decide_fates(raw, phashes, t, "drop"))
             group_fates = decide_fates(raw, phashes, t, "group")

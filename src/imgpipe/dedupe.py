@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from imgpipe.hamming import owner_pairs
+from imgpipe.hamming import group_pairs
 from imgpipe.hashing import ImageHashes, format_hash, hash_images
 from imgpipe.manifests import CRAWL_STATUSES, FATE_COLUMNS
 
@@ -124,10 +124,7 @@ def _unit_pairs(units: pd.DataFrame, hashes: Sequence[tuple[int, ...]], near_dis
     """
     reps = units.drop_duplicates("sha")
     rep_of = dict(zip(reps["sha"], range(len(reps))))
-    rep_hashes = [hashes[pos] for pos in reps["pos"]]
-    owners = np.repeat(np.arange(len(reps)), [len(h) for h in rep_hashes])
-    flat = np.fromiter((h for group in rep_hashes for h in group), dtype=np.uint64, count=len(owners))
-    pairs = owner_pairs(flat, owners, near_distance)
+    pairs = group_pairs([hashes[pos] for pos in reps["pos"]], near_distance)
     forward = pd.DataFrame(pairs, columns=["a", "b", "dist"])
     both = pd.concat([forward, forward.rename(columns={"a": "b", "b": "a"})], ignore_index=True)
     side = pd.DataFrame({"rep": units["sha"].map(rep_of), "pos": units["pos"], "cls": units["cls"]})

@@ -469,3 +469,12 @@ def owner_pairs(hashes: Sequence[int] | np.ndarray, owners: Sequence[int] | np.n
     first = np.ones(len(pairs), dtype=bool)
     first[1:] = (pairs[1:, 0] != pairs[:-1, 0]) | (pairs[1:, 1] != pairs[:-1, 1])
     return pairs[first]
+
+
+def group_pairs(groups: Sequence[Sequence[int]], max_distance: int) -> np.ndarray:
+    """`owner_pairs` for hashes given as one group per owner (an image's whole and center
+    hashes): rows (a, b, distance) index into `groups`."""
+    owners = np.repeat(np.arange(len(groups)), [len(group) for group in groups])
+    hashes = np.fromiter((h for group in groups for h in group), dtype=np.uint64, count=len(owners))
+    return owner_pairs(hashes, owners, max_distance)
+
