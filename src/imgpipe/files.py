@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def walk_files(folder: Path | str) -> list[Path]:
@@ -26,3 +30,16 @@ def error_text(error: BaseException) -> str:
 def prepend_to_pythonpath(folder: str) -> None:
     """Put `folder` first on PYTHONPATH, for the processes this one starts."""
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, os.environ.get("PYTHONPATH")]))
+
+
+def read_optional_json(path: Path | str | None, what: str) -> dict | None:
+    """A JSON file that adds information but is not needed: None when absent; damaged, a warning."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        log.warning("%s '%s' cannot be read (%s); going on without it. Rerun the job that writes it to restore %s",
+                    what, path, error_text(error), what)
+        return None
+

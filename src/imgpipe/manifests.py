@@ -83,7 +83,6 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_acc
 # summary.json and metrics.json. Training's in-memory history also has this column ...
 HISTORY_TIMING_COLUMN = "seconds"
 # ... which goes to models/<model>/timing.json: {"train_seconds", "epoch_seconds": [...]};
-TIMING_FILE = "timing.json"
 # and eval/<model>/speed.json holds these evaluation figures and train_seconds.
 SPEED_FILE = "speed.json"
 SPEED_KEYS = ("latency_ms_batch1", "throughput_images_per_s", "inference_ms_per_image")

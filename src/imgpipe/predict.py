@@ -30,7 +30,7 @@ from PIL import Image
 from imgpipe.checkpoints import load_trained_model
 from imgpipe.datasets import image_to_chw
 from imgpipe.evaluate import predict_probabilities
-from imgpipe.files import error_text, walk_files
+from imgpipe.files import error_text, read_optional_json, walk_files
 from imgpipe.images import inspect_image
 from imgpipe.modelcard import CARD_FILE
 from imgpipe.preprocess import prepare_image, resize_image, to_color
@@ -83,18 +83,6 @@ class Classifier:
         if self.test_metrics is not None and "accuracy" in self.test_metrics:
             header["test_accuracy"] = self.test_metrics["accuracy"]
         return header
-
-
-def read_optional_json(path: Path | str | None, what: str) -> dict | None:
-    """A JSON file that adds information but is not needed: None when absent; damaged, a warning."""
-    if path is None or not Path(path).is_file():
-        return None
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        log.warning("%s '%s' cannot be read (%s); going on without it. Rerun the job that writes it to restore %s",
-                    what, path, error_text(error), what)
-        return None
 
 
 def open_classifier(checkpoint_path: Path | str, device: str | torch.device = "auto",

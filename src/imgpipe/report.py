@@ -23,6 +23,7 @@ from tabulate import tabulate
 
 from imgpipe import stats
 from imgpipe.dedupe import REASONS as DEDUPE_REASONS
+from imgpipe.files import read_optional_json
 from imgpipe.layout import MODEL_PLOTS
 from imgpipe.manifests import HISTORY_COLUMNS, SPEED_FILE, read_dedupe_manifest, read_split_manifest
 from imgpipe.plots import plot_learning_curves
@@ -346,14 +347,9 @@ def load_metrics(metrics_paths: dict[str, Path]) -> tuple[dict[str, dict], dict[
 
 
 def _read_speed(path: Path) -> dict:
-    try:
-        speed = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.is_file():
         log.warning("no speed figures: %s not found", path)
-        return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        log.warning("no speed figures: cannot read %s (%s)", path, error)
-        return {}
+    speed = read_optional_json(path, "the speed figures")
     return speed if isinstance(speed, dict) else {}
 
 
