@@ -64,8 +64,9 @@ def write_provenance(folder: Path | str, config: dict, workflow_folder: Path | s
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.resolved.yaml").write_text(
-        yaml.safe_dump(json.loads(json.dumps(redact_secrets(config), default=str)), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    plain = json.loads(json.dumps(redact_secrets(config), default=str))  # YAML-safe types only
+    (folder / "config.resolved.yaml").write_text(yaml.safe_dump(plain, sort_keys=False, allow_unicode=True),
+                                                 encoding="utf-8")
     environment = {
         "imgpipe_version": VERSION,
         "python": platform.python_version(),
