@@ -6,8 +6,10 @@
    a finished run) and takes each job's wall time from Snakemake's benchmark files.
 2. For each stage, the floor of what a job pays before and after its work, measured alone
    (median of 3 fresh processes): the interpreter with the stage script's own imports (read
-   from workflow/scripts/<stage>.py), and those plus one MLflow job run opened and closed on a
-   copy of the run's store. Snakemake's script preamble comes on top of it.
+   from workflow/scripts/<stage>.py), and those plus the job's MLflow run as the script opens
+   it: a record written for the invocation to publish (data jobs, imgpipe.jobrecords), or a
+   run opened and closed on a copy of the run's store (train, evaluate). Snakemake's script
+   preamble comes on top of it.
 3. `snakemake -n` on the finished, up-to-date folder: seconds, median of 3.
 """
 
@@ -26,6 +28,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+from imgpipe.jobrecords import INVOCATION_FILE, RECORDS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -79,10 +83,18 @@ def main() -> None:
     env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "MLFLOW_EXPERIMENT_NAME": "overhead"}
     interpreter = seconds_of("pass", env, store)
     stages = {}
+    records = store / "records"
+    records.mkdir()
+    (records / INVOCATION_FILE).write_text("{}")  # what makes a job write its record there
+    record_env = env | {RECORDS_ENV: str(records)}
     for stage in STAGES:
         imports = script_imports(stage)
-        with_run = imports + "from imgpipe.tracking import job_run\nwith job_run('overhead', {}):\n    pass\n"
-        floor = seconds_of(with_run, env, store) if "mlflow" in imports else None
+        if "data_job_run" in imports:
+            floor = seconds_of(imports + "with data_job_run('overhead', {}):\n    pass\n", record_env, store)
+        elif "job_run" in imports:
+            floor = seconds_of(imports + "with job_run('overhead', {}):\n    pass\n", env, store)
+        else:
+            floor = None
         stages[stage] = {
             "jobs": len(walls.get(stage, [])),
             "job_wall_median_s": round(statistics.median(walls[stage]), 2) if stage in walls else None,

@@ -54,13 +54,18 @@ def mlflow_uri(tmp_path, monkeypatch, mlflow_template_db) -> str:
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "IMGPIPE_MLFLOW_PARENT_RUN_ID",
-                 "IMGPIPE_MLFLOW_INVOCATION_TAGS"):
+                 "IMGPIPE_MLFLOW_INVOCATION_TAGS", "IMGPIPE_MLFLOW_RECORDS"):
         monkeypatch.delenv(name, raising=False)
     mlflow.set_tracking_uri(None)  # a process-wide URI would override the variable
     # Each pipeline job is a fresh process; in one test process, forget the previous
     # test's active experiment, which lives in another store.
     mlflow.tracking.fluent._active_experiment_id = None
     yield uri
+    from imgpipe import tracking
+
+    if tracking._record_publisher is not None:  # a test that never ended its invocation
+        tracking._record_publisher.stop()
+        tracking._record_publisher = None
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)

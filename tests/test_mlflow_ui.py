@@ -30,6 +30,7 @@ from test_tracking import make_git_checkout
 
 from imgpipe.config import load_schema, validate_config
 from imgpipe.provenance import config_hash, git_commit
+from imgpipe.jobrecords import data_job_run
 from imgpipe.tracking import INVOCATION_TAGS_ENV, end_invocation, job_run, log_split_dataset, start_invocation
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -147,14 +148,15 @@ def test_the_ui_shows_one_row_per_model_from_tracking_runs(mlflow_uri, tmp_path,
 
     # start_invocation exports its tags for the jobs it starts: set here, monkeypatch removes them after the test.
     monkeypatch.setenv(INVOCATION_TAGS_ENV, "{}")
-    start_invocation(None, "pets", config, workflow_folder=tmp_path / "workflow")
+    start_invocation(None, "pets", config, workflow_folder=tmp_path / "workflow", records_root=tmp_path / "records")
+    # Data jobs write records that the invocation publishes (as in the pipeline); models log themselves.
     for cls in ("cat", "dog"):
         for stage in ("crawl", "preprocess"):
-            with job_run(f"{stage} {cls}", tags={"imgpipe.stage": stage, "imgpipe.class": cls}):
-                mlflow.log_metric("images_ok", 2)
+            with data_job_run(f"{stage} {cls}", tags={"imgpipe.stage": stage, "imgpipe.class": cls}) as run:
+                run.log_metric("images_ok", 2)
     for stage in ("dedupe", "split"):
-        with job_run(stage, tags={"imgpipe.stage": stage}):
-            mlflow.log_metric("n_test", 2)
+        with data_job_run(stage, tags={"imgpipe.stage": stage}) as run:
+            run.log_metric("n_test", 2)
     for name, accuracy in (("cnn", 0.5), ("resnet", 1.0)):
         tags = {"imgpipe.stage": "model", "imgpipe.model": name}
         with job_run(name, tags=tags) as train:
@@ -163,8 +165,8 @@ def test_the_ui_shows_one_row_per_model_from_tracking_runs(mlflow_uri, tmp_path,
         with job_run(name, tags=tags, resume_run_id=train.info.run_id):
             log_split_dataset(manifest, "evaluation")
             mlflow.log_metrics({"test/accuracy": accuracy, "test/macro_f1": accuracy})
-    with job_run("report", tags={"imgpipe.stage": "report"}):
-        mlflow.log_metric("best_accuracy", 1.0)
+    with data_job_run("report", tags={"imgpipe.stage": "report"}) as run:
+        run.log_metric("best_accuracy", 1.0)
     end_invocation(success=True)
 
     store = Path(mlflow_uri.removeprefix("sqlite:///"))

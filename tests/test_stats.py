@@ -122,3 +122,16 @@ def test_roc_multiclass_with_a_class_absent_from_the_test_split():
 def test_roc_with_a_single_class_has_no_auc():
     result = roc_curves(np.array([1, 1]), np.array([[0.2, 0.8], [0.6, 0.4]]), ["a", "b"])
     assert result["auc"] is None and result["note"] == "the test split holds a single class"
+
+
+def test_the_exact_fair_coin_p_value_is_scipys_binomial_test():
+    from scipy.stats import binomtest
+
+    from imgpipe.stats import fair_coin_two_sided_p
+
+    for n in [*range(1, 40), 101, 1000, 4001]:
+        for k in range(0, n // 2 + 1, max(1, n // 25)):
+            expected = min(1.0, binomtest(k, n, 0.5).pvalue)
+            assert fair_coin_two_sided_p(k, n) == pytest.approx(expected, rel=1e-9, abs=1e-300), (k, n)
+    assert fair_coin_two_sided_p(0, 0) == 1.0
+    assert fair_coin_two_sided_p(5, 10) == 1.0

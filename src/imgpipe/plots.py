@@ -17,8 +17,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
-from sklearn.decomposition import PCA
-from sklearn.manifold import TSNE
 
 DPI = 120
 LABEL_CHARS = 18
@@ -184,6 +182,10 @@ def plot_embedding(features, y_true, y_pred, class_names: Sequence[str], path: P
 
     Returns {"pca_explained_variance": [ratio per component], "tsne": drawn or not}.
     """
+    # Imported here: sklearn brings scipy.stats (0.7 s), which the report job (this module's other user) never needs.
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
     x = np.asarray(features, dtype=float)
     y = np.asarray(y_true).astype(int)
     predicted = np.asarray(y_pred).astype(int)

@@ -324,9 +324,19 @@ def store_creation_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# The invocation's publisher of its data jobs' records (imgpipe.jobrecords), stopped by end_invocation.
+_record_publisher = None
+
+
 def start_invocation(tracking_uri: str | None, experiment: str, config: dict,
-                     workflow_folder: Path | str | None = None, provenance_folder: Path | str | None = None) -> str:
+                     workflow_folder: Path | str | None = None, provenance_folder: Path | str | None = None,
+                     records_root: Path | str | None = None) -> str:
     """Create the store and experiment if needed, open the invocation's parent run, export both.
+
+    With `records_root`, the data jobs' runs come as records in a folder of this invocation
+    under it, which a thread of this process publishes (imgpipe.jobrecords); records earlier
+    invocations left there unpublished are published first. Without it, jobs log their runs
+    themselves.
 
     The files in `provenance_folder` (imgpipe.provenance.write_provenance) are logged to the
     run under provenance/.
@@ -373,13 +383,29 @@ def start_invocation(tracking_uri: str | None, experiment: str, config: dict,
     os.environ[EXPERIMENT_ENV] = experiment
     os.environ[PARENT_RUN_ENV] = run.info.run_id
     os.environ[INVOCATION_TAGS_ENV] = json.dumps(shared_tags)
+    if records_root is not None:
+        from imgpipe.jobrecords import RECORDS_ENV, RecordPublisher, publish_leftovers
+
+        global _record_publisher
+        publish_leftovers(records_root)
+        _record_publisher = RecordPublisher.create(records_root, experiment_id, run.info.run_id, shared_tags)
+        _record_publisher.start()
+        os.environ[RECORDS_ENV] = str(_record_publisher.folder)
     log.info("MLflow: experiment '%s' at %s, invocation run %s", experiment, mlflow.get_tracking_uri(),
              run.info.run_id)
     return run.info.run_id
 
 
 def end_invocation(success: bool) -> None:
-    """Mark the invocation's parent run FINISHED or FAILED (onsuccess / onerror)."""
+    """Publish the data jobs' last records, then mark the invocation's parent run FINISHED or
+    FAILED (onsuccess / onerror)."""
+    global _record_publisher
+    if _record_publisher is not None:
+        from imgpipe.jobrecords import RECORDS_ENV
+
+        _record_publisher.stop()
+        _record_publisher = None
+        os.environ.pop(RECORDS_ENV, None)
     run_id = os.environ.get(PARENT_RUN_ENV)
     if not run_id:
         return
@@ -397,6 +423,23 @@ def job_source_name(run_name: str, tags: dict) -> str:
     return " ".join(part for part in ("imgpipe", tags[STAGE_TAG], subject) if part)
 
 
+def job_tags(run_name: str, tags: dict, invocation_id: str | None, shared_tags: dict, owner: dict) -> dict:
+    """All the tags of a job's new run: kind, source name, the invocation's shared tags, its run id,
+    the parent (the invocation's run, except for a model's run, which is top level), the job's
+    own tags and its owner process."""
+    parent_id = invocation_id if tags.get(STAGE_TAG) != MODEL_STAGE else None
+    return {
+        KIND_TAG: "job",
+        MLFLOW_SOURCE_NAME: job_source_name(run_name, tags),
+        MLFLOW_SOURCE_TYPE: "LOCAL",
+        **shared_tags,
+        **({INVOCATION_TAG: invocation_id} if invocation_id else {}),
+        **({MLFLOW_PARENT_RUN_ID: parent_id} if parent_id else {}),
+        **tags,
+        **owner,
+    }
+
+
 def new_job_run(run_name: str, tags: dict) -> tuple:
     """Open (and make active) a new run for a job; return it and the run it is nested under, or None.
 
@@ -410,22 +453,12 @@ def new_job_run(run_name: str, tags: dict) -> tuple:
     experiment = os.environ.get(EXPERIMENT_ENV)
     # Outside an invocation (no experiment exported), MLflow's own choice, as mlflow.start_run makes it.
     experiment_id = mlflow.set_experiment(experiment).experiment_id if experiment else _get_experiment_id()
-    invocation_id = os.environ.get(PARENT_RUN_ENV)
-    parent_id = invocation_id if tags.get(STAGE_TAG) != MODEL_STAGE else None
-    all_tags = {
-        KIND_TAG: "job",
-        MLFLOW_SOURCE_NAME: job_source_name(run_name, tags),
-        MLFLOW_SOURCE_TYPE: "LOCAL",
-        **json.loads(os.environ.get(INVOCATION_TAGS_ENV, "{}")),
-        **({INVOCATION_TAG: invocation_id} if invocation_id else {}),
-        **({MLFLOW_PARENT_RUN_ID: parent_id} if parent_id else {}),
-        **tags,
-        **owner_tags(),
-    }
+    all_tags = job_tags(run_name, tags, os.environ.get(PARENT_RUN_ENV),
+                        json.loads(os.environ.get(INVOCATION_TAGS_ENV, "{}")), owner_tags())
     # Created by the client, not mlflow.start_run, which would add MLflow's source and git
     # tags of the temporary script (see the module's docstring); then resumed to be active.
     created = MlflowClient().create_run(experiment_id, run_name=run_name, tags=with_context_tags(all_tags))
-    return mlflow.start_run(run_id=created.info.run_id), parent_id
+    return mlflow.start_run(run_id=created.info.run_id), all_tags.get(MLFLOW_PARENT_RUN_ID)
 
 
 @contextlib.contextmanager
@@ -473,16 +506,18 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
     try:
         yield run
         if parent_id:
-            record_counts_on_invocation(run.info.run_id, parent_id, prefix=run_name.replace(" ", "/"))
+            record_counts_on_invocation(MlflowClient().get_run(run.info.run_id).data.metrics, parent_id,
+                                        prefix=run_name.replace(" ", "/"))
     except BaseException:
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
 
 
-def record_counts_on_invocation(run_id: str, parent_id: str, prefix: str) -> None:
-    """Copy a finished data job's counts onto the invocation's run as params '<prefix>/<name>'
-    (crawl/cat/images_ok), so one run page says what data the models of that invocation saw.
+def record_counts_on_invocation(counts: dict, parent_id: str, prefix: str, client=None) -> None:
+    """Copy a finished data job's counts (its metrics) onto the invocation's run as params
+    '<prefix>/<name>' (crawl/cat/images_ok), so one run page says what data the models of that
+    invocation saw.
 
     Params, not metrics: in the chart view every metric of a visible run gets a chart, and
     thirty data counts would push the models' charts off the first screen.
@@ -491,10 +526,9 @@ def record_counts_on_invocation(run_id: str, parent_id: str, prefix: str) -> Non
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    counts = client.get_run(run_id).data.metrics
     if not counts:
         return
+    client = client or MlflowClient()
     params = [Param(f"{prefix}/{key}", f"{value:g}") for key, value in sorted(counts.items())]
     try:
         client.log_batch(parent_id, params=params)

@@ -107,6 +107,7 @@ def start_tracking():
     """The invocation's provenance (results/<experiment>/provenance/) and MLflow run; both
     record the git commit of the Snakefile's folder (workflow.basedir), wherever Snakemake runs.
     """
+    from imgpipe.jobrecords import RECORDS_ROOT
     from imgpipe.provenance import write_provenance
     from imgpipe.tracking import start_invocation
 
@@ -117,6 +118,7 @@ def start_tracking():
         config,
         workflow_folder=workflow.basedir,
         provenance_folder=provenance,
+        records_root=RECORDS_ROOT,  # data jobs' runs, published by this process
     )
 
 

@@ -7,16 +7,15 @@ from imgpipe.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
-import mlflow
 
 from imgpipe.crawl import crawl_class
 from imgpipe.crawlstore import CrawlLimits
 from imgpipe.fingerprints import FileHashCache
-from imgpipe.tracking import job_run
+from imgpipe.jobrecords import data_job_run
 
 class_name = snakemake.wildcards.cls
 settings = snakemake.params.settings
-with job_run(f"crawl {class_name}", tags={"imgpipe.stage": "crawl", "imgpipe.class": class_name}):
+with data_job_run(f"crawl {class_name}", tags={"imgpipe.stage": "crawl", "imgpipe.class": class_name}) as run:
     manifest, summary = crawl_class(
         class_name,
         snakemake.params.sources,
@@ -31,11 +30,11 @@ with job_run(f"crawl {class_name}", tags={"imgpipe.stage": "crawl", "imgpipe.cla
     )
     manifest.to_csv(snakemake.output.manifest, index=False, lineterminator="\n")
     Path(snakemake.output.summary).write_text(json.dumps(summary, indent=2) + "\n")
-    mlflow.set_tag("imgpipe.crawl_outcome", summary["outcome"])
-    mlflow.log_params({"target": summary["target"], **{f"limit.{k}": v for k, v in snakemake.config["crawl"].items()}})
-    mlflow.log_metrics({f"images_{status}": count for status, count in summary["statuses"].items()}
+    run.set_tag("imgpipe.crawl_outcome", summary["outcome"])
+    run.log_params({"target": summary["target"], **{f"limit.{k}": v for k, v in snakemake.config["crawl"].items()}})
+    run.log_metrics({f"images_{status}": count for status, count in summary["statuses"].items()}
                        | {"images_new_unique": summary["images"], "bytes_downloaded": summary["bytes"]})
     if summary["target"] is not None:
-        mlflow.log_metric("target_reached", int(summary["target_reached"]))
-    mlflow.log_artifact(snakemake.output.manifest)
-    mlflow.log_artifact(snakemake.output.summary)
+        run.log_metric("target_reached", int(summary["target_reached"]))
+    run.log_artifact(snakemake.output.manifest)
+    run.log_artifact(snakemake.output.summary)

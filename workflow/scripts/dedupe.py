@@ -6,14 +6,14 @@ from imgpipe.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
-import mlflow
 import pandas as pd
 
 from imgpipe.dedupe import dedupe_images, summarize_fates
 from imgpipe.manifests import read_raw_manifest
-from imgpipe.tracking import flatten, job_run
+from imgpipe.jobrecords import data_job_run
+from imgpipe.tracking import flatten
 
-with job_run("dedupe", tags={"imgpipe.stage": "dedupe"}):
+with data_job_run("dedupe", tags={"imgpipe.stage": "dedupe"}) as run:
     raw = pd.concat([read_raw_manifest(path) for path in snakemake.input.manifests], ignore_index=True)
     fates = dedupe_images(raw, snakemake.params.near_distance, snakemake.params.near_action, snakemake.params.exclude,
                           threads=snakemake.threads)
@@ -21,5 +21,5 @@ with job_run("dedupe", tags={"imgpipe.stage": "dedupe"}):
     summary = summarize_fates(fates)
     with open(snakemake.output.summary, "w") as handle:
         json.dump(summary, handle, indent=2)
-    mlflow.log_params({"near_distance": snakemake.params.near_distance, "near_action": snakemake.params.near_action})
-    mlflow.log_metrics({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))})
+    run.log_params({"near_distance": snakemake.params.near_distance, "near_action": snakemake.params.near_action})
+    run.log_metrics({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))})

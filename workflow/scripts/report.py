@@ -6,13 +6,12 @@ from imgpipe.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
-import mlflow
 
 from imgpipe.report import write_report
-from imgpipe.tracking import job_run
+from imgpipe.jobrecords import data_job_run
 
 models = snakemake.params.models
-with job_run("report", tags={"imgpipe.stage": "report"}):
+with data_job_run("report", tags={"imgpipe.stage": "report"}) as run:
     summary = write_report(
         snakemake.params.experiment,
         metrics_paths=dict(zip(models, map(Path, snakemake.input.metrics))),
@@ -26,13 +25,13 @@ with job_run("report", tags={"imgpipe.stage": "report"}):
         review_sheets={Path(path).stem: Path(path) for path in snakemake.input.review},
     )
     if summary["best_model"] is not None:
-        mlflow.set_tag("imgpipe.best_model", summary["best_model"])
-        mlflow.set_tag("imgpipe.significant_best", str(summary["significant_best"]))
-    mlflow.set_tag("imgpipe.verdict", summary["verdict"][:5000])
+        run.set_tag("imgpipe.best_model", summary["best_model"])
+        run.set_tag("imgpipe.significant_best", str(summary["significant_best"]))
+    run.set_tag("imgpipe.verdict", summary["verdict"][:5000])
     if summary["best_value"] is not None:
-        mlflow.log_metric(f"best_{summary['rank_by']}", summary["best_value"])
+        run.log_metric(f"best_{summary['rank_by']}", summary["best_value"])
     for path in snakemake.output:
-        mlflow.log_artifact(path, artifact_path="report")
+        run.log_artifact(path, artifact_path="report")
     for path in snakemake.input.review:  # the classes' contact sheets (their PNG grids beside them)
-        mlflow.log_artifact(path, artifact_path="review")
-        mlflow.log_artifact(path.removesuffix(".html") + ".png", artifact_path="review")
+        run.log_artifact(path, artifact_path="review")
+        run.log_artifact(path.removesuffix(".html") + ".png", artifact_path="review")

@@ -6,14 +6,13 @@ from imgpipe.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
-import mlflow
 import pandas as pd
 
 from imgpipe.manifests import read_dedupe_manifest, read_manifest
 from imgpipe.split import describe_losses, split_sizes, stratified_group_split, write_manifest
-from imgpipe.tracking import job_run
+from imgpipe.jobrecords import data_job_run
 
-with job_run("split", tags={"imgpipe.stage": "split"}):
+with data_job_run("split", tags={"imgpipe.stage": "split"}) as run:
     images = pd.concat([read_manifest(path) for path in snakemake.input.images], ignore_index=True)
     losses = describe_losses(read_dedupe_manifest(snakemake.input.dedupe))
     manifest = stratified_group_split(images[images["status"] == "ok"], snakemake.params.ratios,
@@ -22,5 +21,5 @@ with job_run("split", tags={"imgpipe.stage": "split"}):
     sizes = split_sizes(manifest)
     with open(snakemake.output.sizes, "w") as handle:
         json.dump(sizes, handle, indent=2)
-    mlflow.log_params({**{f"ratio_{k}": v for k, v in snakemake.params.ratios.items()}, "seed": snakemake.params.seed})
-    mlflow.log_metrics(sizes)
+    run.log_params({**{f"ratio_{k}": v for k, v in snakemake.params.ratios.items()}, "seed": snakemake.params.seed})
+    run.log_metrics(sizes)
