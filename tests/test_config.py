@@ -384,3 +384,11 @@ def test_crawl_settings_are_canonical_and_near_distance_matters_only_with_a_targ
     settings = crawl_settings(config, "cat")
     assert settings["target"] == 100 and settings["near_distance"] == config["dedupe"]["near_distance"]
     assert list(settings["limits"]) == sorted(settings["limits"])  # key order never reruns a crawl
+
+
+def test_a_key_added_later_at_its_neutral_value_does_not_change_what_reruns_training():
+    from imgpipe.config import training_settings
+
+    before = {"arch": "simple_cnn", "lr": 0.001, "threads": 2, "device": "cpu"}
+    assert training_settings({**before, "gpus": 1}) == training_settings(before) == {"arch": "simple_cnn", "lr": 0.001}
+    assert training_settings({**before, "gpus": 2})["gpus"] == 2

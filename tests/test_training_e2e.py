@@ -174,22 +174,28 @@ def test_a_training_job_killed_with_sigkill_resumes_to_the_uninterrupted_result(
     assert [run.info.status for run in runs if run.info.run_name == "snakemake resume"].count("KILLED") == 1
 
 
-def test_each_gpu_job_claims_its_own_device(tmp_path, mlflow_template_db):
-    # No GPU here: the device list is declared, so the DAG gives the jobs gpu=1 and each
-    # claims a device; torch then finds no CUDA and they train on the CPU.
-    workdir = tmp_path
-    shutil.copy(mlflow_template_db, workdir / "mlflow.db")
+def run_with_two_declared_gpus(workdir: Path, experiment: str, models: dict) -> str:
+    """The pipeline on shape images with devices 0 and 1 declared (none is real) and gpu=2; its output."""
     write_shapes(workdir, per_class=16)
-    write_config(workdir, shapes_config("gpus", {"a": {"arch": "simple_cnn", "epochs": 3},
-                                                 "b": {"arch": "simple_cnn", "epochs": 3}}))
-    env = {"IMGPIPE_GPUS": "0,1", "IMGPIPE_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    write_config(workdir, shapes_config(experiment, models))
+    env = {"IMGPIPE_GPUS": "0,1", "IMGPIPE_GPU_LOCK_DIR": str(workdir / "locks")}
     result = subprocess.run(
         [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile",
          str(workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=2"],
         cwd=workdir, env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **env},
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert re.findall(r"resources: .*gpu=(\d)", result.stdout + result.stderr) == ["1"] * 4
+    return result.stdout + result.stderr
+
+
+def test_each_gpu_job_claims_its_own_device(tmp_path, mlflow_template_db):
+    # No GPU here: the device list is declared, so the DAG gives the jobs gpu=1 and each
+    # claims a device; torch then finds no CUDA and they train on the CPU.
+    workdir = tmp_path
+    shutil.copy(mlflow_template_db, workdir / "mlflow.db")
+    output = run_with_two_declared_gpus(workdir, "gpus", {"a": {"arch": "simple_cnn", "epochs": 3},
+                                                          "b": {"arch": "simple_cnn", "epochs": 3}})
+    assert re.findall(r"resources: .*gpu=(\d)", output) == ["1"] * 4
     claims = {}
     for model in ("a", "b"):
         text = (workdir / "logs" / "gpus" / "train" / f"{model}.log").read_text()
@@ -200,6 +206,31 @@ def test_each_gpu_job_claims_its_own_device(tmp_path, mlflow_template_db):
     assert sorted(claims.values()) == ["0", "1"]  # so each on its own device
     runs = runs_by_name(store(workdir), "gpus")
     assert {runs[m].data.params["gpu"] for m in ("a", "b")} == set(claims.values())
+
+
+def test_a_model_with_two_gpus_trains_in_two_processes_on_both_claimed_devices(tmp_path, mlflow_template_db):
+    # Two devices declared, none real: the train job holds gpu=2, claims both, finds no CUDA and
+    # trains data-parallel in two processes on the CPU (gloo); evaluation holds one device.
+    workdir = tmp_path
+    shutil.copy(mlflow_template_db, workdir / "mlflow.db")
+    output = run_with_two_declared_gpus(workdir, "ddp", {"pair": {"arch": "simple_cnn", "epochs": 3, "gpus": 2,
+                                                                  "threads": 2, "batch_size": 4}})
+    assert sorted(re.findall(r"rule (train|evaluate):\n(?:.*\n)*?.*resources: .*gpu=(\d)", output)) == [
+        ("evaluate", "1"), ("train", "2")]
+    log = (workdir / "logs" / "ddp" / "train" / "pair.log").read_text()
+    assert sorted(re.findall(r"claimed GPU (\S+)", log)) == ["0", "1"]
+    assert "data-parallel training in 2 processes (gloo)" in log
+    assert "[rank 0]" in log and "epoch 3/3" in log
+    assert "the weights are identical in the 2 processes" in log
+    model_dir = workdir / "results" / "ddp" / "models" / "pair"
+    assert json.loads((model_dir / "summary.json").read_text())["data_parallel_processes"] == 2
+    assert (workdir / "results" / "ddp" / "eval" / "pair" / "metrics.json").exists()
+    client = store(workdir)
+    run = runs_by_name(client, "ddp")["pair"]
+    assert run.data.params["gpus"] == "2" and run.data.params["gpu"] == "0,1"
+    steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert sorted(steps) == [1, 2, 3], "process 0 logged every epoch once"
+    assert "test/accuracy" in run.data.metrics
 
 
 @pytest.mark.parametrize("example", sorted((REPO / "config" / "examples").glob("*.yaml")), ids=lambda p: p.stem)

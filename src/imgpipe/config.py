@@ -27,6 +27,10 @@ MIN_SIMPLE_CNN_SIZE = 32
 # Model settings that say where and how fast a model trains, not what it learns: changing
 # them neither retrains a finished model nor discards an interrupted one's resume state.
 EXECUTION_KEYS = ("threads", "device")
+# Model keys added after models had been trained, with the value that means what training did
+# before them: left out of the rerun trigger while they keep it, so that upgrading imgpipe
+# retrains no finished model (and a model's settings read them with this default).
+NEUTRAL_DEFAULTS = {"gpus": 1}
 
 
 class ConfigError(ValueError):
@@ -463,8 +467,10 @@ def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> d
 
 
 def training_settings(model: dict) -> dict:
-    """A model's settings without EXECUTION_KEYS: what its train job's rerun trigger compares."""
-    return {key: value for key, value in model.items() if key not in EXECUTION_KEYS}
+    """A model's settings without EXECUTION_KEYS (and NEUTRAL_DEFAULTS at their neutral value):
+    what its train job's rerun trigger compares."""
+    return {key: value for key, value in model.items()
+            if key not in EXECUTION_KEYS and not (key in NEUTRAL_DEFAULTS and value == NEUTRAL_DEFAULTS[key])}
 
 
 def canonical(value):

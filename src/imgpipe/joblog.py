@@ -17,10 +17,12 @@ def configure_logging(log_path: Path | str, level: int = logging.INFO) -> None:
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")  # a new log per run of the job; then appended to (O_APPEND), so that
+    # processes it starts (data-parallel training's workers) add their lines without overwriting ours
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[logging.FileHandler(log_path, mode="w"), logging.StreamHandler(sys.stderr)],
+        handlers=[logging.FileHandler(log_path, mode="a"), logging.StreamHandler(sys.stderr)],
         force=True,
     )
     for name in QUIET_LOGGERS:

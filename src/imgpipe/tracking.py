@@ -596,11 +596,37 @@ def read_run_reference(path: Path | str) -> str:
                          f"the model's train job: rerun it (snakemake --forcerun train)") from error
 
 
-def log_epoch(row: dict) -> None:
-    """One history row as MLflow metrics at step = epoch."""
-    import mlflow
+class RunLogger:
+    """Logs a training job's progress to its run by id: picklable, so that the first process of
+    data-parallel training (imgpipe.training.distributed) logs it from its own process."""
 
-    mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+    def __init__(self, run_id: str, tracking_uri: str | None = None):
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    def log_epoch(self, row: dict) -> None:
+        """One history row as MLflow metrics at step = epoch."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client().log_batch(self.run_id, metrics=[
+            Metric(key, float(value), now, int(row["epoch"])) for key, value in row.items() if key != "epoch"])
+
+    def log_start_weights(self, load) -> None:
+        """What loading the starting weights did (an imgpipe.models.WeightsLoad, or None for
+        random initialisation), before training starts."""
+        if load is None:
+            return
+        start_weights = load.as_dict()
+        client = self.client()
+        client.log_dict(self.run_id, start_weights, "start_weights.json")
+        client.set_tag(self.run_id, f"{TAG_PREFIX}start_weights", f"{len(start_weights['loaded'])} tensors loaded, "
+                       f"{len(start_weights['fresh'])} fresh, from {start_weights['origin']}")
 
 
 def log_params_once(params: dict) -> None:
@@ -611,19 +637,6 @@ def log_params_once(params: dict) -> None:
     run = mlflow.active_run()
     if not mlflow.get_run(run.info.run_id).data.params:
         mlflow.log_params(params)
-
-
-def log_start_weights(load) -> None:
-    """What loading the starting weights did (an imgpipe.models.WeightsLoad, or None for
-    random initialisation), on the active run, before training starts."""
-    if load is None:
-        return
-    import mlflow
-
-    start_weights = load.as_dict()
-    mlflow.log_dict(start_weights, "start_weights.json")
-    mlflow.set_tag(f"{TAG_PREFIX}start_weights", f"{len(start_weights['loaded'])} tensors loaded, "
-                   f"{len(start_weights['fresh'])} fresh, from {start_weights['origin']}")
 
 
 def log_missing_epochs(run_id: str, history: list[dict]) -> int:
@@ -637,7 +650,7 @@ def log_missing_epochs(run_id: str, history: list[dict]) -> int:
     logged = {metric.step for metric in MlflowClient().get_metric_history(run_id, "val_accuracy")}
     missing = [row for row in history if int(row["epoch"]) not in logged]
     for row in missing:
-        log_epoch(row)
+        RunLogger(run_id).log_epoch(row)
     if missing:
         log.info("logged %d epoch(s) the interrupted job had saved but not logged", len(missing))
     return len(missing)

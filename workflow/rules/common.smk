@@ -51,6 +51,7 @@ BENCHMARKS = f"benchmarks/{EXPERIMENT}"
 wildcard_constraints:
     cls="|".join(re.escape(name) for name in CLASSES),
     model="|".join(re.escape(name) for name in MODELS),
+    evaluated="|".join(re.escape(name) for name in MODELS),
 
 
 def get_sources(wildcards):
@@ -79,6 +80,11 @@ EXCLUSIONS = canonical(
 )
 
 
+def model_of(wildcards):
+    """The model a train or evaluate job is for (evaluate names its wildcard `evaluated`)."""
+    return wildcards.evaluated if "evaluated" in wildcards.keys() else wildcards.model
+
+
 def get_model_settings(wildcards):
     """What the model learns from; its threads and device reach the job outside params, so
     changing them never retrains a finished model."""
@@ -86,13 +92,18 @@ def get_model_settings(wildcards):
 
 
 def get_model_threads(wildcards):
-    return config["models"][wildcards.model]["threads"]
+    return config["models"][model_of(wildcards)]["threads"]
 
 
 def get_model_gpus(wildcards):
     """1 when the model's jobs run on a GPU (each then claims a free device), else 0,
     so that CPU-only models train side by side on the cores."""
-    return int(model_uses_gpu(config["models"][wildcards.model]["device"], GPUS))
+    return int(model_uses_gpu(config["models"][model_of(wildcards)]["device"], GPUS))
+
+
+def get_train_gpus(wildcards):
+    """The model's `gpus` when it trains on GPUs (one device per process), else 0."""
+    return get_model_gpus(wildcards) * config["models"][wildcards.model]["gpus"]
 
 
 def get_model_start_checkpoint(wildcards):

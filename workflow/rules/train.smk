@@ -17,7 +17,7 @@ rule train:
         "../../envs/imgpipe.yaml"
     threads: get_model_threads
     resources:
-        gpu=get_model_gpus,
+        gpu=get_train_gpus,
     params:
         settings=get_model_settings,
         image=config["images"],

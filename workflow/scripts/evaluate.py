@@ -17,7 +17,7 @@ from imgpipe.plots import (plot_confident_errors, plot_confusion_matrix, plot_em
                            plot_roc_curves, plot_unavailable)
 from imgpipe.tracking import job_run, log_split_dataset, read_run_reference
 
-model_name = snakemake.wildcards.model
+model_name = snakemake.wildcards.evaluated
 output = snakemake.output
 device_setting = snakemake.config["models"][model_name]["device"]  # not a param: moving it reruns nothing
 run_id = read_run_reference(snakemake.input.mlflow_run)

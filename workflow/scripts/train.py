@@ -12,12 +12,14 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 
 import mlflow
 
+from imgpipe.config import NEUTRAL_DEFAULTS
 from imgpipe.modelcard import write_model_card
 from imgpipe.pyfunc import log_classifier_model
-from imgpipe.tracking import (flatten, job_run, log_epoch, log_missing_epochs, log_params_once, log_split_dataset,
-                              log_start_weights, write_run_reference)
+from imgpipe.tracking import (RunLogger, flatten, job_run, log_missing_epochs, log_params_once, log_split_dataset,
+                              write_run_reference)
 from imgpipe.training import resume
 from imgpipe.training.devices import pick_device
+from imgpipe.training.distributed import train_data_parallel
 from imgpipe.training.engine import TrainingJob, train_model, write_training_outputs
 
 model_name = snakemake.wildcards.model
@@ -46,7 +48,14 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
                      "gpu": gpu_claim.device_id if gpu_claim else "none"})
     if state is not None:
         log_missing_epochs(run.info.run_id, state["history"])
-    history, summary = train_model(job, on_epoch=log_epoch, resume_state=state, on_start=log_start_weights)
+    logger = RunLogger(run.info.run_id, mlflow.get_tracking_uri())
+    processes = settings.get("gpus", NEUTRAL_DEFAULTS["gpus"])
+    if processes > 1:  # each process loads the resume state itself
+        history, summary = train_data_parallel(job, processes, snakemake.log[0], on_epoch=logger.log_epoch,
+                                               on_start=logger.log_start_weights)
+    else:
+        history, summary = train_model(job, on_epoch=logger.log_epoch, resume_state=state,
+                                       on_start=logger.log_start_weights)
     write_training_outputs(history, summary, snakemake.output.history, snakemake.output.summary,
                            snakemake.output.timing)
     mlflow.log_metrics({k: float(summary[k]) for k in ("n_parameters", "n_trainable_parameters", "train_seconds",

@@ -170,6 +170,57 @@ class GpuClaim:
         return f"GpuClaim(device_id={self.device_id!r}, lock_path={str(self.lock_path)!r}, {state})"
 
 
+class GpuClaimGroup:
+    """Several devices claimed for one job (a model trained data-parallel on `gpus` > 1 devices)."""
+
+    def __init__(self, claims: list[GpuClaim], previous_visible: str | None):
+        self.claims = claims
+        self.device_id = ",".join(claim.device_id for claim in claims)  # as CUDA_VISIBLE_DEVICES lists them
+        self._previous_visible = previous_visible
+
+    @property
+    def held(self) -> bool:
+        return any(claim.held for claim in self.claims)
+
+    def release(self) -> None:
+        for claim in self.claims:
+            claim.release()
+        if os.environ.get("CUDA_VISIBLE_DEVICES") == self.device_id:
+            if self._previous_visible is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = self._previous_visible
+
+    def __enter__(self) -> GpuClaimGroup:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def claim_gpus(count: int, gpus: list[str] | None = None, lock_dir: Path | str | None = None,
+               **options) -> GpuClaim | GpuClaimGroup:
+    """`count` free devices (see claim_gpu), one after the other; CUDA_VISIBLE_DEVICES lists them.
+
+    Snakemake's gpu resource never lets jobs together hold more devices than there are, so
+    a job waiting here for its second device waits for one that a running job will free.
+    """
+    if count == 1:
+        return claim_gpu(gpus, lock_dir, **options)
+    previous_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    claims: list[GpuClaim] = []
+    try:
+        for _ in range(count):
+            claims.append(claim_gpu(gpus, lock_dir, set_environment=False, **options))
+    except BaseException:
+        for claim in claims:
+            claim.release()
+        raise
+    group = GpuClaimGroup(claims, previous_visible)
+    os.environ["CUDA_VISIBLE_DEVICES"] = group.device_id
+    return group
+
+
 def default_lock_dir() -> Path:
     """$IMGPIPE_GPU_LOCK_DIR, else a per-user folder in the system temp folder.
 
@@ -330,7 +381,7 @@ def pick_device(requested: str, gpu_claimed: bool | None = None) -> torch.device
 OMP_WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 
 
-def prepare_model_job(holds_gpu: int, environ: dict | None = None) -> GpuClaim | None:
+def prepare_model_job(holds_gpu: int, environ: dict | None = None) -> GpuClaim | GpuClaimGroup | None:
     """What a train or evaluate job does before it imports torch; returns its GPU claim, if any.
 
     - Idle torch (OpenMP) threads sleep instead of spinning, unless the user set
@@ -338,8 +389,9 @@ def prepare_model_job(holds_gpu: int, environ: dict | None = None) -> GpuClaim |
       spinning threads steal them from each other (measured here: ResNet-18 on 2 threads
       beside a 1-thread CNN ran at 38 images/s spinning, 61 sleeping; alone, 108-117
       either way).
-    - A job holding the gpu resource claims a free device and sets CUDA_VISIBLE_DEVICES
-      to it, which must happen before CUDA is initialised. In a Slurm job given GPUs the
+    - A job holding the gpu resource claims as many free devices as it holds (a model
+      trained on `gpus` > 1) and sets CUDA_VISIBLE_DEVICES to them, which must happen
+      before CUDA is initialised. In a Slurm job given GPUs the
       device is one of those (`slurm_job_gpus`), whatever IMGPIPE_GPUS says.
     """
     environ = os.environ if environ is None else environ
@@ -356,5 +408,5 @@ def prepare_model_job(holds_gpu: int, environ: dict | None = None) -> GpuClaim |
         lock_dir = (Path(declared) / job_folder if declared
                     else Path(tempfile.gettempdir()) / f"imgpipe-gpu-locks-{os.getuid()}-{job_folder}")
         _prepare_lock_dir(lock_dir, private=not declared)  # in the shared temp folder: ours alone
-        return claim_gpu(slurm_gpus, lock_dir)
-    return claim_gpu()
+        return claim_gpus(holds_gpu, slurm_gpus, lock_dir)
+    return claim_gpus(holds_gpu)

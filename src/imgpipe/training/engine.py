@@ -30,8 +30,9 @@ from imgpipe.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN, read_split
 from imgpipe.models import WeightsLoad, build_model, count_parameters, load_matching_weights, load_start_weights
 from imgpipe.training import resume
 from imgpipe.training.augment import BatchAugment
-from imgpipe.training.loop import (Feeder, Precision, batch_indices, batches_per_epoch, choose_precision, epoch_order,
-                                   evaluate_epoch, image_preparation, train_epoch)
+from imgpipe.training.distributed import SINGLE, ProcessGroup
+from imgpipe.training.loop import (EpochTotals, Feeder, Precision, batch_indices, batches_per_epoch, choose_precision,
+                                   epoch_order, evaluate_epoch, image_preparation, train_epoch)
 from imgpipe.training.schedule import make_optimizer, make_scheduler
 from imgpipe.training.strategies import (HeadInput, ModelParts, Phase, head_logits, needs_parts, parameter_groups,
                                          phase_of, plan_phases)
@@ -120,9 +121,10 @@ def _better(row: dict, best: dict | None, metric: str) -> bool:
 class _Run:
     """The pieces of one training run, built the same way whether it starts or resumes."""
 
-    def __init__(self, job: TrainingJob):
+    def __init__(self, job: TrainingJob, group: ProcessGroup = SINGLE):
         settings = self.settings = job.settings
         self.job = job
+        self.group = group
         self.device = job.device
         manifest = read_split_manifest(job.manifest_path)
         self.classes = class_names(manifest)
@@ -144,7 +146,7 @@ class _Run:
         groups = parameter_groups(self.parts, settings) if self.parts else [
             {"params": list(self.model.parameters()), "lr": settings["lr"], "name": "all"}]
         self.optimizer = make_optimizer(groups, settings)
-        self.steps_per_epoch = batches_per_epoch(len(self.train_data.labels), settings["batch_size"])
+        self.steps_per_epoch = group.steps(batches_per_epoch(len(self.train_data.labels), settings["batch_size"]))
         self.scheduler = make_scheduler(self.optimizer, settings, self.phases, self.steps_per_epoch)
         self.scaler = self.precision.scaler()
         self.generators = {"shuffle": torch.Generator().manual_seed(settings["seed"]),
@@ -236,13 +238,17 @@ class _Run:
             self.parts.set_training_mode(phase.backbone_frozen)
         else:
             self.model.train()
-        indices = batch_indices(len(self.train_data.labels), settings["batch_size"], self.generators["shuffle"],
-                                self.sample_weights)
+        # The same order in every process (same seed); each trains on its share of the batches.
+        indices = self.group.shard(batch_indices(len(self.train_data.labels), settings["batch_size"],
+                                                 self.generators["shuffle"], self.sample_weights))
+        sync = (lambda: self.group.average_gradients(  # noqa: E731
+            p for param_group in self.optimizer.param_groups for p in param_group["params"])) if self.group.active else None
         if self.parts is not None and self.frozen_inputs(phase):
             head = lambda features: head_logits(self.parts, features)  # noqa: E731
             keep = lambda batch: batch  # noqa: E731
             train = train_epoch(head, self.cached_features("train"), self.train_data.labels, indices, keep,
-                                self.criterion, self.optimizer, self.scheduler, self.scaler, self.precision)
+                                self.criterion, self.optimizer, self.scheduler, self.scaler, self.precision, sync)
+            train = self.combined(train)
             self.model.eval()
             val = evaluate_epoch(head, self.cached_features("val"), self.val_data.labels, FEATURE_BATCH, keep,
                                  self.precision)
@@ -258,11 +264,21 @@ class _Run:
                 return head_logits(self.parts, features)
 
         train = train_epoch(forward, self.feeders["train"], self.train_data.labels, indices, prepare, self.criterion,
-                            self.optimizer, self.scheduler, self.scaler, self.precision)
+                            self.optimizer, self.scheduler, self.scaler, self.precision, sync)
+        train = self.combined(train)
+        self.group.broadcast_buffers(self.model)  # BatchNorm statistics: process 0's, as DDP keeps them
         self.model.eval()
         val = evaluate_epoch(self.forward, self.feeders["val"], self.val_data.labels, FEATURE_BATCH,
                              image_preparation(None, self.normalizer, None), self.precision)
         return train, val
+
+    def combined(self, totals: EpochTotals) -> EpochTotals:
+        """An epoch's training loss and accuracy over every process's batches."""
+        if not self.group.active:
+            return totals
+        loss_sum, correct, count = self.group.sum(
+            [totals.loss * totals.count, totals.accuracy * totals.count, totals.count], self.device)
+        return EpochTotals(loss_sum / count, correct / count, int(count))
 
     def model_payload(self, epoch: int, row: dict) -> dict:
         return {
@@ -283,17 +299,20 @@ class _Run:
 
 def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None,
                 resume_state: dict | None = None,
-                on_start: Callable[[WeightsLoad | None], None] | None = None) -> tuple[pd.DataFrame, dict]:
+                on_start: Callable[[WeightsLoad | None], None] | None = None,
+                group: ProcessGroup = SINGLE) -> tuple[pd.DataFrame, dict]:
     """Train `job`, continuing `resume_state` if given; write job.checkpoint_path (the best epoch).
 
     Returns (history, summary). `on_start` gets what loading the starting weights did,
     before the first epoch; `on_epoch` gets each new history row once its epoch is saved
-    (for live curves in MLflow).
+    (for live curves in MLflow). In data-parallel training (`group`, see
+    imgpipe.training.distributed) every process calls this; process 0 alone writes files.
     """
     settings = job.settings
     torch.set_num_threads(job.threads)
     seed_everything(settings["seed"], compiling=settings["compile"])
-    run = _Run(job)
+    run = _Run(job, group)
+    writes = group.is_main
     if on_start is not None:
         on_start(run.weights_load)
     fingerprint = job.fingerprint()
@@ -346,11 +365,14 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
             best, since_best = row, 0
             # A new file per best epoch, named in the resume state only once written: a kill
             # between the two writes leaves the state and its best epoch in agreement.
-            best_file = resume.save_best(job.work_dir, epoch, run.model_payload(epoch, row))
+            best_file = (resume.save_best(job.work_dir, epoch, run.model_payload(epoch, row)) if writes
+                         else None)
         else:
             since_best += 1
         # Patience counts in the last phase only: staged never stops before it unfreezes.
         stopped_early = bool(early) and phase == final_phase and since_best >= early["patience"]
+        if not writes:
+            continue
         resume.save_resume_state(job.work_dir, {
             "fingerprint": fingerprint,
             "epoch": epoch,
@@ -373,7 +395,9 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
         if stopped_early:
             log.info("%s: early stop after epoch %d: %s has not improved for %d epochs (best: epoch %d)",
                      job.model_name, epoch, metric, early["patience"], best["epoch"])
-    resume.finish(job.work_dir, best_file, job.checkpoint_path)
+    group.check_identical(run.model)
+    if writes:
+        resume.finish(job.work_dir, best_file, job.checkpoint_path)
     trainable = run.parts.head_parameters if final_phase.backbone_frozen else list(run.model.parameters())
     summary = {
         "model": job.model_name,
@@ -394,6 +418,7 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
         "precision": run.precision.name,
         "channels_last": run.channels_last,
         "threads": job.threads,
+        "data_parallel_processes": group.world_size,
         "dataloader_workers": 0,
         "n_train": len(run.train_data.labels),
         "n_val": len(run.val_data.labels),

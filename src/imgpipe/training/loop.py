@@ -123,14 +123,16 @@ def choose_precision(setting: str, device: torch.device) -> Precision:
 class EpochTotals:
     loss: float
     accuracy: float
+    count: int = 0  # images
 
 
 def train_epoch(forward: Callable[[torch.Tensor], torch.Tensor], feeder: Feeder, labels: torch.Tensor,
                 indices: list[torch.Tensor], prepare: Callable[[torch.Tensor], torch.Tensor], criterion: nn.Module,
                 optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
-                precision: Precision) -> EpochTotals:
+                precision: Precision, after_backward: Callable[[], None] | None = None) -> EpochTotals:
     """One pass of optimizer steps. `prepare` turns a fed batch into the forward's input
-    (augment + normalise images; nothing for cached features)."""
+    (augment + normalise images; nothing for cached features); `after_backward` runs between
+    each backward and its step (data-parallel training averages the gradients there)."""
     device = feeder.device
     labels = labels.to(device)
     loss_sum = torch.zeros((), device=device)
@@ -144,13 +146,15 @@ def train_epoch(forward: Callable[[torch.Tensor], torch.Tensor], feeder: Feeder,
             loss = criterion(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if after_backward is not None:
+            after_backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         loss_sum += loss.detach() * len(host_index)
         correct += (logits.detach().argmax(dim=1) == targets).sum()
         seen += len(host_index)
-    return EpochTotals(loss_sum.item() / seen, correct.item() / seen)
+    return EpochTotals(loss_sum.item() / seen, correct.item() / seen, seen)
 
 
 @torch.no_grad()
@@ -168,7 +172,7 @@ def evaluate_epoch(forward: Callable[[torch.Tensor], torch.Tensor], feeder: Feed
             logits = forward(prepare(feeder(host_index, device_index))).float()
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
         correct += (logits.argmax(dim=1) == targets).sum()
-    return EpochTotals(loss_sum.item() / len(labels), correct.item() / len(labels))
+    return EpochTotals(loss_sum.item() / len(labels), correct.item() / len(labels), len(labels))
 
 
 def image_preparation(augment: BatchAugment | None, normalizer: Normalizer,
