@@ -345,7 +345,7 @@ def test_backbone_lr_factor_applies_to_finetune_only_when_set(tmp_path):
     ({"engine": "bing", "queries": []}, "'classes.cat.sources[0].queries': [] should be non-empty"),
     ({"greedy": "example.com"}, "'classes.cat.sources[0].greedy': 'example.com' does not match '^https?://'"),
     ({"folder": ".", "treads": 2}, "'classes.cat.sources[0]': Additional properties are not allowed ('treads' was"),
-    ({"folde": "cats"}, "'classes.cat.sources[0]': needs one of the keys digits, engine, folder, greedy, urls (got folde)"),
+    ({"folde": "cats"}, "'classes.cat.sources[0]': needs one of the keys digits, engine, folder, greedy, synthetic, urls (got folde)"),
 ])
 def test_a_source_mistake_is_reported_for_the_kind_of_source_meant(tmp_path, source, message):
     (tmp_path / "list.txt").write_text("http://example.com/a.jpg\n")

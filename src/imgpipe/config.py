@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from imgpipe.boxes import is_box_annotation
 from imgpipe.files import error_text, walk_files
 from imgpipe.fingerprints import FileHashCache, content_fingerprint
 from imgpipe.sweeps import SweepError, expand_sweeps
@@ -527,6 +528,22 @@ def crawl_settings(config: dict, class_name: str) -> dict:
     })
 
 
+def box_sources(sources: list[dict], cache: FileHashCache | None = None) -> list[dict]:
+    """The folder sources that declare boxes, each with a fingerprint of its annotations (the
+    CSV's content, or the folder's for VOC files): preprocess reruns when a box changes."""
+    cache = cache if cache is not None else FileHashCache()
+    found = []
+    for source in sources:
+        if "synthetic" in source:  # its boxes follow from its settings
+            found.append(source)
+        elif source.get("boxes") and "folder" in source:
+            annotations = source["folder"] if source["boxes"] == "voc" else source["boxes"]
+            found.append({"folder": source["folder"], "boxes": source["boxes"],
+                          "fingerprint": content_fingerprint(Path(annotations), cache)})
+    cache.save()
+    return found
+
+
 def source_fingerprints(sources: list[dict], base_dir: Path | str = ".",
                         cache: FileHashCache | None = None) -> list[str]:
     """One fingerprint per local source (folder or URL list), '' for the others.
@@ -539,6 +556,8 @@ def source_fingerprints(sources: list[dict], base_dir: Path | str = ".",
     fingerprints = []
     for source in sources:
         local = source.get("folder") or source.get("urls")
-        fingerprints.append(content_fingerprint(Path(base_dir) / local, cache) if local else "")
+        # a folder's box annotations are preprocess's input, not images: editing one crawls nothing again
+        skip = (lambda path, boxes=source.get("boxes"): is_box_annotation(path, boxes)) if "boxes" in source else None
+        fingerprints.append(content_fingerprint(Path(base_dir) / local, cache, skip) if local else "")
     cache.save()
     return fingerprints

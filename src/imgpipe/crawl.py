@@ -53,6 +53,7 @@ from icrawler.builtin.bing import BingParser
 from icrawler.builtin.greedy import GreedyParser
 from PIL import Image
 
+from imgpipe.boxes import is_box_annotation
 from imgpipe.crawlstore import TOO_LARGE, ClassStore, CrawlLimits, TargetCounter, effective_status, link_or_copy
 from imgpipe.files import error_text, walk_files
 from imgpipe.fingerprints import FileHashCache
@@ -60,7 +61,7 @@ from imgpipe.manifests import RAW_COLUMNS
 
 logger = logging.getLogger(__name__)
 # Sources that import files from this machine (the others fetch URLs).
-LOCAL_SOURCES = ("folder", "digits")
+LOCAL_SOURCES = ("folder", "digits", "synthetic")
 
 DEFAULT_MAX_NUM = 100
 DEFAULT_THREADS = 4
@@ -256,8 +257,8 @@ def crawl_class(
         rows: list[dict] = []
         for index, (kind, source) in enumerate(checked):
             logger.info("class %r: sources[%d] %s %s", class_name, index, kind, _describe(class_name, kind, source))
-            fetch = {"folder": _folder_rows, "digits": _digits_rows, "urls": _url_list_rows,
-                     "engine": _engine_rows, "greedy": _greedy_rows}[kind]
+            fetch = {"folder": _folder_rows, "digits": _digits_rows, "synthetic": _synthetic_rows,
+                     "urls": _url_list_rows, "engine": _engine_rows, "greedy": _greedy_rows}[kind]
             source_rows = fetch(crawl, index, source)
             rows.extend({**row, "source": kind, "source_index": index} for row in source_rows)
             logger.info("class %r: sources[%d] done: %s", class_name, index, _count_statuses(rows, limits, index))
@@ -279,6 +280,8 @@ def _folder_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
     outcome = QueryOutcome(index, "folder", query=str(folder), urls_seen=0)
     rows = []
     for path in walk_files(folder):
+        if is_box_annotation(path, source.get("boxes")):
+            continue
         sha = crawl.file_hashes.sha256(path)
         rows.append(_local_item(crawl, outcome, str(path), sha, lambda path=path: path))
         if len(rows) % PROGRESS_EVERY == 0:
@@ -301,6 +304,17 @@ def _digits_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
 
     rows = [_local_item(crawl, outcome, f"sklearn:digits#{number}", None, lambda number=number: png(number))
             for number in (digits.target == source["digits"]).nonzero()[0]]
+    crawl.outcomes.append(outcome)
+    return rows
+
+
+def _synthetic_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
+    from imgpipe import synthetic
+
+    chosen = synthetic.settings(source)
+    outcome = QueryOutcome(index, "synthetic", query=f"digit {chosen['digit']}", urls_seen=0)
+    rows = [_local_item(crawl, outcome, origin, None, lambda item=item: synthetic.render(chosen, item))
+            for origin, item in synthetic.items(source)]
     crawl.outcomes.append(outcome)
     return rows
 
@@ -690,10 +704,10 @@ def _fail_if_every_engine_is_dead(crawl: _ClassCrawl) -> None:
 
 
 def _source_kind(class_name: str, index: int, source: dict) -> tuple[str, dict]:
-    kinds = [kind for kind in ("folder", "digits", "urls", "engine", "greedy") if kind in source]
+    kinds = [kind for kind in ("folder", "digits", "synthetic", "urls", "engine", "greedy") if kind in source]
     if len(kinds) != 1:
-        raise ValueError(f"classes.{class_name}.sources[{index}]: needs exactly one of folder, digits, engine, "
-                         f"urls, greedy; got keys {sorted(source)}")
+        raise ValueError(f"classes.{class_name}.sources[{index}]: needs exactly one of folder, digits, synthetic, "
+                         f"engine, urls, greedy; got keys {sorted(source)}")
     return kinds[0], source
 
 

@@ -69,10 +69,11 @@ class FileHashCache:
         self.changed = False
 
 
-def content_fingerprint(path: Path, cache: FileHashCache) -> str:
-    """'files=N sha256=...' over a file, or every file below a folder: relative paths and
-    contents, so adding, removing, renaming or editing a file changes it and touching none does."""
-    files = [path] if path.is_file() else sorted(walk_files(path))
+def content_fingerprint(path: Path, cache: FileHashCache, skip=None) -> str:
+    """'files=N sha256=...' over a file, or every file below a folder (but those `skip` says
+    True of): relative paths and contents, so adding, removing, renaming or editing a file
+    changes it and touching none does."""
+    files = [path] if path.is_file() else sorted(file for file in walk_files(path) if skip is None or not skip(file))
     digest = hashlib.sha256()
     for file_path in files:
         relative = file_path.name if file_path == path else file_path.relative_to(path).as_posix()

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from imgpipe.boxes import BOX_COLUMNS, Box, BoxError, upright_resized_box
 from imgpipe.files import error_text
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,14 @@ def preprocess_class(
     color: str,
     resize: str,
     pad_color: str = "black",
+    boxes: dict[str, tuple[Box, str]] | None = None,
 ) -> pd.DataFrame:
-    """Write every kept image of one class to out_dir; return `path,label,group,source_file,status,reason`."""
+    """Write every kept image of one class to out_dir; return `path,label,group,source_file,status,reason`.
+
+    With `boxes` (imgpipe.boxes.source_boxes: by the image's origin) the manifest also has
+    BOX_COLUMNS, the box on the training image normalised to 0..1 (empty where there is none),
+    and box_status (ok, missing, invalid, cut_away: the crop left nothing of it) with box_reason.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kept = fates[(fates["class"] == class_name) & (fates["status"] == "kept")]
@@ -105,12 +112,42 @@ def preprocess_class(
         target = out_dir / (Path(record.file).stem + ".png")
         try:
             prepare_image(record.file, size, color, resize, pad_color).save(target)
-            rows.append((str(target), class_name, record.group, record.file, "ok", ""))
+            row = {"path": str(target), "status": "ok", "reason": ""}
         except Exception as error:  # one bad file must not stop the class; it is recorded
             log.warning("could not preprocess %s: %s", record.file, error)
-            rows.append(("", class_name, record.group, record.file, "failed", error_text(error)))
+            row = {"path": "", "status": "failed", "reason": error_text(error)}
+        row |= {"label": class_name, "group": record.group, "source_file": record.file}
+        if boxes is not None:
+            row |= box_fields(record.origin, record.file, boxes, size, resize) if row["status"] == "ok" else {}
+        rows.append(row)
         if done % 1000 == 0:
             log.info("%s: %d / %d images preprocessed", class_name, done, len(kept))
-    log.info("%s: %d images preprocessed, %d failed", class_name, sum(r[4] == "ok" for r in rows),
-             sum(r[4] != "ok" for r in rows))
-    return pd.DataFrame(rows, columns=["path", "label", "group", "source_file", "status", "reason"])
+    log.info("%s: %d images preprocessed, %d failed", class_name, sum(r["status"] == "ok" for r in rows),
+             sum(r["status"] != "ok" for r in rows))
+    columns = ["path", "label", "group", "source_file", "status", "reason"]
+    if boxes is not None:
+        collected = set(fates.loc[fates["class"] == class_name, "origin"])
+        for origin in sorted(set(boxes) - collected):
+            log.warning("%s: a box for %s, which is not among the class's collected images", boxes[origin][1], origin)
+        columns += BOX_COLUMNS + ["box_status", "box_reason"]
+        statuses = pd.Series([row.get("box_status", "") for row in rows]).value_counts()
+        log.info("%s: boxes: %s", class_name, ", ".join(f"{count} {status}" for status, count in statuses.items()
+                                                         if status) or "none")
+    return pd.DataFrame(rows, columns=columns).fillna("")
+
+
+def box_fields(origin: str, file: str, boxes: dict[str, tuple[Box, str]], size: int, resize: str) -> dict:
+    """The manifest fields of one image's box: normalised corners and box_status / box_reason."""
+    if origin not in boxes:
+        return {"box_status": "missing", "box_reason": f"no box given for {origin}"}
+    box, where = boxes[origin]
+    try:
+        resized = upright_resized_box(file, box, size, resize, where)
+    except BoxError as error:
+        log.warning("%s", error)
+        return {"box_status": "invalid", "box_reason": str(error)}
+    if resized is None:
+        log.warning("%s: the %s crop cuts the box %s away entirely", where, resize, box.as_tuple())
+        return {"box_status": "cut_away", "box_reason": f"{where}: the {resize} crop leaves nothing of the box"}
+    corners = dict(zip(BOX_COLUMNS, (round(value, 6) for value in resized.as_tuple())))
+    return corners | {"box_status": "ok", "box_reason": ""}

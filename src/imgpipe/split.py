@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from imgpipe.boxes import BOX_COLUMNS
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -88,9 +90,19 @@ def describe_losses(fates: pd.DataFrame) -> dict[str, str]:
     return notes
 
 
+def attach_boxes(manifest: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """The split manifest with each image's box (BOX_COLUMNS, 0..1 of the training image) and
+    box_status, when the images have boxes (a class without any has them empty)."""
+    if "box_status" not in images.columns:
+        return manifest
+    boxes = images.set_index("path")[BOX_COLUMNS + ["box_status"]]
+    return manifest.join(boxes, on="path").fillna({column: "" for column in [*BOX_COLUMNS, "box_status"]})
+
+
 def write_manifest(manifest: pd.DataFrame, path: Path | str) -> None:
-    """Write `path,label,split` so the same inputs give byte-identical files."""
-    manifest[["path", "label", "split"]].to_csv(path, index=False, lineterminator="\n")
+    """Write `path,label,split` (and the boxes, where attached) so the same inputs give byte-identical files."""
+    columns = ["path", "label", "split"] + [c for c in [*BOX_COLUMNS, "box_status"] if c in manifest.columns]
+    manifest[columns].to_csv(path, index=False, lineterminator="\n")
 
 
 def split_sizes(manifest: pd.DataFrame) -> dict[str, int]:

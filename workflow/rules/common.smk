@@ -9,6 +9,7 @@ from snakemake.settings.types import DeploymentMethod
 
 from imgpipe.config import (
     ConfigError,
+    box_sources,
     canonical,
     check_config_files,
     crawl_settings,
@@ -65,6 +66,11 @@ FILE_HASHES = FileHashCache(".snakemake/imgpipe/file-hashes.json")
 def get_source_fingerprints(wildcards):
     """A content hash of each local source: new, renamed or edited files rerun the crawl; a touch does not."""
     return source_fingerprints(get_sources(wildcards), cache=FILE_HASHES)
+
+
+def get_box_sources(wildcards):
+    """The class's folder sources with boxes, fingerprinted: a changed box reruns preprocess, not the crawl."""
+    return box_sources(get_sources(wildcards), cache=FILE_HASHES)
 
 
 def get_crawl_settings(wildcards):

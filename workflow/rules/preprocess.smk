@@ -15,5 +15,6 @@ rule preprocess:
         color=config["images"]["color"],
         resize=config["images"]["resize"],
         pad_color=config["images"]["pad_color"],
+        boxes=get_box_sources,
     script:
         "../scripts/preprocess.py"

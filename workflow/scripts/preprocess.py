@@ -1,22 +1,32 @@
-"""Glue: resize / colour-convert one class's kept images (see imgpipe.preprocess)."""
+"""Glue: resize / colour-convert one class's kept images, and their boxes (see imgpipe.preprocess)."""
 
+import logging
 from pathlib import Path
 
 from imgpipe.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
-
+from imgpipe.boxes import source_boxes
+from imgpipe.jobrecords import data_job_run
 from imgpipe.manifests import read_dedupe_manifest
 from imgpipe.preprocess import preprocess_class
-from imgpipe.jobrecords import data_job_run
 
 class_name = snakemake.wildcards.cls
 with data_job_run(f"preprocess {class_name}", tags={"imgpipe.stage": "preprocess", "imgpipe.class": class_name}) as run:
+    boxes = None
+    if snakemake.params.boxes:
+        boxes, problems = source_boxes(snakemake.params.boxes)
+        for problem in problems:  # the image stays; its box_status says what is wrong
+            logging.getLogger("imgpipe.boxes").warning("%s", problem)
+        run.log_metric("box_file_problems", len(problems))
     fates = read_dedupe_manifest(snakemake.input[0])
     images = preprocess_class(fates, class_name, Path(snakemake.output.images), snakemake.params.size,
-                              snakemake.params.color, snakemake.params.resize, snakemake.params.pad_color)
+                              snakemake.params.color, snakemake.params.resize, snakemake.params.pad_color, boxes)
     images.to_csv(snakemake.output.manifest, index=False, lineterminator="\n")
     run.log_params({k: snakemake.params[k] for k in ("size", "color", "resize", "pad_color")})
     run.log_metrics({"images_ok": int((images["status"] == "ok").sum()),
-                        "images_failed": int((images["status"] != "ok").sum())})
+                     "images_failed": int((images["status"] != "ok").sum())})
+    if boxes is not None:
+        run.log_metrics({f"boxes_{status}": count for status, count in images["box_status"].value_counts().items()
+                         if status})

@@ -9,14 +9,15 @@ configure_logging(snakemake.log[0])
 import pandas as pd
 
 from imgpipe.manifests import read_dedupe_manifest, read_manifest
-from imgpipe.split import describe_losses, split_sizes, stratified_group_split, write_manifest
+from imgpipe.split import attach_boxes, describe_losses, split_sizes, stratified_group_split, write_manifest
 from imgpipe.jobrecords import data_job_run
 
 with data_job_run("split", tags={"imgpipe.stage": "split"}) as run:
     images = pd.concat([read_manifest(path) for path in snakemake.input.images], ignore_index=True)
     losses = describe_losses(read_dedupe_manifest(snakemake.input.dedupe))
-    manifest = stratified_group_split(images[images["status"] == "ok"], snakemake.params.ratios,
-                                      snakemake.params.seed, snakemake.params.classes, losses)
+    usable = images[images["status"] == "ok"]
+    manifest = attach_boxes(stratified_group_split(usable, snakemake.params.ratios, snakemake.params.seed,
+                                                   snakemake.params.classes, losses), usable)
     write_manifest(manifest, snakemake.output.manifest)
     sizes = split_sizes(manifest)
     with open(snakemake.output.sizes, "w") as handle:
