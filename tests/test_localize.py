@@ -1,0 +1,74 @@
+"""The box head, its losses and IoU on tensors (imgpipe.localize)."""
+
+import pytest
+import torch
+from torch import nn
+
+from imgpipe.boxes import iou
+from imgpipe.localize import (ClassAndBoxHead, LocalizationLoss, add_box_head, box_head_like, box_iou, giou,
+                              split_outputs)
+from imgpipe.models import build_model
+
+
+def test_box_iou_is_the_iou_of_the_box_geometry():
+    pairs = [((0, 0, 10, 10), (5, 0, 15, 10)), ((0, 0, 4, 4), (1, 1, 3, 3)), ((0, 0, 1, 1), (2, 2, 3, 3)),
+             ((0.1, 0.2, 0.5, 0.9), (0.3, 0.1, 0.7, 0.6))]
+    predicted = torch.tensor([a for a, _ in pairs], dtype=torch.float64)
+    target = torch.tensor([b for _, b in pairs], dtype=torch.float64)
+    assert box_iou(predicted, target).tolist() == pytest.approx([iou(a, b) for a, b in pairs])
+    inverted = torch.tensor([[5.0, 5.0, 1.0, 1.0]])
+    assert box_iou(inverted, torch.tensor([[0.0, 0.0, 6.0, 6.0]])).item() == 0.0
+
+
+def test_giou_of_known_boxes():
+    predicted = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0]])
+    target = torch.tensor([[0.0, 0.0, 1.0, 1.0], [2.0, 0.0, 3.0, 1.0], [1.0, 1.0, 3.0, 3.0]])
+    # same box: 1; apart by one width: IoU 0, enclosing 3 of which 2 covered: -1/3;
+    # overlapping corners: IoU 1/7, enclosing 9, union 7: 1/7 - 2/9
+    assert giou(predicted, target).tolist() == pytest.approx([1.0, -1 / 3, 1 / 7 - 2 / 9])
+
+
+@pytest.mark.parametrize("arch, truncate", [("simple_cnn", None), ("resnet18", None), ("mobilenet_v3_small", None),
+                                            ("squeezenet1_1", None), ("resnet18", "layer3")])
+def test_any_classifier_gets_a_box_head_beside_its_class_head(arch, truncate):
+    model = build_model(arch, 3, 1, image_size=64, truncate=truncate)
+    add_box_head(model, 3)
+    outputs = model.eval()(torch.rand(2, 1, 64, 64))
+    logits, boxes = split_outputs(outputs, 3)
+    assert outputs.shape == (2, 7) and logits.shape == (2, 3)
+    assert ((boxes >= 0) & (boxes <= 1)).all()
+
+
+def test_the_box_head_is_a_fresh_twin_of_the_class_head():
+    class_head = nn.Sequential(nn.Dropout(0.2), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 5))
+    box_head = box_head_like(class_head, 5)
+    assert box_head[3].out_features == 4 and box_head[1].out_features == 8
+    assert not torch.equal(box_head[1].weight, class_head[1].weight)  # not sharing, not a copy of trained weights
+    with pytest.raises(ValueError, match="no final Linear or Conv2d layer with 6 outputs"):
+        box_head_like(class_head, 6)
+
+
+def test_the_loss_trains_the_box_where_there_is_one_and_only_there():
+    torch.manual_seed(0)
+    head = ClassAndBoxHead(nn.Linear(8, 2), 2)
+    features = torch.rand(16, 8)
+    labels = torch.randint(0, 2, (16,))
+    boxes = torch.tensor([[0.2, 0.3, 0.6, 0.8]]).repeat(16, 1)
+    has_box = torch.arange(16) < 8
+    for kind in ("smooth_l1", "giou"):
+        loss_of = LocalizationLoss(nn.CrossEntropyLoss(), 2, kind, box_weight=2.0)
+        classification_only = nn.functional.cross_entropy(head(features)[:, :2], labels)
+        assert loss_of(head(features), labels, boxes, torch.zeros(16, dtype=torch.bool)).item() == pytest.approx(
+            classification_only.item())
+        assert loss_of(head(features), labels, boxes, has_box).item() > classification_only.item()
+    model = ClassAndBoxHead(nn.Linear(8, 2), 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    loss_of = LocalizationLoss(nn.CrossEntropyLoss(), 2, "giou")
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss_of(model(features), labels, boxes, has_box).backward()
+        optimizer.step()
+    predicted = split_outputs(model(features), 2)[1]
+    assert box_iou(predicted, boxes).mean().item() > 0.9
+    with pytest.raises(ValueError, match="unknown box loss"):
+        LocalizationLoss(nn.CrossEntropyLoss(), 2, "l2")
