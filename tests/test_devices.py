@@ -393,3 +393,23 @@ def test_a_slurm_job_claims_the_gpu_slurm_gave_it_whatever_imgpipe_gpus_says(tmp
         assert claim.device_id == "2" and claim.lock_path == tmp_path / "locks" / "slurm-job-77" / "gpu-2.lock"
     finally:
         claim.release()
+
+
+def test_several_devices_are_claimed_all_at_once_or_none(tmp_path):
+    from imgpipe.training.devices import claim_gpus
+
+    held = claim_gpu(["0", "1"], tmp_path, set_environment=False)
+    assert held.device_id == "0"
+    with pytest.raises(TimeoutError, match="no 2 free GPUs at once"):
+        claim_gpus(2, ["0", "1"], tmp_path, timeout=0.3, poll_seconds=0.1)
+    # device 1 was free, taken during each try and given back: not held while waiting
+    claim_gpu(["1"], tmp_path, timeout=0, set_environment=False).release()
+    held.release()
+    group = claim_gpus(2, ["0", "1"], tmp_path, timeout=1)
+    try:
+        assert group.device_id == "0,1" and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    finally:
+        group.release()
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") != "0,1"
+    with pytest.raises(RuntimeError, match="needs 3 GPUs but 2 are visible"):
+        claim_gpus(3, ["0", "1"], tmp_path, timeout=0)

@@ -56,3 +56,38 @@ def test_a_failing_worker_fails_the_training_with_its_error(tmp_path):
     with pytest.raises(Exception) as raised:
         train_data_parallel(broken, 2, tmp_path / "broken.log")
     assert "missing.csv" in str(raised.value) + (tmp_path / "broken.log").read_text()
+
+
+PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import time; from imgpipe.training.distributed import die_with_parent; die_with_parent(); time.sleep(120)"])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_process_that_set_die_with_parent_ends_when_its_parent_is_killed():
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    time.sleep(1.5)  # the child has set it
+    os.kill(child_pid, 0)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            return
+        if open(f"/proc/{child_pid}/stat").read().split(") ")[1].startswith("Z"):
+            return  # a zombie: ended, waiting for init to reap it
+        time.sleep(0.1)
+    os.kill(child_pid, signal.SIGKILL)
+    raise AssertionError("the child outlived its killed parent")

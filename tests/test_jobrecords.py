@@ -162,7 +162,7 @@ def test_a_folder_locked_by_a_running_invocation_is_not_published_by_another(mlf
     with data_job_run("split", tags={"imgpipe.stage": "split"}):
         pass
     # (the thread may publish it meanwhile; what matters is that the other invocation does not)
-    assert publish_leftovers(root) == 0
+    assert publish_leftovers(root, os.environ["MLFLOW_TRACKING_URI"]) == 0
     end_invocation(success=True)
     assert len([run for run in runs_by_name().values() if run.info.run_name == "split"]) == 1
 
@@ -187,4 +187,55 @@ def test_a_record_is_never_half_written(mlflow_uri, tmp_path):
         assert len(running) == 1 and json.loads(running[0].read_text())["status"] == "RUNNING"
         run.log_metric("n_test", 1)
     assert not list(folder.glob("*.part"))
+    end_invocation(success=True)
+
+
+def leftover_folder(root: Path, tracking_uri: str, records: list[dict]) -> Path:
+    """A record folder as an invocation killed before publishing leaves it."""
+    folder = root / "dead-invocation"
+    folder.mkdir(parents=True)
+    (folder / "invocation.json").write_text(json.dumps({
+        "experiment_id": "0", "invocation_id": "dead-invocation", "invocation_tags": {}, "tracking_uri": tracking_uri}))
+    for number, record in enumerate(records):
+        (folder / f"{number}.json").write_text(json.dumps(record))
+    return folder
+
+
+def running_record(host: str, pid: int) -> dict:
+    return {"run_name": "crawl cat", "tags": {"imgpipe.stage": "crawl"}, "params": {}, "metrics": {}, "artifacts": [],
+            "status": "RUNNING", "error": None, "start_ms": 1000, "end_ms": None,
+            "owner": {"imgpipe.host": host, "imgpipe.pid": str(pid), "imgpipe.pid_started": ""}}
+
+
+def test_leftovers_wait_for_their_own_store_and_for_jobs_still_running_elsewhere(mlflow_uri, tmp_path):
+    root = tmp_path / "records"
+    other_store = leftover_folder(root / "a", "sqlite:////elsewhere/mlflow.db", [running_record("node7", 1)])
+    assert publish_leftovers(root / "a", mlflow_uri) == 0 and other_store.exists()
+    on_a_node = leftover_folder(root / "b", mlflow_uri, [running_record("node7", 1)])
+    assert publish_leftovers(root / "b", mlflow_uri) == 0
+    assert len(record_files(on_a_node)) == 1, "a cluster job may still be running: its record waits"
+
+
+def test_a_killed_jobs_run_ends_when_its_record_was_last_written(mlflow_uri, tmp_path):
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = leftover_folder(tmp_path / "records", mlflow_uri, [running_record(socket.gethostname(),
+                                                                               int(dead.stdout))])
+    os.utime(folder / "0.json", (5, 5))
+    assert publish_leftovers(tmp_path / "records", mlflow_uri) == 1
+    run = MlflowClient().search_runs(["0"])[0]
+    assert run.info.status == "KILLED" and run.info.end_time == 5000
+
+
+def test_a_job_whose_record_folder_is_gone_logs_its_run_itself(mlflow_uri, tmp_path, caplog):
+    start_invocation(None, "pets", CONFIG, records_root=tmp_path / "records")
+    folder = Path(os.environ[RECORDS_ENV])
+    with data_job_run("split", tags={"imgpipe.stage": "split"}) as run:
+        run.log_metric("n_test", 2)
+        for path in folder.iterdir():  # the invocation ended (and cleaned up) while this job ran
+            path.unlink()
+        folder.rmdir()
+    assert "the record folder" in caplog.text
+    assert runs_by_name()["split"].data.metrics == {"n_test": 2}
     end_invocation(success=True)

@@ -332,6 +332,9 @@ def _check_models(config: dict, base_dir: Path, swept: dict[str, list[str]], key
     known = None
     for model_name, model in config["models"].items():
         arch = model["arch"]
+        if model.get("gpus", 1) > 1 and model["device"] == "mps":
+            raise ConfigError(f"{keys(model_name, 'gpus')}: data-parallel training needs CUDA devices or the CPU; "
+                              f"device mps has one device")
         if arch == "simple_cnn":
             if config["images"]["size"] < MIN_SIMPLE_CNN_SIZE:
                 raise ConfigError(

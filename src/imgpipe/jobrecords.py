@@ -148,10 +148,25 @@ def data_job_run(run_name: str, tags: dict | None = None) -> Iterator[JobRecord]
     else:
         record.end("FINISHED")
     finally:
+        _hand_over(record, folder, name)
+
+
+def _hand_over(record: JobRecord, folder: Path | None, name: str) -> None:
+    """The ended record to the invocation's folder, or published by this job where the folder is
+    gone (its invocation ended meanwhile) or was never there. A failure here is logged, not
+    raised: it must neither fail a job that did its work nor hide the error of one that did not."""
+    try:
         if folder is not None:
-            write_record(folder, name, record.as_dict())
-        else:
-            publish_own_record(record.as_dict())
+            try:
+                write_record(folder, name, record.as_dict())
+                return
+            except OSError as error:
+                log.warning("MLflow: the record folder %s is gone (%s); this job logs its run itself",
+                            folder, error_text(error))
+        publish_own_record(record.as_dict())
+    except Exception as error:
+        log.error("MLflow: the run of this job could not be recorded (%s); its results are not affected",
+                  error_text(error))
 
 
 def publish_own_record(record: dict) -> str:
@@ -180,7 +195,6 @@ def publish_record(record: dict, experiment_id: str, invocation_id: str | None, 
     An artifact whose file has gone since (deleted, or the job's outputs removed after it
     failed) is named in tag imgpipe.missing_artifacts, with a warning.
     """
-    from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
     from imgpipe.tracking import with_context_tags
@@ -195,6 +209,20 @@ def publish_record(record: dict, experiment_id: str, invocation_id: str | None, 
                                f"this job; marked KILLED by the snakemake invocation that published its record")
     run_id = client.create_run(experiment_id, run_name=record["run_name"], start_time=record["start_ms"],
                                tags=with_context_tags(tags)).info.run_id
+    try:
+        _fill_run(client, run_id, record, tags, invocation_id)
+    except BaseException:
+        try:  # the record stays for another try, which must not find a half-made twin
+            client.delete_run(run_id)
+        except Exception as error:
+            log.warning("MLflow: the partly published run %s could not be removed (%s)", run_id, error_text(error))
+        raise
+    return run_id
+
+
+def _fill_run(client, run_id: str, record: dict, tags: dict, invocation_id: str | None) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
     end_ms = record["end_ms"] or now_ms()
     params = [Param(key, value) for key, value in record["params"].items()]
     metrics = [Metric(key, value, end_ms, 0) for key, value in record["metrics"].items()]
@@ -216,7 +244,6 @@ def publish_record(record: dict, experiment_id: str, invocation_id: str | None, 
     if record["status"] == "FINISHED" and invocation_id and tags.get("mlflow.parentRunId") == invocation_id:
         record_counts_on_invocation(record["metrics"], invocation_id, prefix=record["run_name"].replace(" ", "/"),
                                     client=client)
-    return run_id
 
 
 def _owner_has_ended(owner: dict) -> bool:
@@ -237,8 +264,9 @@ class RecordPublisher:
     """
 
     def __init__(self, folder: Path, experiment_id: str, invocation_id: str, invocation_tags: dict,
-                 lock_handle=None):
+                 lock_handle=None, tracking_uri: str | None = None):
         self.folder = folder
+        self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.invocation_id = invocation_id
         self.invocation_tags = invocation_tags
@@ -249,37 +277,44 @@ class RecordPublisher:
         self._client = None
 
     @classmethod
-    def create(cls, root: Path | str, experiment_id: str, invocation_id: str, invocation_tags: dict) -> RecordPublisher:
+    def create(cls, root: Path | str, experiment_id: str, invocation_id: str, invocation_tags: dict,
+               tracking_uri: str) -> RecordPublisher:
         """A new folder for an invocation under `root`, locked by this process."""
         folder = Path(root).resolve() / invocation_id
         folder.mkdir(parents=True, exist_ok=True)
         handle = _try_lock(folder)
+        if handle is None:
+            raise RuntimeError(f"the record folder {folder} of a new invocation is locked by another process")
         (folder / INVOCATION_FILE).write_text(json.dumps({
             "experiment_id": experiment_id, "invocation_id": invocation_id, "invocation_tags": invocation_tags,
+            "tracking_uri": tracking_uri,
         }) + "\n")
-        return cls(folder, experiment_id, invocation_id, invocation_tags, handle)
+        return cls(folder, experiment_id, invocation_id, invocation_tags, handle, tracking_uri)
 
     def publish_pending(self, final: bool = False) -> int:
-        """Publish every ended record (and, when `final` or its process is gone, every RUNNING one as
-        KILLED); each published record's file is removed. Returns how many are left."""
+        """Publish every ended record, and as KILLED every RUNNING one whose process has ended
+        (with `final`, the end of its own invocation, also those of other hosts: Snakemake has
+        seen every job end, so one still RUNNING died without a word, a cancelled cluster job);
+        each published record's file is removed. Returns how many are left."""
         from mlflow.tracking import MlflowClient
 
-        self._client = self._client or MlflowClient()
+        self._client = self._client or MlflowClient(self.tracking_uri)
         left = 0
         for path in sorted(self.folder.glob("*.json")):
             if path.name == INVOCATION_FILE:
                 continue
             try:
+                owner = json.loads(path.read_text())["owner"]
+                here = owner.get(HOST_TAG) == socket.gethostname()
+                ended = _owner_has_ended(owner) if here else final
+                # Read after deciding: a job that ended meanwhile has replaced its RUNNING record.
                 record = json.loads(path.read_text())
                 if record["status"] == "RUNNING":
-                    # At the end, Snakemake has seen every job end: one still RUNNING died without a word
-                    # (SIGKILL, a cancelled cluster job), unless its process is still alive here.
-                    alive = not _owner_has_ended(record["owner"]) and (
-                        not final or record["owner"].get(HOST_TAG) == socket.gethostname())
-                    if alive:
+                    if not ended:
                         left += 1
                         continue
                     record["status"] = "KILLED"
+                    record["end_ms"] = max(record["start_ms"], int(path.stat().st_mtime * 1000))
                 publish_record(record, self.experiment_id, self.invocation_id, self.invocation_tags, self._client)
                 path.unlink()
             except Exception as error:  # a store hiccup: the record stays for the next round or invocation
@@ -295,15 +330,18 @@ class RecordPublisher:
 
     def _loop(self) -> None:
         while not self._stop.wait(RECORD_POLL_S):
-            self.publish_pending()
+            try:
+                self.publish_pending()
+            except Exception as error:  # publishing must go on; what failed is tried again
+                log.warning("MLflow: publishing job records failed (%s); trying again", error_text(error))
 
-    def stop(self) -> int:
+    def stop(self, final: bool = True) -> int:
         """Publish what is left and release the folder (removed when nothing is left in it);
         return how many records are left."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        left = self.publish_pending(final=True)
+        left = self.publish_pending(final=final)
         if left:
             log.warning("MLflow: %d job record(s) in %s are not published; the next snakemake invocation in this "
                         "folder publishes them", left, self.folder)
@@ -326,9 +364,12 @@ def _try_lock(folder: Path):
     return handle
 
 
-def publish_leftovers(root: Path | str) -> int:
-    """Publish the record folders that invocations which have ended left under `root`; return
-    how many records were published. A folder still locked belongs to a running invocation."""
+def publish_leftovers(root: Path | str, tracking_uri: str) -> int:
+    """Publish the record folders that invocations which have ended left under `root`, for the
+    store at `tracking_uri`; return how many records were published. A folder still locked
+    belongs to a running invocation; one for another store waits for an invocation using it;
+    a RUNNING record of another host waits for its job (killing snakemake leaves cluster jobs
+    running)."""
     root = Path(root)
     if not root.is_dir():
         return 0
@@ -344,9 +385,15 @@ def publish_leftovers(root: Path | str) -> int:
             log.warning("MLflow: the record folder %s has no readable %s (%s); left as it is",
                         folder, INVOCATION_FILE, error_text(error))
             continue
+        if invocation.get("tracking_uri", tracking_uri) != tracking_uri:
+            handle.close()
+            log.info("MLflow: %s holds job records for the store %s, not this one; left for an invocation using it",
+                     folder, invocation["tracking_uri"])
+            continue
         records = len([path for path in folder.glob("*.json") if path.name != INVOCATION_FILE])
-        left = RecordPublisher(folder, invocation["experiment_id"], invocation["invocation_id"],
-                               invocation["invocation_tags"], handle).stop()
+        publisher = RecordPublisher(folder, invocation["experiment_id"], invocation["invocation_id"],
+                                    invocation["invocation_tags"], handle, tracking_uri)
+        left = publisher.stop(final=False)
         published += records - left
         if records:
             log.info("MLflow: published %d job record(s) an earlier invocation (run %s) left unpublished",

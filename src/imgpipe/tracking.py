@@ -387,8 +387,8 @@ def start_invocation(tracking_uri: str | None, experiment: str, config: dict,
         from imgpipe.jobrecords import RECORDS_ENV, RecordPublisher, publish_leftovers
 
         global _record_publisher
-        publish_leftovers(records_root)
-        _record_publisher = RecordPublisher.create(records_root, experiment_id, run.info.run_id, shared_tags)
+        publish_leftovers(records_root, uri)
+        _record_publisher = RecordPublisher.create(records_root, experiment_id, run.info.run_id, shared_tags, uri)
         _record_publisher.start()
         os.environ[RECORDS_ENV] = str(_record_publisher.folder)
     log.info("MLflow: experiment '%s' at %s, invocation run %s", experiment, mlflow.get_tracking_uri(),

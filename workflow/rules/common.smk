@@ -48,6 +48,14 @@ RESULTS = f"results/{EXPERIMENT}"
 LOGS = f"logs/{EXPERIMENT}"
 BENCHMARKS = f"benchmarks/{EXPERIMENT}"
 
+# A model that trains on more GPUs than there are would wait for them forever.
+for _name, _model in config["models"].items():
+    if GPUS and model_uses_gpu(_model["device"], GPUS) and _model["gpus"] > len(GPUS):
+        raise WorkflowError(
+            f"config key 'models.{_name}.gpus': {_model['gpus']} GPUs asked, {len(GPUS)} visible "
+            f"({', '.join(GPUS)})"
+        )
+
 
 wildcard_constraints:
     cls="|".join(re.escape(name) for name in CLASSES),

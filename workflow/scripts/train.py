@@ -50,6 +50,11 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
         log_missing_epochs(run.info.run_id, state["history"])
     logger = RunLogger(run.info.run_id, mlflow.get_tracking_uri())
     processes = settings.get("gpus", NEUTRAL_DEFAULTS["gpus"])
+    held = len(gpu_claim.device_id.split(",")) if gpu_claim else 0
+    if job.device.type == "cuda" and held != processes:  # Snakemake caps a job's gpu at --resources gpu
+        raise RuntimeError(f"model '{model_name}' trains on {processes} GPUs (models.{model_name}.gpus) but this job "
+                           f"holds {held}: run snakemake with --resources gpu={processes} or more (at most the "
+                           f"GPUs there are), or lower models.{model_name}.gpus")
     if processes > 1:  # each process loads the resume state itself
         history, summary = train_data_parallel(job, processes, snakemake.log[0], on_epoch=logger.log_epoch,
                                                on_start=logger.log_start_weights)

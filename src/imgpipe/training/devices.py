@@ -200,23 +200,14 @@ class GpuClaimGroup:
 
 def claim_gpus(count: int, gpus: list[str] | None = None, lock_dir: Path | str | None = None,
                **options) -> GpuClaim | GpuClaimGroup:
-    """`count` free devices (see claim_gpu), one after the other; CUDA_VISIBLE_DEVICES lists them.
-
-    Snakemake's gpu resource never lets jobs together hold more devices than there are, so
-    a job waiting here for its second device waits for one that a running job will free.
-    """
+    """`count` free devices (see claim_gpu), all at once; CUDA_VISIBLE_DEVICES lists them."""
     if count == 1:
         return claim_gpu(gpus, lock_dir, **options)
     previous_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    claims: list[GpuClaim] = []
-    try:
-        for _ in range(count):
-            claims.append(claim_gpu(gpus, lock_dir, set_environment=False, **options))
-    except BaseException:
-        for claim in claims:
-            claim.release()
-        raise
-    group = GpuClaimGroup(claims, previous_visible)
+    claimed = _claim_devices(count, gpus, lock_dir, options.get("timeout"), options.get("poll_seconds", 1.0),
+                             options.get("log", log))
+    group = GpuClaimGroup([GpuClaim(device_id, lock_path, descriptor, previous_visible, False)
+                           for device_id, lock_path, descriptor in claimed], previous_visible)
     os.environ["CUDA_VISIBLE_DEVICES"] = group.device_id
     return group
 
@@ -257,10 +248,27 @@ def claim_gpu(gpus: list[str] | None = None, lock_dir: Path | str | None = None,
     so call this before anything initialises CUDA. When every device is taken, waits,
     logging the holders about once a minute; TimeoutError after `timeout` seconds if given.
     """
+    previous_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    [(device_id, lock_path, descriptor)] = _claim_devices(1, gpus, lock_dir, timeout, poll_seconds, log)
+    if set_environment:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device_id
+    return GpuClaim(device_id, lock_path, descriptor, previous_visible, set_environment)
+
+
+def _claim_devices(count: int, gpus: list[str] | None, lock_dir: Path | str | None, timeout: float | None,
+                   poll_seconds: float, log) -> list[tuple[str, Path, int]]:
+    """`count` free devices, all at once or none: (id, lock file, descriptor holding its lock) each.
+
+    Holding some while waiting for the rest could wait forever (two jobs each holding one of
+    two devices), so a try that finds too few free releases them and waits for a later one.
+    """
     gpus = visible_gpus() if gpus is None else list(gpus)
     if not gpus:
         raise RuntimeError(f"this job needs a GPU (it holds the gpu resource) but no GPU is visible: "
                            f"{DECLARE_GPUS_ADVICE}")
+    if count > len(gpus):
+        raise RuntimeError(f"this job needs {count} GPUs but {len(gpus)} are visible ({', '.join(gpus)}): "
+                           f"lower the model's gpus, or run it where there are {count}")
     private = lock_dir is None and not os.environ.get(GPU_LOCK_DIR_ENV)
     lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
     _prepare_lock_dir(lock_dir, private)
@@ -268,28 +276,31 @@ def claim_gpu(gpus: list[str] | None = None, lock_dir: Path | str | None = None,
     started = time.monotonic()
     last_report = None
     while True:
-        holders = {}
+        holders, claimed = {}, []
         for device_id in gpus:
             lock_path = lock_dir / lock_file_name(device_id)
             descriptor = _try_lock(lock_path)
-            if descriptor is not None:
-                _write_holder(descriptor, device_id)
-                previous_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-                if set_environment:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = device_id
+            if descriptor is None:
+                holders[device_id] = _describe_holder(lock_path)
+                continue
+            claimed.append((device_id, lock_path, descriptor))
+            if len(claimed) == count:
                 waited = time.monotonic() - started
-                log.info("claimed GPU %s (lock %s)%s", device_id, lock_path,
-                         f" after waiting {waited:.0f} s" if waited >= 1 else "")
-                return GpuClaim(device_id, lock_path, descriptor, previous_visible, set_environment)
-            holders[device_id] = _describe_holder(lock_path)
-
+                for claimed_id, claimed_path, claimed_descriptor in claimed:
+                    _write_holder(claimed_descriptor, claimed_id)
+                    log.info("claimed GPU %s (lock %s)%s", claimed_id, claimed_path,
+                             f" after waiting {waited:.0f} s" if waited >= 1 else "")
+                return claimed
+        for _, _, descriptor in claimed:  # too few free: none held while waiting
+            os.close(descriptor)
         waited = time.monotonic() - started
         held_by = "; ".join(f"GPU {device_id} by {holder}" for device_id, holder in holders.items())
+        wanted = "a free GPU" if count == 1 else f"{count} free GPUs at once"
         if timeout is not None and waited >= timeout:
-            raise TimeoutError(f"no free GPU after {waited:.1f} s: every device is claimed ({held_by}); "
+            raise TimeoutError(f"no {wanted.removeprefix('a ')} after {waited:.1f} s: claimed are {held_by}; "
                                f"locks in {lock_dir}")
         if last_report is None or time.monotonic() - last_report >= WAITING_LOG_SECONDS:
-            log.info("waiting for a free GPU (%.0f s so far): %s", waited, held_by)
+            log.info("waiting for %s (%.0f s so far): %s", wanted, waited, held_by)
             last_report = time.monotonic()
         pause = poll_seconds if timeout is None else min(poll_seconds, max(timeout - waited, 0.0))
         time.sleep(max(pause, 0.01))

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from typing import Callable, Iterable
 import torch
 
 log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,18 @@ class ProcessGroup:
                                f"weights ({', '.join(d[:12] for d in digests)}); this is a bug in imgpipe")
         log.info("data-parallel training: the weights are identical in the %d processes", self.world_size)
 
+    def from_main(self, values: list[float], device: torch.device) -> list[float]:
+        """Process 0's values, in every process: one decision or figure for all, where each
+        process's own might differ in the last bit (and a differing decision would leave the
+        others waiting in a collective it never enters)."""
+        if not self.active:
+            return values
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.broadcast(tensor, 0)
+        return tensor.tolist()
+
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """Each value summed over the processes."""
         if not self.active:
@@ -136,6 +151,20 @@ class WorkerTask:
     on_start: Callable | None = None
 
 
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies. The train job's torchrun and torchrun's
+    workers set it, so killing the job (kill -9, a scheduler's SIGKILL) ends its training too:
+    nothing goes on training on devices whose locks died with the job."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return  # not Linux: a killed job's workers end when torchrun notices
+    if os.getppid() == 1:  # the parent died before prctl
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_worker(task: WorkerTask) -> None:
     """One worker process (rank from torchrun's environment); rank 0 writes (history, summary) to task.result_path."""
     import torch.distributed as dist
@@ -143,6 +172,7 @@ def train_worker(task: WorkerTask) -> None:
     from imgpipe.training import resume
     from imgpipe.training.engine import train_model
 
+    die_with_parent()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     _log_to_job_file(task.log_path, rank)
@@ -191,7 +221,7 @@ def train_data_parallel(job, world_size: int, log_path: Path | str | None = None
              backend_for(job.device), max(1, job.threads // world_size))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
                "--max-restarts=0", "--monitor-interval=0.2", "-m", __name__, str(task_path)]
-    completed = subprocess.run(command)
+    completed = subprocess.run(command, preexec_fn=die_with_parent)
     task_path.unlink(missing_ok=True)
     if completed.returncode != 0 or not result_path.is_file():
         raise RuntimeError(f"data-parallel training of model '{job.model_name}' failed (torchrun exited with "

@@ -146,7 +146,12 @@ class _Run:
         groups = parameter_groups(self.parts, settings) if self.parts else [
             {"params": list(self.model.parameters()), "lr": settings["lr"], "name": "all"}]
         self.optimizer = make_optimizer(groups, settings)
-        self.steps_per_epoch = group.steps(batches_per_epoch(len(self.train_data.labels), settings["batch_size"]))
+        batches = batches_per_epoch(len(self.train_data.labels), settings["batch_size"])
+        self.steps_per_epoch = group.steps(batches)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{job.model_name}: {len(self.train_data.labels)} training images make {batches} "
+                             f"batch(es) of {settings['batch_size']}, fewer than the {group.world_size} processes "
+                             f"training together: lower models.{job.model_name}.batch_size or gpus")
         self.scheduler = make_scheduler(self.optimizer, settings, self.phases, self.steps_per_epoch)
         self.scaler = self.precision.scaler()
         self.generators = {"shuffle": torch.Generator().manual_seed(settings["seed"]),
@@ -212,9 +217,11 @@ class _Run:
         available memory (VGG16 gives 25,088 floats per image: 10 GB for 100,000 images)."""
         if self._cache_fits is None:
             per_image = self.head_inputs("train", rows=1)[0].numel() * 4
-            needed = per_image * (len(self.train_data.labels) + len(self.val_data.labels))
+            # every process of data-parallel training keeps a copy; process 0 decides for all
+            needed = per_image * (len(self.train_data.labels) + len(self.val_data.labels)) * self.group.world_size
             available = available_memory_bytes()
-            self._cache_fits = available is None or needed < available / 4
+            fits = available is None or needed < available / 4
+            self._cache_fits = bool(self.group.from_main([float(fits)], self.device)[0])
             if not self._cache_fits:
                 log.warning("%s: the frozen backbone's features would take %.1f GB of the %.1f GB available; "
                             "they are computed again every epoch instead of cached (slower, same result)",
@@ -252,7 +259,7 @@ class _Run:
             self.model.eval()
             val = evaluate_epoch(head, self.cached_features("val"), self.val_data.labels, FEATURE_BATCH, keep,
                                  self.precision)
-            return train, val
+            return train, self.agreed(val)
         prepare = image_preparation(self.augment, self.normalizer, self.generators["augment"])
         forward = self.forward
         if self.parts is not None and phase.backbone_frozen:
@@ -270,7 +277,7 @@ class _Run:
         self.model.eval()
         val = evaluate_epoch(self.forward, self.feeders["val"], self.val_data.labels, FEATURE_BATCH,
                              image_preparation(None, self.normalizer, None), self.precision)
-        return train, val
+        return train, self.agreed(val)
 
     def combined(self, totals: EpochTotals) -> EpochTotals:
         """An epoch's training loss and accuracy over every process's batches."""
@@ -279,6 +286,14 @@ class _Run:
         loss_sum, correct, count = self.group.sum(
             [totals.loss * totals.count, totals.accuracy * totals.count, totals.count], self.device)
         return EpochTotals(loss_sum / count, correct / count, int(count))
+
+    def agreed(self, val: EpochTotals) -> EpochTotals:
+        """Process 0's validation figures in every process, so that all take the same
+        best-epoch, early-stopping and divergence decisions."""
+        if not self.group.active:
+            return val
+        loss, accuracy, count = self.group.from_main([val.loss, val.accuracy, val.count], self.device)
+        return EpochTotals(loss, accuracy, int(count))
 
     def model_payload(self, epoch: int, row: dict) -> dict:
         return {
