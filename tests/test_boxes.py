@@ -133,3 +133,13 @@ def test_synthetic_images_and_boxes_are_the_same_everywhere_and_the_box_holds_th
         assert ink[inside].mean() > 5 * max(ink[~inside].mean(), 1e-3)
     other_seed = synthetic.items({"synthetic": {**source["synthetic"], "seed": 4}})
     assert [item for _, item in other_seed] != [item for _, item in first]
+
+
+@pytest.mark.parametrize("mode", ["stretch", "pad", "center_crop"])
+def test_a_box_on_the_training_image_goes_back_onto_the_upright_image(mode):
+    from imgpipe.boxes import box_on_upright_image
+
+    box = Box(70, 20, 130, 80)  # inside the center crop of a 200x100 image
+    resized = resized_box(box, 200, 100, 40, mode)
+    back = box_on_upright_image(resized.normalised(40, 40), 200, 100, 40, mode)
+    assert back.as_tuple() == pytest.approx(box.as_tuple(), abs=1e-6)

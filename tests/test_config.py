@@ -392,3 +392,18 @@ def test_a_key_added_later_at_its_neutral_value_does_not_change_what_reruns_trai
     before = {"arch": "simple_cnn", "lr": 0.001, "threads": 2, "device": "cpu"}
     assert training_settings({**before, "gpus": 1}) == training_settings(before) == {"arch": "simple_cnn", "lr": 0.001}
     assert training_settings({**before, "gpus": 2})["gpus"] == 2
+
+
+def test_a_localising_model_needs_boxes_and_no_augmentation():
+    from imgpipe.config import ConfigError, load_schema, validate_config
+
+    schema = load_schema(REPO / "workflow/schemas/config.schema.yaml")
+    base = {"experiment": "e", "classes": {"a": {"sources": [{"digits": 1}]}, "b": {"sources": [{"digits": 2}]}},
+            "models": {"m": {"arch": "simple_cnn", "task": "localize"}}}
+    with pytest.raises(ConfigError, match="'models.m.task': localize needs boxes"):
+        validate_config(base, schema)
+    base["classes"]["a"] = {"sources": [{"synthetic": {"digit": 1}}]}
+    assert validate_config(base, schema)["models"]["m"]["task"] == "localize"
+    base["models"]["m"]["augment"] = "light"
+    with pytest.raises(ConfigError, match="'models.m.augment': light flips and moves images"):
+        validate_config(base, schema)

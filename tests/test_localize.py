@@ -36,7 +36,8 @@ def test_any_classifier_gets_a_box_head_beside_its_class_head(arch, truncate):
     outputs = model.eval()(torch.rand(2, 1, 64, 64))
     logits, boxes = split_outputs(outputs, 3)
     assert outputs.shape == (2, 7) and logits.shape == (2, 3)
-    assert ((boxes >= 0) & (boxes <= 1)).all()
+    assert ((boxes >= -0.5) & (boxes <= 1.5)).all()
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all(), "always a proper box"
 
 
 def test_the_box_head_is_a_fresh_twin_of_the_class_head():

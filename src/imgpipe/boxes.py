@@ -149,8 +149,23 @@ def resized_box(box: Box, width: int, height: int, size: int, mode: str) -> Box 
     """A box on an upright width x height image, on that image resized to size x size as
     imgpipe.preprocess.resize_image resizes it (stretch, pad, center_crop; the arithmetic of
     Pillow's ImageOps.pad and ImageOps.fit). Clipped to the result; None when the crop cut it away."""
+    sx, sy, dx, dy = _resize_transform(width, height, size, mode)
+    return box.scaled(sx, sy, dx, dy).clipped(size, size)
+
+
+def box_on_upright_image(normalised: Box, width: int, height: int, size: int, mode: str) -> Box:
+    """The inverse of `resized_box`: a box given as shares of the size x size training image,
+    in pixels of the width x height upright image it was made from (what `imgpipe predict`
+    reports); a box over a center_crop's edge reaches into the part the crop left out."""
+    sx, sy, dx, dy = _resize_transform(width, height, size, mode)
+    pixels = normalised.scaled(size, size)
+    return pixels.scaled(1 / sx, 1 / sy, -dx / sx, -dy / sy)
+
+
+def _resize_transform(width: int, height: int, size: int, mode: str) -> tuple[float, float, float, float]:
+    """(sx, sy, dx, dy): where resize_image puts a point (x, y) of the upright image: (x sx + dx, y sy + dy)."""
     if mode == "stretch":
-        return box.scaled(size / width, size / height).clipped(size, size)
+        return size / width, size / height, 0.0, 0.0
     if mode == "pad":
         # ImageOps.contain: the long side becomes `size`, the other rounded; then centred.
         if width > height:
@@ -159,16 +174,12 @@ def resized_box(box: Box, width: int, height: int, size: int, mode: str) -> Box 
             new_w, new_h = round(width / height * size), size
         else:
             new_w, new_h = size, size
-        dx, dy = round((size - new_w) * 0.5), round((size - new_h) * 0.5)
-        return box.scaled(new_w / width, new_h / height, dx, dy).clipped(size, size)
+        return new_w / width, new_h / height, float(round((size - new_w) * 0.5)), float(round((size - new_h) * 0.5))
     if mode == "center_crop":
         # ImageOps.fit: the largest centred square, then resized.
-        if width > height:
-            crop_w, crop_h = float(height), float(height)
-        else:
-            crop_w, crop_h = float(width), float(width)
-        left, top = (width - crop_w) * 0.5, (height - crop_h) * 0.5
-        return box.scaled(size / crop_w, size / crop_h, -left * size / crop_w, -top * size / crop_h).clipped(size, size)
+        side = float(min(width, height))
+        left, top = (width - side) * 0.5, (height - side) * 0.5
+        return size / side, size / side, -left * size / side, -top * size / side
     raise ValueError(f"unknown resize mode '{mode}' (stretch, pad, center_crop)")
 
 

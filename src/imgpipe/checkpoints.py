@@ -78,7 +78,10 @@ def read_model_checkpoint(path: Path | str) -> dict:
 
 def model_build_spec(settings: dict) -> dict:
     """The settings that rebuild a model's network, stored in its checkpoint."""
-    return {key: settings.get(key) for key in BUILD_KEYS}
+    spec = {key: settings.get(key) for key in BUILD_KEYS}
+    if settings.get("task", "classify") != "classify":  # classifiers' checkpoints stay as they were
+        spec["task"] = settings["task"]
+    return spec
 
 
 def load_trained_model(checkpoint_path: Path | str, device: torch.device | str = "cpu"):
@@ -89,7 +92,8 @@ def load_trained_model(checkpoint_path: Path | str, device: torch.device | str =
     spec = {**{"truncate": None, "head_hidden": [], "head_dropout": 0.0}, **checkpoint.get("build", {})}
     model = build_model(checkpoint["arch"], len(checkpoint["classes"]), checkpoint["in_channels"],
                         image_size=checkpoint["image"]["size"], truncate=spec["truncate"],
-                        head_hidden=spec["head_hidden"], head_dropout=spec["head_dropout"])
+                        head_hidden=spec["head_hidden"], head_dropout=spec["head_dropout"],
+                        task=spec.get("task", "classify"))
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:

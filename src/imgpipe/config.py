@@ -31,7 +31,8 @@ EXECUTION_KEYS = ("threads", "device")
 # Model keys added after models had been trained, with the value that means what training did
 # before them: left out of the rerun trigger while they keep it, so that upgrading imgpipe
 # retrains no finished model (and a model's settings read them with this default).
-NEUTRAL_DEFAULTS = {"gpus": 1}
+NEUTRAL_DEFAULTS = {"gpus": 1, "task": "classify", "box_loss": "smooth_l1", "box_loss_weight": 1.0,
+                    "boxes_required": False}
 
 
 class ConfigError(ValueError):
@@ -332,6 +333,8 @@ def _check_models(config: dict, base_dir: Path, swept: dict[str, list[str]], key
     known = None
     for model_name, model in config["models"].items():
         arch = model["arch"]
+        if model.get("task") == "localize":
+            _check_localize(config, model_name, model, keys)
         if model.get("gpus", 1) > 1 and model["device"] == "mps":
             raise ConfigError(f"{keys(model_name, 'gpus')}: data-parallel training needs CUDA devices or the CPU; "
                               f"device mps has one device")
@@ -468,6 +471,19 @@ def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> d
     _check_models(config, base_dir, swept, keys)
     _check_predict(config, base_dir, swept)
     return canonical(config)
+
+
+def _check_localize(config: dict, model_name: str, model: dict, keys) -> None:
+    """A localising model needs classes whose sources give boxes, and no augmentation (the
+    flips and affine moves would move the object away from its box)."""
+    with_boxes = [name for name, spec in config["classes"].items()
+                  if any("synthetic" in source or source.get("boxes") for source in spec["sources"])]
+    if not with_boxes:
+        raise ConfigError(f"{keys(model_name, 'task')}: localize needs boxes, and no class has a source that gives "
+                          f"them (a folder's `boxes`, or a synthetic source)")
+    if model["augment"] != "none":
+        raise ConfigError(f"{keys(model_name, 'augment')}: {model['augment']} flips and moves images, which would "
+                          f"leave their boxes behind; task localize trains with augment: none")
 
 
 def training_settings(model: dict) -> dict:

@@ -15,6 +15,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from imgpipe.boxes import BOX_COLUMNS
+
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,15 @@ class SplitTensors:
     images: torch.Tensor  # uint8, N x C x H x W
     labels: torch.Tensor  # int64, N
     paths: list[str]
+    boxes: torch.Tensor | None = None  # float32, N x 4 (x0, y0, x1, y1 as shares of the image), where the manifest has boxes
+    has_box: torch.Tensor | None = None  # bool, N: which rows have a usable box (box_status ok)
+
+    def subset(self, keep: torch.Tensor) -> SplitTensors:
+        """The rows where `keep` (a bool tensor) is True."""
+        rows = keep.nonzero().flatten().tolist()
+        return SplitTensors(self.images[keep], self.labels[keep], [self.paths[row] for row in rows],
+                            None if self.boxes is None else self.boxes[keep],
+                            None if self.has_box is None else self.has_box[keep])
 
 
 def class_names(manifest: pd.DataFrame) -> list[str]:
@@ -59,7 +70,12 @@ def load_split(manifest: pd.DataFrame, split: str, classes: list[str]) -> SplitT
                          f"rerun preprocess")
     images = torch.from_numpy(np.stack(arrays))
     labels = torch.tensor([index[label] for label in rows["label"]], dtype=torch.int64)
-    return SplitTensors(images, labels, list(rows["path"]))
+    boxes = has_box = None
+    if "box_status" in rows.columns:
+        has_box = torch.tensor((rows["box_status"] == "ok").to_numpy())
+        corners = rows[BOX_COLUMNS].apply(pd.to_numeric, errors="coerce").fillna(0.0).to_numpy(dtype=np.float32)
+        boxes = torch.from_numpy(corners)
+    return SplitTensors(images, labels, list(rows["path"]), boxes, has_box)
 
 
 def normalization_for(images: torch.Tensor, weights: str) -> dict[str, list[float]]:

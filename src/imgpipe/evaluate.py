@@ -17,19 +17,40 @@ from imgpipe import stats
 from imgpipe.checkpoints import load_trained_model
 from imgpipe.datasets import Normalizer, load_split
 from imgpipe.manifests import SPEED_KEYS, read_split_manifest
+from imgpipe.localize import box_iou, split_outputs
 from imgpipe.training.devices import pick_device
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predict_probabilities(model, images: torch.Tensor, normalization, device, batch_size: int = 256) -> np.ndarray:
+def predict_probabilities(model, images: torch.Tensor, normalization, device, batch_size: int = 256,
+                          num_classes: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Class probabilities of each image; for a localising model (give its `num_classes`) also
+    its predicted box (x0, y0, x1, y1, shares of the image): (probabilities, boxes)."""
     normalize = Normalizer(normalization, device)
-    outputs = []
+    probabilities, boxes = [], []
     for start in range(0, len(images), batch_size):
-        logits = model(normalize(images[start:start + batch_size].to(device)))
-        outputs.append(torch.softmax(logits.float(), dim=1).cpu())
-    return torch.cat(outputs).numpy()
+        outputs = model(normalize(images[start:start + batch_size].to(device))).float()
+        if num_classes is not None:
+            outputs, predicted = split_outputs(outputs, num_classes)
+            boxes.append(predicted.cpu())
+        probabilities.append(torch.softmax(outputs, dim=1).cpu())
+    if num_classes is None:
+        return torch.cat(probabilities).numpy()
+    return torch.cat(probabilities).numpy(), torch.cat(boxes).numpy()
+
+
+def localization_metrics(y_true: np.ndarray, true_boxes: np.ndarray, has_box: np.ndarray, predicted_boxes: np.ndarray,
+                         classes: list[str]) -> dict:
+    """mIoU over the test images with a box, the share with IoU >= 0.5, and mIoU per class."""
+    ious = box_iou(torch.from_numpy(predicted_boxes).double(), torch.from_numpy(true_boxes).double()).numpy()
+    scored = ious[has_box]
+    per_class = {name: float(ious[has_box & (y_true == index)].mean())
+                 for index, name in enumerate(classes) if (has_box & (y_true == index)).any()}
+    return {"miou": float(scored.mean()) if len(scored) else None,
+            "iou_at_least_0_5": float((scored >= 0.5).mean()) if len(scored) else None,
+            "n_boxes": int(has_box.sum()), "miou_per_class": per_class, "ious": ious}
 
 
 def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str],
@@ -104,7 +125,7 @@ class Evaluation:
 # metrics.json figures that MLflow shows as the run's test_* metrics.
 MLFLOW_TEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "log_loss", "ece",
                        "n_test", "latency_ms_batch1", "throughput_images_per_s", "inference_ms_per_image",
-                       "n_parameters", "file_bytes")
+                       "n_parameters", "file_bytes", "miou", "iou_at_least_0_5", "n_boxes")
 
 
 def mlflow_test_metrics(metrics: dict) -> dict[str, float]:
@@ -121,6 +142,7 @@ def mlflow_test_metrics(metrics: dict) -> dict[str, float]:
                    if key.startswith("top") and key.endswith("_accuracy")})
     for name, (low, high) in metrics.get("confidence_intervals", {}).items():
         chosen[f"test_interval/{name}_low"], chosen[f"test_interval/{name}_high"] = low, high
+    chosen.update({f"test_per_class/miou_{name}": value for name, value in metrics.get("miou_per_class", {}).items()})
     for name, figures in metrics.get("per_class", {}).items():
         chosen.update({f"test_per_class/{stat}_{name}": value for stat, value in figures.items() if stat != "support"})
     return {key: float(value) for key, value in chosen.items() if value is not None}
@@ -194,6 +216,10 @@ def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, 
         raise ValueError(f"test labels {unknown} in {manifest_path} are not among the classes {checkpoint_path} "
                          f"was trained on ({classes})")
     test = load_split(manifest, "test", classes)
+    localize = checkpoint.get("build", {}).get("task") == "localize"
+    if localize and test.boxes is None:
+        raise ValueError(f"{checkpoint_path} is a localising model, but the split manifest {manifest_path} has no "
+                         f"boxes")
     try:
         hook, collected = penultimate_features(model)
         features_note = None
@@ -201,7 +227,12 @@ def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, 
         hook, collected, features_note = None, [], str(error)
         log.warning("no embedding plot: %s", error)
     started = time.perf_counter()
-    probabilities = predict_probabilities(model, test.images, checkpoint["normalization"], device)
+    boxes = None
+    if localize:
+        probabilities, boxes = predict_probabilities(model, test.images, checkpoint["normalization"], device,
+                                                     num_classes=len(classes))
+    else:
+        probabilities = predict_probabilities(model, test.images, checkpoint["normalization"], device)
     seconds = time.perf_counter() - started
     if hook is not None:
         hook.remove()
@@ -225,6 +256,18 @@ def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, 
         "confidence": probabilities.max(axis=1),
         **{f"p_{name}": probabilities[:, i] for i, name in enumerate(classes)},
     })
+    if localize:
+        has_box = test.has_box.numpy()
+        localization = localization_metrics(y_true, test.boxes.numpy(), has_box, boxes, classes)
+        ious = localization.pop("ious")
+        result.update(localization)
+        for index, column in enumerate(("box_x0", "box_y0", "box_x1", "box_y1")):
+            predictions[f"predicted_{column}"] = boxes[:, index].round(6)
+        predictions["true_box"] = [",".join(f"{v:.6g}" for v in box) if ok else ""
+                                   for box, ok in zip(test.boxes.numpy(), has_box)]
+        predictions["iou"] = np.where(has_box, ious.round(6), np.nan)
+        log.info("%s: test mIoU %.4f over %d images with a box, %.1f%% with IoU >= 0.5", checkpoint["model_name"],
+                 result["miou"], result["n_boxes"], 100 * result["iou_at_least_0_5"])
     log.info("%s: test accuracy %.4f (95%% CI %.4f-%.4f), macro F1 %.4f on %d images; %.2f ms per image at "
              "batch 1, %.0f images/s at batch %d", checkpoint["model_name"], result["accuracy"],
              *result["confidence_intervals"]["accuracy"], result["macro_f1"], result["n_test"],

@@ -2,8 +2,9 @@
 
 A localising model is any classifier imgpipe builds with its head replaced by
 `ClassAndBoxHead`: the classification head as it was, and beside it, on the same features, a
-box head shaped like it whose last layer gives 4 numbers instead of one per class, squashed
-to 0..1 (x0, y0, x1, y1 as shares of the image's width and height). The network's output is
+box head shaped like it whose last layer gives 4 numbers instead of one per class: the box's
+centre and size, each squashed to 0..1, given as corners (x0, y0, x1, y1 as shares of the
+image's width and height; a box reaching over an edge may go a little past 0 or 1). The network's output is
 one tensor: the class logits, then the box (so the training loop, mixed precision and
 data-parallel training treat it like any output).
 """
@@ -60,7 +61,12 @@ class ClassAndBoxHead(nn.Module):
         self.box = box_head_like(class_head, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.classes(features).flatten(1), torch.sigmoid(self.box(features).flatten(1))], dim=1)
+        # The box as its centre and size (each squashed to 0..1), turned into corners: always a
+        # proper box, so IoU and GIoU have a gradient from the first step (independent corners
+        # start half of the time inverted, with no area to learn from).
+        centre_x, centre_y, width, height = torch.sigmoid(self.box(features).flatten(1)).unbind(1)
+        box = torch.stack([centre_x - width / 2, centre_y - height / 2, centre_x + width / 2, centre_y + height / 2], 1)
+        return torch.cat([self.classes(features).flatten(1), box], dim=1)
 
 
 def add_box_head(model: nn.Module, num_classes: int) -> nn.Module:

@@ -77,6 +77,8 @@ def read_dedupe_manifest(path: Path | str) -> pd.DataFrame:
 
 # A model's history.csv, one row per epoch (written by training, read by the report).
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "backbone_frozen"]
+# ... and for a localising model (task: localize), the mean IoU of its boxes in each split.
+LOCALIZE_HISTORY_COLUMNS = ["train_miou", "val_miou"]
 
 # Measurements of the machine (wall-clock times) are kept apart from results, so that the
 # same config run again from scratch gives byte-identical manifests, history.csv,

@@ -178,12 +178,26 @@ def truncate_backbone(model: nn.Module, cut: str, in_channels: int, image_size: 
 
 
 def build_model(arch: str, num_classes: int, in_channels: int, image_size: int | None = None,
-                truncate: str | None = None, head_hidden: Sequence[int] = (), head_dropout: float = 0.0) -> nn.Module:
+                truncate: str | None = None, head_hidden: Sequence[int] = (), head_dropout: float = 0.0,
+                task: str = "classify") -> nn.Module:
     """A freshly initialised classifier for `num_classes` classes and `in_channels`-channel input.
 
     image_size: the input size, for architectures built for one size (ViT) and for sizing the
     head of a truncated backbone. Starting weights are loaded afterwards (`load_start_weights`).
+    task 'localize' adds a box head beside the classification head (imgpipe.localize).
     """
+    model = _build_classifier(arch, num_classes, in_channels, image_size, truncate, head_hidden, head_dropout)
+    if task == "localize":
+        from imgpipe.localize import add_box_head
+
+        add_box_head(model, num_classes)
+    elif task != "classify":
+        raise ValueError(f"unknown task '{task}' (classify, localize)")
+    return model
+
+
+def _build_classifier(arch: str, num_classes: int, in_channels: int, image_size: int | None, truncate: str | None,
+                      head_hidden: Sequence[int], head_dropout: float) -> nn.Module:
     if arch == "simple_cnn":
         return SimpleCNN(in_channels, num_classes)
     import torchvision

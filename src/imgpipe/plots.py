@@ -344,6 +344,53 @@ def plot_confident_errors(paths: Sequence[Path | str], true_labels: Sequence[str
     return len(chosen)
 
 
+def plot_localization_grid(predictions: pd.DataFrame, path: Path | str, title: str, max_images: int = 16) -> int:
+    """Test images drawn as seed 004 drew them: the true box (white, dashed) and the predicted
+    box (blue), the predicted label in green when right and red when wrong, and the IoU in a
+    corner. `predictions` is evaluate's table of a localising model (path, label, predicted,
+    predicted_box_*, true_box, iou); up to `max_images` images with a box are drawn, the first
+    of each class in turn, so the same model draws the same grid. Returns how many were drawn."""
+    from matplotlib.patches import Rectangle
+
+    with_box = predictions[predictions["true_box"].fillna("").astype(str) != ""]
+    per_label = math.ceil(max_images / max(1, with_box["label"].nunique()))
+    drawn = with_box.groupby("label", sort=True).head(per_label).head(max_images)  # every class, in file order
+    if drawn.empty:
+        fig = Figure(figsize=(6.0, 2.5), layout="constrained")
+        _say(fig.subplots(), "no test image has a box")
+        fig.suptitle(title)
+        _save(fig, path)
+        return 0
+    columns = min(len(drawn), 4)
+    rows = math.ceil(len(drawn) / columns)
+    fig = Figure(figsize=(max(2.4 * columns, 6.0), 2.6 * rows + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax, row in zip(axes, drawn.itertuples(index=False)):
+        with Image.open(row.path) as image:
+            pixels = np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
+        height, width = pixels.shape[:2]
+        ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+        true_box = [float(value) for value in str(row.true_box).split(",")]
+        predicted = (row.predicted_box_x0, row.predicted_box_y0, row.predicted_box_x1, row.predicted_box_y1)
+        for (x0, y0, x1, y1), colour, style in ((true_box, "white", "--"), (predicted, "tab:blue", "-")):
+            ax.add_patch(Rectangle((x0 * width - 0.5, y0 * height - 0.5), (x1 - x0) * width, (y1 - y0) * height,
+                                   fill=False, edgecolor=colour, linestyle=style, linewidth=1.5))
+        ax.text(0.02, 0.98, f"IoU {row.iou:.2f}", transform=ax.transAxes, ha="left", va="top", fontsize="small",
+                color="white", bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "linewidth": 0})
+        right = row.label == row.predicted
+        ax.set_title(_short(row.predicted) + ("" if right else f" (true: {_short(row.label)})"),
+                     color="tab:green" if right else "tab:red", fontsize="small")
+        ax.set_xlim(-0.5, width - 0.5)
+        ax.set_ylim(height - 0.5, -0.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(drawn):]:
+        ax.set_axis_off()
+    fig.suptitle(f"{title}: true box dashed white, predicted blue")
+    _save(fig, path)
+    return len(drawn)
+
+
 def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Average TPR of several ROC curves on the union of their FPR points."""
     grid = np.unique(np.concatenate([fpr for fpr, _ in curves]))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgpipe.boxes import ORIENTATION_TAG, Box, box_on_upright_image
 from imgpipe.checkpoints import load_trained_model
 from imgpipe.datasets import image_to_chw
 from imgpipe.evaluate import predict_probabilities
@@ -62,6 +63,11 @@ class Classifier:
     @property
     def classes(self) -> list[str]:
         return list(self.checkpoint["classes"])
+
+    @property
+    def localizes(self) -> bool:
+        """Whether the model also puts a box on each image (task: localize)."""
+        return self.checkpoint.get("build", {}).get("task") == "localize"
 
     @property
     def image_settings(self) -> dict:
@@ -165,13 +171,29 @@ def prepare_array(array: np.ndarray, image_settings: dict) -> np.ndarray:
                                      image_settings["resize"], image_settings["pad_color"]))
 
 
-def classify(classifier: Classifier, images: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
-    """Class probabilities (N x classes) of preprocessed uint8 C x H x W images."""
+def classify(classifier: Classifier, images: Sequence[np.ndarray], batch_size: int = 64
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities (N x classes) of preprocessed uint8 C x H x W images, and for a
+    localising model the boxes (N x 4, shares of the preprocessed image; else None)."""
     if not len(images):
-        return np.zeros((0, len(classifier.classes)), dtype=np.float32)
+        return np.zeros((0, len(classifier.classes)), dtype=np.float32), (
+            np.zeros((0, 4), dtype=np.float32) if classifier.localizes else None)
     batch = torch.from_numpy(np.stack(images))
+    if classifier.localizes:
+        return predict_probabilities(classifier.model, batch, classifier.checkpoint["normalization"],
+                                     classifier.device, batch_size=batch_size, num_classes=len(classifier.classes))
     return predict_probabilities(classifier.model, batch, classifier.checkpoint["normalization"], classifier.device,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size), None
+
+
+def upright_size(path: Path | str) -> tuple[int, int]:
+    """Width and height of an image as shown, its EXIF orientation applied (read from the header)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        turned = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
 
 
 def why_unreadable(path: Path, error: Exception) -> str:
@@ -191,17 +213,20 @@ class Predictions:
     paths: list[str] = field(default_factory=list)
     probabilities: np.ndarray | None = None
     failures: list[dict] = field(default_factory=list)
+    boxes: list[list[float]] | None = None  # a localising model's: x0, y0, x1, y1 in pixels of the upright image
 
     def records(self, top_k: int) -> list[dict]:
-        """One dict per predicted image: path, label, probability and the top-k labels and probabilities."""
+        """One dict per predicted image: path, label, probability and the top-k labels and
+        probabilities (and the box, for a localising model)."""
         records = []
-        for path, row in zip(self.paths, self.probabilities):
+        for number, (path, row) in enumerate(zip(self.paths, self.probabilities)):
             order = np.argsort(-row, kind="stable")[:top_k]
             records.append({
                 "path": path,
                 "label": self.classes[order[0]],
                 "probability": float(row[order[0]]),
                 "top_k": [{"label": self.classes[i], "probability": float(row[i])} for i in order],
+                **({"box": self.boxes[number]} if self.boxes is not None else {}),
             })
         return records
 
@@ -214,17 +239,24 @@ def predict_files(classifier: Classifier, paths: Sequence[Path | str], batch_siz
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    result = Predictions(classifier.classes)
+    result = Predictions(classifier.classes, boxes=[] if classifier.localizes else None)
     chunks = []
     for start in range(0, len(paths), batch_size):
-        images = []
+        images, sizes = [], []
         for path in paths[start:start + batch_size]:
             try:
                 images.append(prepare_file(path, classifier.image_settings))
+                sizes.append(upright_size(path) if classifier.localizes else None)
                 result.paths.append(str(path))
             except Exception as error:  # one bad file must not stop the others; it is listed with the reason
                 result.failures.append({"path": str(path), "reason": why_unreadable(Path(path), error)})
-        chunks.append(classify(classifier, images, batch_size))
+        probabilities, boxes = classify(classifier, images, batch_size)
+        chunks.append(probabilities)
+        if boxes is not None:
+            image = classifier.image_settings
+            result.boxes += [[round(value, 1) for value in box_on_upright_image(
+                Box(*box), width, height, image["size"], image["resize"]).as_tuple()]
+                for box, (width, height) in zip(boxes.tolist(), sizes)]
         if on_progress is not None:
             on_progress(min(start + batch_size, len(paths)))
     result.probabilities = (np.concatenate(chunks) if chunks
@@ -269,22 +301,23 @@ def resolve_top_k(top_k: int | None, classes: Sequence[str]) -> int:
     return top_k
 
 
-def csv_columns(top_k: int) -> list[str]:
+def csv_columns(top_k: int, boxes: bool = False) -> list[str]:
     columns = ["path", "label", "probability"]
     for rank in range(1, top_k + 1):
         columns += [f"top{rank}_label", f"top{rank}_probability"]
-    return columns + ["error"]
+    return columns + (["box_x0", "box_y0", "box_x1", "box_y1"] if boxes else []) + ["error"]
 
 
 def write_csv(predictions: Predictions, top_k: int, handle) -> None:
     """One row per input: the prediction with its top-k, or an empty prediction and the error."""
     writer = csv.writer(handle, lineterminator="\n")
-    writer.writerow(csv_columns(top_k))
+    boxes = predictions.boxes is not None
+    writer.writerow(csv_columns(top_k, boxes))
     for record in predictions.records(top_k):
         ranked = [value for entry in record["top_k"] for value in (entry["label"], entry["probability"])]
-        writer.writerow([record["path"], record["label"], record["probability"], *ranked, ""])
+        writer.writerow([record["path"], record["label"], record["probability"], *ranked, *record.get("box", []), ""])
     for failure in predictions.failures:
-        writer.writerow([failure["path"], *[""] * (2 + 2 * top_k), failure["reason"]])
+        writer.writerow([failure["path"], *[""] * (2 + 2 * top_k + 4 * boxes), failure["reason"]])
 
 
 def prediction_document(classifier: Classifier, predictions: Predictions, top_k: int) -> dict:

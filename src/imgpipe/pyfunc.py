@@ -43,7 +43,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         images = prepare_input(model_input, self.classifier.image_settings)
-        return probability_frame(classify(self.classifier, images), self.classifier.classes)
+        probabilities, _boxes = classify(self.classifier, images)  # (the MLflow model gives class probabilities)
+        return probability_frame(probabilities, self.classifier.classes)
 
 
 def prepare_input(model_input, image_settings: dict) -> list[np.ndarray]:

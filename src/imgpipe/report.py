@@ -141,6 +141,7 @@ def write_report(
     blocks = [Heading(f"Model comparison: {experiment}", 1), Paragraph(verdict)]
     blocks += best_model_section(metrics, ranking, rank_by, comparison)
     blocks += comparison_section(metrics, ranking, rank_by)
+    blocks += localization_section(metrics, ranking)
     blocks += significance_section(comparison)
     if failed:
         blocks += failed_section(failed, log_paths or {})
@@ -462,9 +463,10 @@ def comparison_section(metrics: dict[str, dict], ranking: list[str], rank_by: st
         return []
     top_ks = sorted({key for m in ranking for key in metrics[m] if TOP_K_KEY.fullmatch(key)},
                     key=lambda key: int(TOP_K_KEY.fullmatch(key).group(1)))
+    localizing = any("miou" in metrics[m] for m in ranking)
     quality_headers = (["model", "arch", "accuracy [95% CI]", "macro F1 [95% CI]", "balanced accuracy",
                         "weighted F1"] + [f"top-{TOP_K_KEY.fullmatch(key).group(1)} accuracy" for key in top_ks]
-                       + ["ROC AUC", "log loss", "ECE"])
+                       + ["ROC AUC", "log loss", "ECE"] + (["box mIoU"] if localizing else []))
     quality, cost = [], []
     for model in ranking:
         m = metrics[model]
@@ -473,7 +475,7 @@ def comparison_section(metrics: dict[str, dict], ranking: list[str], rank_by: st
             _fmt_score(m["macro_f1"]) + _interval(m, "macro_f1"), _fmt_score(m["balanced_accuracy"]),
             _fmt_score(m.get("weighted_f1"))] + [_fmt_score(m.get(key)) for key in top_ks] + [
             _fmt_score(m["roc_auc"]), _fmt_score(m.get("log_loss")), _fmt_score(m.get("ece")),
-        ])
+        ] + ([_fmt_score(m.get("miou")) if "miou" in m else "no box head"] if localizing else []))
         cost.append([
             model, _fmt_int(m.get("n_parameters")), _fmt_megabytes(m.get("file_bytes")),
             _fmt_seconds(m.get("train_seconds")), _fmt_ms(m.get("latency_ms_batch1", m.get("inference_ms_per_image"))),
@@ -501,6 +503,27 @@ def comparison_section(metrics: dict[str, dict], ranking: list[str], rank_by: st
     if notes:
         blocks.append(Bullets(notes))
     return blocks
+
+
+def localization_section(metrics: dict[str, dict], ranking: list[str]) -> list[Block]:
+    """The localising models (task: localize): how well their boxes fit, per class, and how fast."""
+    models = [m for m in ranking if "miou" in metrics[m]]
+    if not models:
+        return []
+    classes = sorted({name for m in models for name in metrics[m].get("miou_per_class", {})})
+    rows = [[model, _fmt_score(metrics[model]["miou"]),
+             _fmt_score(metrics[model].get("iou_at_least_0_5")), _fmt_int(metrics[model].get("n_boxes"))]
+            + [_fmt_score(metrics[model].get("miou_per_class", {}).get(name)) for name in classes]
+            + [_fmt_ms(metrics[model].get("latency_ms_batch1")), _fmt_ms(metrics[model].get("inference_ms_per_image"))]
+            for model in models]
+    return [
+        Heading("Localisation", 2),
+        Paragraph("The box each localising model puts on the test images that have one: mean IoU with the true "
+                  "box, the share of images with IoU >= 0.5, and the mean IoU per class; inference time per image "
+                  "at batch 1 and over the whole test split in batches (classification and box together)."),
+        Table(["model", "mIoU", "IoU >= 0.5", "images with a box"] + [f"mIoU {name}" for name in classes]
+              + ["ms/image at batch 1", "ms/image in batches"], rows, [False] + [True] * (5 + len(classes))),
+    ]
 
 
 def significance_section(comparison: dict) -> list[Block]:
@@ -604,6 +627,8 @@ def model_plots_section(metrics: dict[str, dict], ranking: list[str], metrics_pa
     for model in ranking:
         folder = Path(metrics_paths[model]).parent
         plots = [(caption, folder / name) for name, caption in MODEL_PLOTS]
+        if "miou" in metrics[model]:
+            plots.append(("boxes on test images", folder / "localization.png"))
         blocks.append(Heading(model, 3))
         pairs = metrics[model].get("confused_pairs") or []
         if pairs:

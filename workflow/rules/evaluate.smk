@@ -44,6 +44,12 @@ rule evaluate:
             category="Models",
             subcategory="{evaluated}",
         ),
+        localization=report(
+            f"{RESULTS}/eval/{{evaluated}}/localization.png",
+            caption="../report/localization.rst",
+            category="Models",
+            subcategory="{evaluated}",
+        ),
         predictions=f"{RESULTS}/eval/{{evaluated}}/predictions.csv",
         # The model's folder describes the model completely, test figures included.
         model_metrics=f"{RESULTS}/models/{{evaluated}}/test_metrics.json",

@@ -13,8 +13,8 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 import mlflow
 
 from imgpipe.evaluate import evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
-from imgpipe.plots import (plot_confident_errors, plot_confusion_matrix, plot_embedding, plot_reliability_diagram,
-                           plot_roc_curves, plot_unavailable)
+from imgpipe.plots import (plot_confident_errors, plot_confusion_matrix, plot_embedding, plot_localization_grid,
+                           plot_reliability_diagram, plot_roc_curves, plot_unavailable)
 from imgpipe.tracking import job_run, log_split_dataset, read_run_reference
 
 model_name = snakemake.wildcards.evaluated
@@ -50,6 +50,11 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
         plot_unavailable(output.embedding, f"{model_name}: penultimate-layer features (test)",
                          f"not drawn: {evaluation.features_note}")
         embedding = {"pca_explained_variance": [], "tsne": False, "not_drawn": evaluation.features_note}
+    if "miou" in metrics:
+        plot_localization_grid(predictions, output.localization, f"{model_name}: boxes on test images")
+    else:
+        plot_unavailable(output.localization, f"{model_name}: boxes on test images",
+                         "a classifier (task: classify) has no box head")
     wrong = predictions[predictions["label"] != predictions["predicted"]]
     plot_confident_errors(list(wrong["path"]), list(wrong["label"]), list(wrong["predicted"]),
                           wrong["confidence"].to_numpy(), output.confident_errors,
@@ -58,5 +63,5 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
     mlflow.log_metrics(mlflow_test_metrics(metrics))
     mlflow.log_dict(embedding, "evaluation/embedding.json")
     for path in (output.metrics, output.speed, output.predictions, output.confusion_matrix, output.roc,
-                 output.reliability, output.embedding, output.confident_errors):
+                 output.reliability, output.embedding, output.confident_errors, output.localization):
         mlflow.log_artifact(path, artifact_path="evaluation")

@@ -26,13 +26,14 @@ from torch import nn
 from imgpipe import __version__
 from imgpipe.checkpoints import model_build_spec, read_model_checkpoint, read_torch_file
 from imgpipe.datasets import Normalizer, SplitTensors, class_names, load_split, normalization_for
-from imgpipe.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN, read_split_manifest
+from imgpipe.localize import LocalizationLoss
+from imgpipe.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN, LOCALIZE_HISTORY_COLUMNS, read_split_manifest
 from imgpipe.models import WeightsLoad, build_model, count_parameters, load_matching_weights, load_start_weights
 from imgpipe.training import resume
 from imgpipe.training.augment import BatchAugment
 from imgpipe.training.distributed import SINGLE, ProcessGroup
-from imgpipe.training.loop import (EpochTotals, Feeder, Precision, batch_indices, batches_per_epoch, choose_precision,
-                                   epoch_order, evaluate_epoch, image_preparation, train_epoch)
+from imgpipe.training.loop import (BoxTargets, EpochTotals, Feeder, Precision, batch_indices, batches_per_epoch,
+                                   choose_precision, epoch_order, evaluate_epoch, image_preparation, train_epoch)
 from imgpipe.training.schedule import make_optimizer, make_scheduler
 from imgpipe.training.strategies import (HeadInput, ModelParts, Phase, head_logits, needs_parts, parameter_groups,
                                          phase_of, plan_phases)
@@ -130,10 +131,14 @@ class _Run:
         self.classes = class_names(manifest)
         self.train_data: SplitTensors = load_split(manifest, "train", self.classes)
         self.val_data: SplitTensors = load_split(manifest, "val", self.classes)
+        self.localize = settings.get("task", "classify") == "localize"
+        if self.localize:
+            self.train_data, self.val_data = (self._localisation_rows(self.train_data, "train"),
+                                              self._localisation_rows(self.val_data, "val"))
         self.in_channels = self.train_data.images.shape[1]
         self.model = build_model(settings["arch"], len(self.classes), self.in_channels,
                                  job.image_settings["size"], settings["truncate"], settings["head_hidden"],
-                                 settings["head_dropout"])
+                                 settings["head_dropout"], settings.get("task", "classify"))
         self.weights_load, self.normalization = self._starting_point()
         self.precision: Precision = choose_precision(settings["precision"], self.device)
         self.channels_last = settings["channels_last"] is True or (settings["channels_last"] == "auto"
@@ -161,6 +166,12 @@ class _Run:
         weights = (class_weight_tensor(self.train_data.labels, n_classes).to(self.device)
                    if settings["class_weights"] == "balanced" else None)
         self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=settings["label_smoothing"])
+        self.boxes = {"train": None, "val": None}
+        if self.localize:
+            self.criterion = LocalizationLoss(self.criterion, n_classes, settings.get("box_loss", "smooth_l1"),
+                                              settings.get("box_loss_weight", 1.0))
+            self.boxes = {split: BoxTargets(data.boxes, data.has_box, n_classes)
+                          for split, data in (("train", self.train_data), ("val", self.val_data))}
         self.sample_weights = (balanced_sample_weights(self.train_data.labels, n_classes)
                                if settings["sampler"] == "balanced" else None)
         self.normalizer = Normalizer(self.normalization, self.device, self.channels_last)
@@ -169,6 +180,24 @@ class _Run:
                         "val": Feeder(self.val_data.images, self.device)}
         self.feature_cache: dict[str, Feeder] = {}
         self._cache_fits: bool | None = None
+
+    def _localisation_rows(self, data: SplitTensors, split: str) -> SplitTensors:
+        """A localising model's rows of a split: all (the box loss skips those without a box), or
+        with boxes_required only those with a usable box."""
+        name = self.job.model_name
+        if data.boxes is None:
+            raise ValueError(f"{name}: task localize, but the split manifest {self.job.manifest_path} has no boxes: "
+                             f"give the classes' sources boxes (a folder's `boxes`, or synthetic sources)")
+        usable = int(data.has_box.sum())
+        if usable == 0:
+            raise ValueError(f"{name}: task localize, but none of the {len(data.labels)} {split} images has a usable "
+                             f"box (see box_status in the split manifest)")
+        if not self.settings.get("boxes_required", False):
+            return data
+        if usable < len(data.labels):
+            log.info("%s: %d of %d %s images have no usable box and are left out (boxes_required)", name,
+                     len(data.labels) - usable, len(data.labels), split)
+        return data.subset(data.has_box)
 
     def _starting_point(self) -> tuple[WeightsLoad | None, dict]:
         """Load the starting weights; return what loaded and the input normalisation to use.
@@ -254,11 +283,12 @@ class _Run:
             head = lambda features: head_logits(self.parts, features)  # noqa: E731
             keep = lambda batch: batch  # noqa: E731
             train = train_epoch(head, self.cached_features("train"), self.train_data.labels, indices, keep,
-                                self.criterion, self.optimizer, self.scheduler, self.scaler, self.precision, sync)
+                                self.criterion, self.optimizer, self.scheduler, self.scaler, self.precision, sync,
+                                self.boxes["train"])
             train = self.combined(train)
             self.model.eval()
             val = evaluate_epoch(head, self.cached_features("val"), self.val_data.labels, FEATURE_BATCH, keep,
-                                 self.precision)
+                                 self.precision, self.boxes["val"])
             return train, self.agreed(val)
         prepare = image_preparation(self.augment, self.normalizer, self.generators["augment"])
         forward = self.forward
@@ -271,29 +301,31 @@ class _Run:
                 return head_logits(self.parts, features)
 
         train = train_epoch(forward, self.feeders["train"], self.train_data.labels, indices, prepare, self.criterion,
-                            self.optimizer, self.scheduler, self.scaler, self.precision, sync)
+                            self.optimizer, self.scheduler, self.scaler, self.precision, sync, self.boxes["train"])
         train = self.combined(train)
         self.group.broadcast_buffers(self.model)  # BatchNorm statistics: process 0's, as DDP keeps them
         self.model.eval()
         val = evaluate_epoch(self.forward, self.feeders["val"], self.val_data.labels, FEATURE_BATCH,
-                             image_preparation(None, self.normalizer, None), self.precision)
+                             image_preparation(None, self.normalizer, None), self.precision, self.boxes["val"])
         return train, self.agreed(val)
 
     def combined(self, totals: EpochTotals) -> EpochTotals:
         """An epoch's training loss and accuracy over every process's batches."""
         if not self.group.active:
             return totals
-        loss_sum, correct, count = self.group.sum(
-            [totals.loss * totals.count, totals.accuracy * totals.count, totals.count], self.device)
-        return EpochTotals(loss_sum / count, correct / count, int(count))
+        loss_sum, correct, count, iou_sum, box_count = self.group.sum(
+            [totals.loss * totals.count, totals.accuracy * totals.count, totals.count, totals.iou_sum,
+             totals.box_count], self.device)
+        return EpochTotals(loss_sum / count, correct / count, int(count), iou_sum, int(box_count))
 
     def agreed(self, val: EpochTotals) -> EpochTotals:
         """Process 0's validation figures in every process, so that all take the same
         best-epoch, early-stopping and divergence decisions."""
         if not self.group.active:
             return val
-        loss, accuracy, count = self.group.from_main([val.loss, val.accuracy, val.count], self.device)
-        return EpochTotals(loss, accuracy, int(count))
+        loss, accuracy, count, iou_sum, box_count = self.group.from_main(
+            [val.loss, val.accuracy, val.count, val.iou_sum, val.box_count], self.device)
+        return EpochTotals(loss, accuracy, int(count), iou_sum, int(box_count))
 
     def model_payload(self, epoch: int, row: dict) -> dict:
         return {
@@ -367,9 +399,12 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
         row = dict(zip(HISTORY_COLUMNS + [HISTORY_TIMING_COLUMN],
                        (epoch, train.loss, train.accuracy, val.loss, val.accuracy, lr, int(phase.backbone_frozen),
                         time.perf_counter() - epoch_start)))
-        log.info("%s epoch %d/%d%s: train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.3g (%.1f s)",
+        if run.localize:
+            row |= dict(zip(LOCALIZE_HISTORY_COLUMNS, (train.miou, val.miou)))
+        log.info("%s epoch %d/%d%s: train loss %.4f acc %.4f%s | val loss %.4f acc %.4f%s | lr %.3g (%.1f s)",
                  job.model_name, epoch, settings["epochs"], " (backbone frozen)" if phase.backbone_frozen else "",
-                 train.loss, train.accuracy, val.loss, val.accuracy, lr, row[HISTORY_TIMING_COLUMN])
+                 train.loss, train.accuracy, f" mIoU {train.miou:.4f}" if run.localize else "", val.loss,
+                 val.accuracy, f" mIoU {val.miou:.4f}" if run.localize else "", lr, row[HISTORY_TIMING_COLUMN])
         if not (np.isfinite(train.loss) and np.isfinite(val.loss)):
             raise TrainingDiverged(
                 f"{job.model_name}: the loss became {train.loss if not np.isfinite(train.loss) else val.loss} at "
@@ -440,9 +475,13 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
         "classes": run.classes,
         "start_weights": run.weights_load.as_dict() if run.weights_load else None,
     }
+    if run.localize:
+        summary |= {"task": "localize", "best_val_miou": best["val_miou"], "n_train_boxes": run.boxes["train"].count,
+                    "n_val_boxes": run.boxes["val"].count}
     log.info("%s: best epoch %d (%s %.4f), %.1f s of training in this job", job.model_name, best["epoch"], metric,
              best[metric], time.perf_counter() - started)
-    return pd.DataFrame(history, columns=HISTORY_COLUMNS + [HISTORY_TIMING_COLUMN]), summary
+    columns = HISTORY_COLUMNS + (LOCALIZE_HISTORY_COLUMNS if run.localize else []) + [HISTORY_TIMING_COLUMN]
+    return pd.DataFrame(history, columns=columns), summary
 
 
 def write_training_outputs(history: pd.DataFrame, summary: dict, history_path: Path | str,

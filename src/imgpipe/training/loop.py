@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from imgpipe.datasets import Normalizer
+from imgpipe.localize import box_iou, split_outputs
 from imgpipe.training.augment import BatchAugment
 from imgpipe.training.transfer import PinnedStaging, to_device
 
@@ -124,26 +125,68 @@ class EpochTotals:
     loss: float
     accuracy: float
     count: int = 0  # images
+    iou_sum: float = 0.0  # localising models: the IoU of each image with a box, summed ...
+    box_count: int = 0  # ... over this many images
+
+    @property
+    def miou(self) -> float:
+        return self.iou_sum / self.box_count if self.box_count else float("nan")
+
+
+@dataclass
+class BoxTargets:
+    """A split's boxes for a localising model, whose output is `num_classes` logits then the box."""
+
+    boxes: torch.Tensor  # N x 4, shares of the image
+    has_box: torch.Tensor  # N, bool
+    num_classes: int
+
+    @property
+    def count(self) -> int:
+        return int(self.has_box.sum())
+
+    def on(self, device: torch.device) -> BoxTargets:
+        return BoxTargets(self.boxes.to(device), self.has_box.to(device), self.num_classes)
+
+
+def _box_ious(outputs: torch.Tensor, boxes: BoxTargets, device_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class logits, the IoU of each predicted box with its target, 0 where the image has none)."""
+    logits, predicted = split_outputs(outputs, boxes.num_classes)
+    has = boxes.has_box[device_index]
+    return logits, box_iou(predicted.float(), boxes.boxes[device_index]) * has
 
 
 def train_epoch(forward: Callable[[torch.Tensor], torch.Tensor], feeder: Feeder, labels: torch.Tensor,
                 indices: list[torch.Tensor], prepare: Callable[[torch.Tensor], torch.Tensor], criterion: nn.Module,
                 optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
-                precision: Precision, after_backward: Callable[[], None] | None = None) -> EpochTotals:
+                precision: Precision, after_backward: Callable[[], None] | None = None,
+                boxes: BoxTargets | None = None) -> EpochTotals:
     """One pass of optimizer steps. `prepare` turns a fed batch into the forward's input
     (augment + normalise images; nothing for cached features); `after_backward` runs between
-    each backward and its step (data-parallel training averages the gradients there)."""
+    each backward and its step (data-parallel training averages the gradients there). With
+    `boxes` (a localising model) the criterion also gets each batch's boxes and which rows have
+    one, and the IoU of the predicted boxes is summed."""
     device = feeder.device
     labels = labels.to(device)
+    boxes = boxes.on(device) if boxes is not None else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    iou_sum = torch.zeros((), device=device)
+    box_count = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     for host_index, device_index in epoch_order(indices, device):
         inputs = prepare(feeder(host_index, device_index))
         targets = labels[device_index]
         with precision.autocast():
-            logits = forward(inputs)
-            loss = criterion(logits.float(), targets)
+            outputs = forward(inputs)
+            if boxes is None:
+                logits = outputs
+                loss = criterion(logits.float(), targets)
+            else:
+                loss = criterion(outputs.float(), targets, boxes.boxes[device_index], boxes.has_box[device_index])
+                logits, ious = _box_ious(outputs.detach(), boxes, device_index)
+                iou_sum += ious.sum()
+                box_count += boxes.has_box[device_index].sum()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if after_backward is not None:
@@ -154,25 +197,33 @@ def train_epoch(forward: Callable[[torch.Tensor], torch.Tensor], feeder: Feeder,
         loss_sum += loss.detach() * len(host_index)
         correct += (logits.detach().argmax(dim=1) == targets).sum()
         seen += len(host_index)
-    return EpochTotals(loss_sum.item() / seen, correct.item() / seen, seen)
+    return EpochTotals(loss_sum.item() / seen, correct.item() / seen, seen, iou_sum.item(), int(box_count.item()))
 
 
 @torch.no_grad()
 def evaluate_epoch(forward: Callable[[torch.Tensor], torch.Tensor], feeder: Feeder, labels: torch.Tensor,
                    batch_size: int, prepare: Callable[[torch.Tensor], torch.Tensor],
-                   precision: Precision) -> EpochTotals:
-    """Plain (unweighted, unsmoothed) cross entropy and accuracy over a split, in order."""
+                   precision: Precision, boxes: BoxTargets | None = None) -> EpochTotals:
+    """Plain (unweighted, unsmoothed) cross entropy and accuracy over a split, in order (and,
+    with `boxes`, the IoU of a localising model's boxes, summed)."""
     device = feeder.device
     labels = labels.to(device)
+    boxes = boxes.on(device) if boxes is not None else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    iou_sum = torch.zeros((), device=device)
     for host_index, device_index in epoch_order(batch_indices(len(labels), batch_size), device):
         targets = labels[device_index]
         with precision.autocast():
             logits = forward(prepare(feeder(host_index, device_index))).float()
+        if boxes is not None:
+            logits, ious = _box_ious(logits, boxes, device_index)
+            iou_sum += ious.sum()
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
         correct += (logits.argmax(dim=1) == targets).sum()
-    return EpochTotals(loss_sum.item() / len(labels), correct.item() / len(labels), len(labels))
+    box_count = int(boxes.has_box.sum().item()) if boxes is not None else 0
+    return EpochTotals(loss_sum.item() / len(labels), correct.item() / len(labels), len(labels), iou_sum.item(),
+                       box_count)
 
 
 def image_preparation(augment: BatchAugment | None, normalizer: Normalizer,
