@@ -84,9 +84,9 @@ def test_a_box_csv_names_the_file_and_line_of_each_problem(tmp_path):
     path.write_text("file,x0,y0,x1,y1\na.png,1,2,30,40\nb.png,1,two,3,4\nc.png,1,2,3\na.png,0,0,5,5\n\nd.png,5,5,1,1\n")
     boxes, problems = read_box_csv(path)
     assert boxes["a.png"] == (Box(1, 2, 30, 40), f"{path}:2")
-    assert problems == [f"{path}:3: coordinates ['1', 'two', '3', '4'] are not all numbers",
-                        f"{path}:4: expected 5 fields (file,x0,y0,x1,y1), found 4",
-                        f"{path}:5: a second box for a.png (first at {path}:2); one box per image"]
+    assert problems == [("b.png", f"{path}:3: coordinates ['1', 'two', '3', '4'] are not all numbers"),
+                        ("c.png", f"{path}:4: expected 5 fields (file,x0,y0,x1,y1), found 4"),
+                        (None, f"{path}:5: a second box for a.png (first at {path}:2); one box per image")]
     with pytest.raises(BoxError, match="empty or inverted"):
         check_box(boxes["d.png"][0], 100, 100, boxes["d.png"][1])
     with pytest.raises(BoxError, match=f"{path}:2: box .* is outside the 20x20 image"):
@@ -143,3 +143,19 @@ def test_a_box_on_the_training_image_goes_back_onto_the_upright_image(mode):
     resized = resized_box(box, 200, 100, 40, mode)
     back = box_on_upright_image(resized.normalised(40, 40), 200, 100, 40, mode)
     assert back.as_tuple() == pytest.approx(box.as_tuple(), abs=1e-6)
+
+
+def test_boxes_find_their_images_however_the_paths_are_spelt_and_bad_lines_mark_their_image(tmp_path, monkeypatch):
+    from imgpipe.boxes import box_key, source_boxes
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "boxes.csv").write_text(
+        "\ufefffile,x0,y0,x1,y1\n"  # saved by Excel, with a byte-order mark
+        f"a.png,1,2,3,4\n./b.png,1,2,3,4\n{tmp_path / 'data' / 'c.png'},1,2,3,4\nd.png,1,x,3,4\n./a.png,0,0,1,1\n")
+    found = source_boxes([{"folder": "data", "boxes": "data/boxes.csv"}])
+    for name in ("data/a.png", "data/b.png", "data/c.png"):
+        assert box_key(name) in found.boxes, name
+    assert found.boxes[box_key("data/a.png")][0] == Box(1, 2, 3, 4)
+    assert "not all numbers" in found.invalid[box_key("data/d.png")]
+    assert len(found.problems) == 1 and "a second box for" in found.problems[0]

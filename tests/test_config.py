@@ -407,3 +407,19 @@ def test_a_localising_model_needs_boxes_and_no_augmentation():
     base["models"]["m"]["augment"] = "light"
     with pytest.raises(ConfigError, match="'models.m.augment': light flips and moves images"):
         validate_config(base, schema)
+
+
+def test_a_box_file_that_is_not_there_or_has_another_header_is_refused_when_the_dag_is_built(tmp_path):
+    from imgpipe.config import ConfigError, load_schema, validate_config
+
+    schema = load_schema(REPO / "workflow/schemas/config.schema.yaml")
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "a.png").write_bytes(b"x")
+    config = {"experiment": "e", "classes": {"cat": {"sources": [{"folder": "cats", "boxes": "boxes.csv"}]},
+                                             "dog": {"sources": [{"digits": 1}]}},
+              "models": {"m": {"arch": "simple_cnn"}}}
+    with pytest.raises(ConfigError, match=r"'classes.cat.sources\[0\].boxes': 'boxes.csv' is not a file"):
+        validate_config(config, schema, tmp_path)
+    (tmp_path / "boxes.csv").write_text("name,left,top\n")
+    with pytest.raises(ConfigError, match="boxes.csv:1: the header must be file,x0,y0,x1,y1"):
+        validate_config(config, schema, tmp_path)

@@ -73,3 +73,13 @@ def test_the_loss_trains_the_box_where_there_is_one_and_only_there():
     assert box_iou(predicted, boxes).mean().item() > 0.9
     with pytest.raises(ValueError, match="unknown box loss"):
         LocalizationLoss(nn.CrossEntropyLoss(), 2, "l2")
+
+
+def test_a_batch_without_boxes_still_gives_the_box_head_a_gradient_and_squeezenet_boxes_reach_below_half():
+    head = ClassAndBoxHead(nn.Linear(8, 2), 2)
+    loss = LocalizationLoss(nn.CrossEntropyLoss(), 2, "smooth_l1")(
+        head(torch.rand(4, 8)), torch.tensor([0, 1, 0, 1]), torch.rand(4, 4), torch.zeros(4, dtype=torch.bool))
+    loss.backward()
+    assert head.box.weight.grad is not None and torch.count_nonzero(head.box.weight.grad) == 0
+    model = add_box_head(build_model("squeezenet1_1", 3, 1, image_size=64), 3)
+    assert not any(isinstance(module, nn.ReLU) for module in list(model.classifier.box.children())[2:])

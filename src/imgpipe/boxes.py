@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,33 +71,44 @@ def check_box(box: Box, width: int, height: int, where: str) -> Box:
     return box
 
 
-def read_box_csv(path: Path | str) -> tuple[dict[str, tuple[Box, str]], list[str]]:
+def read_box_csv_header(path: Path | str) -> None:
+    """BoxError naming the file unless it starts with the header file,x0,y0,x1,y1."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a header Excel saved with a BOM
+            header = next(csv.reader(handle), None)
+    except (OSError, UnicodeDecodeError) as error:
+        raise BoxError(f"{path}: cannot read the box file ({error})") from None
+    if header is None or [cell.strip() for cell in header] != CSV_HEADER:
+        raise BoxError(f"{path}:1: the header must be {','.join(CSV_HEADER)}, found {','.join(header or [])!r}")
+
+
+def read_box_csv(path: Path | str) -> tuple[dict[str, tuple[Box, str]], list[tuple[str | None, str]]]:
     """A `file,x0,y0,x1,y1` CSV: {file as written: (box, 'path:line')}, and the problems of lines
-    that give none (each naming the file and line). `file` is relative to the CSV's folder or
-    absolute; one box per file (a second line for the same file is a problem)."""
+    that give none, each (the file it names, or None, and a message naming the CSV and line).
+    One box per file (a second line for the same file is a problem)."""
     path = Path(path)
+    read_box_csv_header(path)
     boxes: dict[str, tuple[Box, str]] = {}
-    problems = []
-    with open(path, newline="", encoding="utf-8") as handle:
+    problems: list[tuple[str | None, str]] = []
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or [cell.strip() for cell in header] != CSV_HEADER:
-            raise BoxError(f"{path}:1: the header must be {','.join(CSV_HEADER)}, found {','.join(header or [])!r}")
+        next(reader)
         for line, row in enumerate(reader, start=2):
             where = f"{path}:{line}"
             if not row or not "".join(row).strip():
                 continue
+            name = row[0].strip() or None
             if len(row) != 5:
-                problems.append(f"{where}: expected 5 fields (file,x0,y0,x1,y1), found {len(row)}")
+                problems.append((name, f"{where}: expected 5 fields (file,x0,y0,x1,y1), found {len(row)}"))
                 continue
-            name = row[0].strip()
             try:
                 box = Box(*(float(cell) for cell in row[1:]))
             except ValueError:
-                problems.append(f"{where}: coordinates {row[1:]} are not all numbers")
+                problems.append((name, f"{where}: coordinates {row[1:]} are not all numbers"))
                 continue
             if name in boxes:
-                problems.append(f"{where}: a second box for {name} (first at {boxes[name][1]}); one box per image")
+                problems.append((None, f"{where}: a second box for {name} (first at {boxes[name][1]}); one box "
+                                       f"per image"))
                 continue
             boxes[name] = (box, where)
     return boxes, problems
@@ -206,20 +218,33 @@ def is_box_annotation(path: Path, boxes: str | None) -> bool:
     return path.resolve() == Path(boxes).resolve()
 
 
-def source_boxes(sources: list[dict]) -> tuple[dict[str, tuple[Box, str]], list[str]]:
-    """The boxes a class's sources give, by the image's origin as the crawl records it: folder
-    sources that declare them (`boxes`: a CSV or 'voc'; the origin is the folder joined with the
-    path below it) and synthetic ones (exact boxes); each with where it was read, and the
-    problems found reading them (file and line named)."""
+def box_key(origin: str) -> str:
+    """How boxes and images find each other: the absolute path of a file (however the config or
+    the CSV spells it: relative, './a.png', absolute), or a synthetic image's origin."""
+    return origin if origin.startswith("synthetic:") else os.path.abspath(origin)
+
+
+@dataclass
+class SourceBoxes:
+    """A class's boxes by box_key, the images whose box could not be read (key -> the problem,
+    naming file and line), and the problems that name no image."""
+
+    boxes: dict[str, tuple[Box, str]]
+    invalid: dict[str, str]
+    problems: list[str]
+
+
+def source_boxes(sources: list[dict]) -> SourceBoxes:
+    """The boxes a class's sources give: folder sources that declare them (`boxes`: a CSV or
+    'voc'; a CSV's `file` is relative to the folder, or absolute) and synthetic ones (exact)."""
     from imgpipe.files import walk_files
 
-    boxes: dict[str, tuple[Box, str]] = {}
-    problems: list[str] = []
+    found = SourceBoxes({}, {}, [])
     for source in sources:
         if "synthetic" in source:
             from imgpipe import synthetic
 
-            boxes.update(synthetic.boxes(source))
+            found.boxes.update(synthetic.boxes(source))
             continue
         declared = source.get("boxes")
         if not declared or "folder" not in source:
@@ -227,22 +252,28 @@ def source_boxes(sources: list[dict]) -> tuple[dict[str, tuple[Box, str]], list[
         folder = Path(source["folder"])
         if declared == VOC:
             for path in walk_files(folder):
-                if path.suffix.lower() == ".xml":
-                    continue
                 annotation = path.with_suffix(".xml")
-                if not annotation.is_file():
-                    continue  # reported as missing when the image is preprocessed
+                if path.suffix.lower() == ".xml" or not annotation.is_file():
+                    continue  # an image without an XML file is reported as missing when preprocessed
                 try:
-                    boxes[str(path)] = (read_voc_box(annotation), str(annotation))
+                    found.boxes[box_key(str(path))] = (read_voc_box(annotation), str(annotation))
                 except BoxError as error:
-                    problems.append(str(error))
+                    found.invalid[box_key(str(path))] = str(error)
             continue
-        found, csv_problems = read_box_csv(declared)
-        problems += csv_problems
-        for name, (box, where) in found.items():
-            image = Path(name) if Path(name).is_absolute() else folder / name
-            boxes[str(image)] = (box, where)
-    return boxes, problems
+        rows, problems = read_box_csv(declared)
+        for name, problem in problems:
+            if name is None:
+                found.problems.append(problem)
+            else:
+                found.invalid[box_key(str(folder / name))] = problem
+        for name, (box, where) in rows.items():
+            key = box_key(str(folder / name))  # an absolute name stays itself
+            if key in found.boxes:
+                found.problems.append(f"{where}: a second box for {key} (first at {found.boxes[key][1]}); one box "
+                                      f"per image")
+                continue
+            found.boxes[key] = (box, where)
+    return found
 
 
 def upright_resized_box(path: Path | str, box: Box, size: int, mode: str, where: str) -> Box | None:

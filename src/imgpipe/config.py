@@ -19,7 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from imgpipe.boxes import is_box_annotation
+from imgpipe.boxes import BoxError, is_box_annotation, read_box_csv_header
 from imgpipe.files import error_text, walk_files
 from imgpipe.fingerprints import FileHashCache, content_fingerprint
 from imgpipe.sweeps import SweepError, expand_sweeps
@@ -208,6 +208,12 @@ def _check_sources(config: dict, base_dir: Path) -> None:
                     raise ConfigError(f"config key '{key}': '{source[kind]}' is not {wanted}")
                 if kind == "folder" and not any(walk_files(path)):
                     raise ConfigError(f"config key '{key}': the folder '{source[kind]}' holds no files")
+            if source.get("boxes") not in (None, "voc"):
+                boxes = base_dir / source["boxes"]
+                if not boxes.is_file():
+                    raise ConfigError(f"config key 'classes.{class_name}.sources[{index}].boxes': '{source['boxes']}' "
+                                      f"is not a file (a CSV file,x0,y0,x1,y1, or voc)")
+                check_box_csv_header(boxes)
             if source.get("engine") == "flickr" and not (source.get("api_key") or os.environ.get("FLICKR_API_KEY")):
                 raise ConfigError(
                     f"config key 'classes.{class_name}.sources[{index}].api_key': flickr needs an API key "
@@ -215,6 +221,13 @@ def _check_sources(config: dict, base_dir: Path) -> None:
                 )
             if source.get("engine") in ("bing", "baidu", "google") and source.get("filters"):
                 _check_engine_filters(f"classes.{class_name}.sources[{index}].filters", source)
+
+
+def check_box_csv_header(path: Path) -> None:
+    try:
+        read_box_csv_header(path)
+    except BoxError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _check_engine_filters(key: str, source: dict) -> None:

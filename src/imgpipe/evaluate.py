@@ -153,9 +153,14 @@ def penultimate_features(model: torch.nn.Module):
     on each forward pass until the handle is removed.
 
     In every architecture imgpipe builds, the classifier is the last Linear module
-    registered, and its input is the penultimate-layer representation.
+    registered, and its input is the penultimate-layer representation; in a localising
+    model, the last of its class head (the box head beside it comes after).
     """
-    linear = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    from imgpipe.localize import ClassAndBoxHead
+
+    heads = [module for module in model.modules() if isinstance(module, ClassAndBoxHead)]
+    searched = heads[0].classes if heads else model
+    linear = [module for module in searched.modules() if isinstance(module, torch.nn.Linear)]
     if not linear:
         raise ValueError(f"{type(model).__name__} has no Linear layer to take penultimate features from")
     collected: list[torch.Tensor] = []
@@ -266,8 +271,11 @@ def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, 
         predictions["true_box"] = [",".join(f"{v:.6g}" for v in box) if ok else ""
                                    for box, ok in zip(test.boxes.numpy(), has_box)]
         predictions["iou"] = np.where(has_box, ious.round(6), np.nan)
-        log.info("%s: test mIoU %.4f over %d images with a box, %.1f%% with IoU >= 0.5", checkpoint["model_name"],
-                 result["miou"], result["n_boxes"], 100 * result["iou_at_least_0_5"])
+        if result["miou"] is None:
+            log.warning("%s: no test image has a usable box: no localisation figures", checkpoint["model_name"])
+        else:
+            log.info("%s: test mIoU %.4f over %d images with a box, %.1f%% with IoU >= 0.5",
+                     checkpoint["model_name"], result["miou"], result["n_boxes"], 100 * result["iou_at_least_0_5"])
     log.info("%s: test accuracy %.4f (95%% CI %.4f-%.4f), macro F1 %.4f on %d images; %.2f ms per image at "
              "batch 1, %.0f images/s at batch %d", checkpoint["model_name"], result["accuracy"],
              *result["confidence_intervals"]["accuracy"], result["macro_f1"], result["n_test"],

@@ -45,6 +45,13 @@ def box_head_like(class_head: nn.Module, num_classes: int) -> nn.Module:
     parent_name, _, child_name = last.rpartition(".")
     parent = box_head.get_submodule(parent_name) if parent_name else box_head
     setattr(parent, child_name, _box_layer_like(getattr(parent, child_name)))
+    if isinstance(parent, nn.Sequential):
+        # SqueezeNet's class conv is followed by a ReLU: on the box outputs it would clip every
+        # value below 0, leaving the sigmoid's centre and size at 0.5 or more
+        names = [name for name, _ in parent.named_children()]
+        for name in names[names.index(child_name) + 1:]:
+            if isinstance(getattr(parent, name), (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish)):
+                setattr(parent, name, nn.Identity())
     for module in box_head.modules():  # the rest of the copy starts afresh too, not as the class head's twin
         if module is not box_head and hasattr(module, "reset_parameters"):
             module.reset_parameters()
@@ -126,11 +133,12 @@ class LocalizationLoss(nn.Module):
                 has_box: torch.Tensor) -> torch.Tensor:
         logits, predicted = split_outputs(outputs, self.num_classes)
         loss = self.classification(logits, labels)
-        if not bool(has_box.any()):
-            return loss
-        predicted, target = predicted[has_box], boxes[has_box]
+        # A mean over the images with a box, by mask: a batch without any still gives the box
+        # head a (zero) gradient, as data-parallel training needs every process to have the same.
+        mask = has_box.to(predicted.dtype)
         if self.box_loss == "giou":
-            box = (1 - giou(predicted, target)).mean()
+            per_image = 1 - giou(predicted, boxes)
         else:
-            box = nn.functional.smooth_l1_loss(predicted, target, beta=0.05)
+            per_image = nn.functional.smooth_l1_loss(predicted, boxes, beta=0.05, reduction="none").mean(dim=1)
+        box = (per_image * mask).sum() / mask.sum().clamp(min=1)
         return loss + self.box_weight * box

@@ -245,8 +245,9 @@ def predict_files(classifier: Classifier, paths: Sequence[Path | str], batch_siz
         images, sizes = [], []
         for path in paths[start:start + batch_size]:
             try:
+                size = upright_size(path) if classifier.localizes else None
                 images.append(prepare_file(path, classifier.image_settings))
-                sizes.append(upright_size(path) if classifier.localizes else None)
+                sizes.append(size)
                 result.paths.append(str(path))
             except Exception as error:  # one bad file must not stop the others; it is listed with the reason
                 result.failures.append({"path": str(path), "reason": why_unreadable(Path(path), error)})
@@ -254,9 +255,10 @@ def predict_files(classifier: Classifier, paths: Sequence[Path | str], batch_siz
         chunks.append(probabilities)
         if boxes is not None:
             image = classifier.image_settings
-            result.boxes += [[round(value, 1) for value in box_on_upright_image(
-                Box(*box), width, height, image["size"], image["resize"]).as_tuple()]
-                for box, (width, height) in zip(boxes.tolist(), sizes)]
+            for box, (width, height) in zip(boxes.tolist(), sizes):
+                upright = box_on_upright_image(Box(*box), width, height, image["size"], image["resize"])
+                inside = upright.clipped(width, height) or Box(0, 0, 0, 0)  # none left: an empty box, said so
+                result.boxes.append([round(value, 1) for value in inside.as_tuple()])
         if on_progress is not None:
             on_progress(min(start + batch_size, len(paths)))
     result.probabilities = (np.concatenate(chunks) if chunks

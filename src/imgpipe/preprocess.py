@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from imgpipe.boxes import BOX_COLUMNS, Box, BoxError, upright_resized_box
+from imgpipe.boxes import BOX_COLUMNS, BoxError, SourceBoxes, box_key, upright_resized_box
 from imgpipe.files import error_text
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,11 @@ def preprocess_class(
     color: str,
     resize: str,
     pad_color: str = "black",
-    boxes: dict[str, tuple[Box, str]] | None = None,
+    boxes: SourceBoxes | None = None,
 ) -> pd.DataFrame:
     """Write every kept image of one class to out_dir; return `path,label,group,source_file,status,reason`.
 
-    With `boxes` (imgpipe.boxes.source_boxes: by the image's origin) the manifest also has
+    With `boxes` (imgpipe.boxes.source_boxes) the manifest also has
     BOX_COLUMNS, the box on the training image normalised to 0..1 (empty where there is none),
     and box_status (ok, missing, invalid, cut_away: the crop left nothing of it) with box_reason.
     """
@@ -126,9 +126,9 @@ def preprocess_class(
              sum(r["status"] != "ok" for r in rows))
     columns = ["path", "label", "group", "source_file", "status", "reason"]
     if boxes is not None:
-        collected = set(fates.loc[fates["class"] == class_name, "origin"])
-        for origin in sorted(set(boxes) - collected):
-            log.warning("%s: a box for %s, which is not among the class's collected images", boxes[origin][1], origin)
+        collected = {box_key(origin) for origin in fates.loc[fates["class"] == class_name, "origin"]}
+        for key in sorted(set(boxes.boxes) - collected):
+            log.warning("%s: a box for %s, which is not among the class's collected images", boxes.boxes[key][1], key)
         columns += BOX_COLUMNS + ["box_status", "box_reason"]
         statuses = pd.Series([row.get("box_status", "") for row in rows]).value_counts()
         log.info("%s: boxes: %s", class_name, ", ".join(f"{count} {status}" for status, count in statuses.items()
@@ -136,11 +136,14 @@ def preprocess_class(
     return pd.DataFrame(rows, columns=columns).fillna("")
 
 
-def box_fields(origin: str, file: str, boxes: dict[str, tuple[Box, str]], size: int, resize: str) -> dict:
+def box_fields(origin: str, file: str, boxes: SourceBoxes, size: int, resize: str) -> dict:
     """The manifest fields of one image's box: normalised corners and box_status / box_reason."""
-    if origin not in boxes:
+    key = box_key(origin)
+    if key in boxes.invalid:
+        return {"box_status": "invalid", "box_reason": boxes.invalid[key]}
+    if key not in boxes.boxes:
         return {"box_status": "missing", "box_reason": f"no box given for {origin}"}
-    box, where = boxes[origin]
+    box, where = boxes.boxes[key]
     try:
         resized = upright_resized_box(file, box, size, resize, where)
     except BoxError as error:

@@ -26,8 +26,11 @@ def settings(source: dict) -> dict:
     return DEFAULTS | source["synthetic"]
 
 
-def origin(digit: int, number: int) -> str:
-    return f"synthetic:digits-on-texture#{digit}/{number}"
+def origin(source_settings: dict, digit: int, number: int) -> str:
+    """Everything the image follows from: another seed or canvas is another image, never one
+    replayed from the crawl store under the old settings."""
+    return (f"synthetic:digits-on-texture#{digit}/{number}?seed={source_settings['seed']}"
+            f"&canvas={source_settings['canvas']}")
 
 
 @lru_cache(maxsize=1)
@@ -95,7 +98,7 @@ def items(source: dict) -> list[tuple[str, Layout]]:
     """(origin, layout) of every image a synthetic source makes, in order."""
     chosen = settings(source)
     digit = chosen["digit"]
-    return [(origin(digit, number), layout(chosen, digit, number)) for number in range(chosen["count"])]
+    return [(origin(chosen, digit, number), layout(chosen, digit, number)) for number in range(chosen["count"])]
 
 
 def boxes(source: dict) -> dict[str, tuple[Box, str]]:

@@ -16,10 +16,10 @@ class_name = snakemake.wildcards.cls
 with data_job_run(f"preprocess {class_name}", tags={"imgpipe.stage": "preprocess", "imgpipe.class": class_name}) as run:
     boxes = None
     if snakemake.params.boxes:
-        boxes, problems = source_boxes(snakemake.params.boxes)
-        for problem in problems:  # the image stays; its box_status says what is wrong
+        boxes = source_boxes(snakemake.params.boxes)
+        for problem in boxes.problems + list(boxes.invalid.values()):  # the images stay; box_status says why
             logging.getLogger("imgpipe.boxes").warning("%s", problem)
-        run.log_metric("box_file_problems", len(problems))
+        run.log_metric("box_file_problems", len(boxes.problems) + len(boxes.invalid))
     fates = read_dedupe_manifest(snakemake.input[0])
     images = preprocess_class(fates, class_name, Path(snakemake.output.images), snakemake.params.size,
                               snakemake.params.color, snakemake.params.resize, snakemake.params.pad_color, boxes)
