@@ -101,6 +101,8 @@ def test_a_voc_file_gives_its_one_box_in_edge_coordinates(tmp_path):
     voc.write_text("<annotation><size><width>100</width><height>80</height></size><object><name>cat</name>"
                    "<bndbox><xmin>1</xmin><ymin>11</ymin><xmax>50</xmax><ymax>80</ymax></bndbox></object></annotation>")
     assert read_voc_box(voc) == Box(0, 10, 50, 80)
+    voc.write_text(voc.read_text().replace("<xmin>1</xmin>", "<xmin>0</xmin>"))  # 0-based, as some tools write
+    assert read_voc_box(voc) == Box(0, 10, 50, 80)
     voc.write_text("<annotation><object/><object/></annotation>")
     with pytest.raises(BoxError, match="2 <object> elements"):
         read_voc_box(voc)

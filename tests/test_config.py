@@ -404,6 +404,10 @@ def test_a_localising_model_needs_boxes_and_no_augmentation():
         validate_config(base, schema)
     base["classes"]["a"] = {"sources": [{"synthetic": {"digit": 1}}]}
     assert validate_config(base, schema)["models"]["m"]["task"] == "localize"
+    base["models"]["c"] = {"arch": "simple_cnn", "early_stopping": {"patience": 2, "metric": "val_miou"}}
+    with pytest.raises(ConfigError, match="'models.c.early_stopping': metric val_miou needs task: localize"):
+        validate_config(base, schema)
+    del base["models"]["c"]
     base["models"]["m"]["augment"] = "light"
     with pytest.raises(ConfigError, match="'models.m.augment': light flips and moves images"):
         validate_config(base, schema)

@@ -26,13 +26,15 @@ def test_a_localising_model_beside_a_classifier(tmp_path, mlflow_template_db):
         "split": {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 1},
         "models": {"cnn": {"arch": "simple_cnn", "epochs": 2},
                    "box": {"arch": "simple_cnn", "epochs": 4, "task": "localize", "box_loss": "giou", "lr": 0.003,
-                           "init_from": "cnn"}},
+                           "init_from": "cnn", "early_stopping": {"patience": 4, "metric": "val_miou"}}},
     })
     snakemake(workdir)
     results = workdir / "results" / "loc"
 
     history = pd.read_csv(results / "models/box/history.csv")
     assert {"train_miou", "val_miou"} <= set(history.columns) and history["val_miou"].between(0, 1).all()
+    summary = json.loads((results / "models/box/summary.json").read_text())
+    assert summary["best_epoch"] == int(history["epoch"][history["val_miou"].idxmax()]), "kept by val_miou"
     assert "train_miou" not in pd.read_csv(results / "models/cnn/history.csv").columns
     metrics = json.loads((results / "eval/box/metrics.json").read_text())
     assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["iou_at_least_0_5"] <= 1 and metrics["n_boxes"] == 16
@@ -48,6 +50,7 @@ def test_a_localising_model_beside_a_classifier(tmp_path, mlflow_template_db):
     client = store(workdir)
     run = runs_by_name(client, "loc")["box"]
     assert run.data.metrics["test/miou"] == pytest.approx(metrics["miou"])
+    assert run.data.metrics["best_val_miou"] == pytest.approx(summary["best_val_miou"])
     assert len(client.get_metric_history(run.info.run_id, "val_miou")) == 4
 
     images = workdir / "to_predict"

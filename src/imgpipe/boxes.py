@@ -130,7 +130,8 @@ def read_voc_box(path: Path | str) -> Box:
         corners = [float(found.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax")]
     except (AttributeError, TypeError, ValueError):
         raise BoxError(f"{path}: <bndbox> needs numeric xmin, ymin, xmax and ymax") from None
-    return Box(corners[0] - 1, corners[1] - 1, corners[2], corners[3])
+    # (a 0 where VOC's 1-based corners allow no less, as some tools write them, is the edge)
+    return Box(max(0.0, corners[0] - 1), max(0.0, corners[1] - 1), corners[2], corners[3])
 
 
 # EXIF orientation -> how the stored image is turned upright (what ImageOps.exif_transpose does).

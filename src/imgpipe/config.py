@@ -348,6 +348,8 @@ def _check_models(config: dict, base_dir: Path, swept: dict[str, list[str]], key
         arch = model["arch"]
         if model.get("task") == "localize":
             _check_localize(config, model_name, model, keys)
+        elif (model.get("early_stopping") or {}).get("metric") == "val_miou":
+            raise ConfigError(f"{keys(model_name, 'early_stopping')}: metric val_miou needs task: localize (a box head)")
         if model.get("gpus", 1) > 1 and model["device"] == "mps":
             raise ConfigError(f"{keys(model_name, 'gpus')}: data-parallel training needs CUDA devices or the CPU; "
                               f"device mps has one device")

@@ -64,7 +64,8 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
     write_training_outputs(history, summary, snakemake.output.history, snakemake.output.summary,
                            snakemake.output.timing)
     mlflow.log_metrics({k: float(summary[k]) for k in ("n_parameters", "n_trainable_parameters", "train_seconds",
-                                                        "best_epoch", "epochs_run", "best_val_accuracy")})
+                                                        "best_epoch", "epochs_run", "best_val_accuracy",
+                                                        "best_val_miou") if k in summary})
     write_model_card(snakemake.output.checkpoint, settings, summary, snakemake.config,
                      workflow_dir=Path(snakemake.scriptdir))
     for path in (snakemake.output.checkpoint, snakemake.output.history, snakemake.output.model_card):

@@ -116,6 +116,8 @@ def _better(row: dict, best: dict | None, metric: str) -> bool:
         return True
     if metric == "val_loss":
         return (-row["val_loss"], row["val_accuracy"]) > (-best["val_loss"], best["val_accuracy"])
+    if metric == "val_miou":
+        return (row["val_miou"], row["val_accuracy"]) > (best["val_miou"], best["val_accuracy"])
     return (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
 
 
