@@ -83,3 +83,16 @@ def test_a_batch_without_boxes_still_gives_the_box_head_a_gradient_and_squeezene
     assert head.box.weight.grad is not None and torch.count_nonzero(head.box.weight.grad) == 0
     model = add_box_head(build_model("squeezenet1_1", 3, 1, image_size=64), 3)
     assert not any(isinstance(module, nn.ReLU) for module in list(model.classifier.box.children())[2:])
+
+
+def test_init_from_carries_the_class_head_between_a_classifier_and_a_localising_model():
+    from imgpipe.models import load_matching_weights
+
+    classifier = build_model("resnet18", 3, 1, image_size=32)
+    localizer = build_model("resnet18", 3, 1, image_size=32, task="localize")
+    load = load_matching_weights(localizer, classifier.state_dict(), "cnn")
+    assert torch.equal(localizer.fc.classes.weight, classifier.fc.weight)
+    assert sorted(load.fresh) == ["fc.box.bias", "fc.box.weight"]
+    back = build_model("resnet18", 3, 1, image_size=32)
+    load_matching_weights(back, localizer.state_dict(), "box")
+    assert torch.equal(back.fc.weight, localizer.fc.classes.weight)

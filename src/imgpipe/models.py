@@ -257,6 +257,23 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _matched_class_heads(state_dict: dict, own: dict, model: nn.Module) -> dict:
+    """A classifier's head tensors named as a localising model's class head (`<head>.classes.`),
+    and the other way round, so init_from carries the class head over between the two."""
+    try:
+        prefix = f"{head_name(model)}."
+    except ValueError:
+        return state_dict
+    matched = {}
+    for name, tensor in state_dict.items():
+        if name not in own and name.startswith(prefix):
+            rest = name[len(prefix):]
+            name = next((candidate for candidate in (f"{prefix}classes.{rest}", prefix + rest.removeprefix("classes."))
+                         if candidate in own), name)
+        matched[name] = tensor
+    return matched
+
+
 def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> WeightsLoad:
     """Copy every tensor whose name and shape fit; RGB first-conv kernels are summed for 1 channel.
 
@@ -265,6 +282,7 @@ def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor],
     with what did not fit.
     """
     own = model.state_dict()
+    state_dict = _matched_class_heads(state_dict, own, model)
     usable = {}
     for name, tensor in state_dict.items():
         if name not in own:
