@@ -96,3 +96,29 @@ def test_init_from_carries_the_class_head_between_a_classifier_and_a_localising_
     back = build_model("resnet18", 3, 1, image_size=32)
     load_matching_weights(back, localizer.state_dict(), "box")
     assert torch.equal(back.fc.weight, localizer.fc.classes.weight)
+
+
+def test_boxes_required_says_which_classes_it_leaves_out(shapes_manifest, tmp_path, caplog):
+    import pandas as pd
+
+    from conftest import REPO
+    from imgpipe.config import load_schema, validate_config
+    from imgpipe.training.engine import TrainingJob, train_model
+
+    manifest = pd.read_csv(shapes_manifest)
+    bright = manifest["label"] == "bright"
+    for column, value in zip(("box_x0", "box_y0", "box_x1", "box_y1"), (0.1, 0.1, 0.6, 0.7)):
+        manifest[column] = [value if ok else "" for ok in bright]
+    manifest["box_status"] = ["ok" if ok else "missing" for ok in bright]
+    path = tmp_path / "manifest.csv"
+    manifest.to_csv(path, index=False)
+    config = {"experiment": "e", "classes": {"bright": {"sources": [{"synthetic": {"digit": 1}}]},
+                                             "dark": {"sources": [{"digits": 2}]}},
+              "models": {"m": {"arch": "simple_cnn", "task": "localize", "boxes_required": True, "epochs": 1}}}
+    settings = validate_config(config, load_schema(REPO / "workflow/schemas/config.schema.yaml"))["models"]["m"]
+    image = {"size": 32, "color": "grayscale", "resize": "stretch", "pad_color": "black"}
+    job = TrainingJob("m", settings, image, path, tmp_path / "m" / "resume", tmp_path / "m" / "model.pt",
+                      torch.device("cpu"))
+    history, summary = train_model(job)
+    assert "boxes_required leaves no train image of class(es) dark" in caplog.text
+    assert summary["n_train"] == int((bright & (manifest["split"] == "train")).sum())

@@ -199,6 +199,11 @@ class _Run:
         if usable < len(data.labels):
             log.info("%s: %d of %d %s images have no usable box and are left out (boxes_required)", name,
                      len(data.labels) - usable, len(data.labels), split)
+        without = [self.classes[index] for index in sorted(set(data.labels.tolist()))
+                   if not data.has_box[data.labels == index].any()]
+        if without:
+            log.warning("%s: boxes_required leaves no %s image of class(es) %s, which have no usable box: the model "
+                        "never sees them in this split", name, split, ", ".join(without))
         return data.subset(data.has_box)
 
     def _starting_point(self) -> tuple[WeightsLoad | None, dict]:
