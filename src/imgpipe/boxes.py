@@ -277,17 +277,21 @@ def source_boxes(sources: list[dict]) -> SourceBoxes:
     return found
 
 
-def upright_resized_box(path: Path | str, box: Box, size: int, mode: str, where: str) -> Box | None:
-    """`box` (pixels of the file as stored) on the training image preprocess makes of the file,
-    normalised to 0..1; None when the crop cut it away. BoxError when it does not fit the stored image."""
-    from PIL import Image
+TURNING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+
+def upright_size(stored: tuple[int, int, int]) -> tuple[int, int]:
+    """Width and height of an image as shown, from its stored (width, height, EXIF orientation)."""
+    width, height, orientation = stored
+    return (height, width) if orientation in TURNING_ORIENTATIONS else (width, height)
+
+
+def upright_resized_box(box: Box, stored: tuple[int, int, int], size: int, mode: str, where: str) -> Box | None:
+    """`box` (pixels of the file as stored: `stored` is its width, height and EXIF orientation)
+    on the training image preprocess makes of the file, normalised to 0..1; None when the crop
+    cut it away. BoxError when it does not fit the stored image."""
+    width, height, orientation = stored
     check_box(box, width, height, where)
     upright = oriented_box(box, orientation, width, height)
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    resized = resized_box(upright, width, height, size, mode)
+    resized = resized_box(upright, *upright_size(stored), size, mode)
     return resized.normalised(size, size) if resized is not None else None

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from imgpipe.config import model_setting
 from imgpipe.files import error_text
 
 # The keys of an imgpipe model.pt that rebuild the network (see `model_build_spec`).
@@ -79,9 +80,14 @@ def read_model_checkpoint(path: Path | str) -> dict:
 def model_build_spec(settings: dict) -> dict:
     """The settings that rebuild a model's network, stored in its checkpoint."""
     spec = {key: settings.get(key) for key in BUILD_KEYS}
-    if settings.get("task", "classify") != "classify":  # classifiers' checkpoints stay as they were
+    if model_setting(settings, "task") != "classify":  # classifiers' checkpoints stay as they were
         spec["task"] = settings["task"]
     return spec
+
+
+def checkpoint_task(checkpoint: dict) -> str:
+    """What a checkpoint's network does: 'classify', or 'localize' (a box head too)."""
+    return checkpoint.get("build", {}).get("task", "classify")
 
 
 def load_trained_model(checkpoint_path: Path | str, device: torch.device | str = "cpu"):
@@ -93,7 +99,7 @@ def load_trained_model(checkpoint_path: Path | str, device: torch.device | str =
     model = build_model(checkpoint["arch"], len(checkpoint["classes"]), checkpoint["in_channels"],
                         image_size=checkpoint["image"]["size"], truncate=spec["truncate"],
                         head_hidden=spec["head_hidden"], head_dropout=spec["head_dropout"],
-                        task=spec.get("task", "classify"))
+                        task=checkpoint_task(checkpoint))
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:

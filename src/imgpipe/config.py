@@ -35,6 +35,11 @@ NEUTRAL_DEFAULTS = {"gpus": 1, "task": "classify", "box_loss": "smooth_l1", "box
                     "boxes_required": False}
 
 
+def model_setting(settings: dict, key: str):
+    """A model setting of training_settings' output, whose NEUTRAL_DEFAULTS keys may have been left out."""
+    return settings.get(key, NEUTRAL_DEFAULTS[key])
+
+
 class ConfigError(ValueError):
     """A config mistake, reported with the key that holds it."""
 

@@ -14,7 +14,7 @@ import torch
 from sklearn import metrics as skm
 
 from imgpipe import stats
-from imgpipe.checkpoints import load_trained_model
+from imgpipe.checkpoints import checkpoint_task, load_trained_model
 from imgpipe.datasets import Normalizer, load_split
 from imgpipe.manifests import SPEED_KEYS, read_split_manifest
 from imgpipe.localize import box_iou, split_outputs
@@ -221,7 +221,7 @@ def evaluate_checkpoint(checkpoint_path: Path | str, manifest_path: Path | str, 
         raise ValueError(f"test labels {unknown} in {manifest_path} are not among the classes {checkpoint_path} "
                          f"was trained on ({classes})")
     test = load_split(manifest, "test", classes)
-    localize = checkpoint.get("build", {}).get("task") == "localize"
+    localize = checkpoint_task(checkpoint) == "localize"
     if localize and test.boxes is None:
         raise ValueError(f"{checkpoint_path} is a localising model, but the split manifest {manifest_path} has no "
                          f"boxes")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from imgpipe.files import error_text
-from imgpipe.tracking import (ABANDONED_TAG, EXPERIMENT_ENV, INVOCATION_TAGS_ENV, PARENT_RUN_ENV, PID_TAG,
+from imgpipe.tracking import (ABANDONED_TAG, INVOCATION_TAGS_ENV, PARENT_RUN_ENV, PID_TAG,
                               PID_STARTED_TAG, HOST_TAG, TAG_PREFIX, job_tags, owner_tags, process_is_running,
                               record_counts_on_invocation)
 
@@ -173,17 +173,10 @@ def publish_own_record(record: dict) -> str:
     """Publish a record from the job that made it, to the invocation its environment names, if any."""
     import mlflow
 
-    from imgpipe.tracking import check_tracking_server
+    from imgpipe.tracking import check_tracking_server, job_experiment_id
 
     check_tracking_server(mlflow.get_tracking_uri())
-    experiment = os.environ.get(EXPERIMENT_ENV)
-    if experiment:
-        experiment_id = mlflow.set_experiment(experiment).experiment_id
-    else:
-        from mlflow.tracking.fluent import _get_experiment_id
-
-        experiment_id = _get_experiment_id()
-    return publish_record(record, experiment_id, os.environ.get(PARENT_RUN_ENV),
+    return publish_record(record, job_experiment_id(), os.environ.get(PARENT_RUN_ENV),
                           json.loads(os.environ.get(INVOCATION_TAGS_ENV, "{}")))
 
 
@@ -304,15 +297,16 @@ class RecordPublisher:
             if path.name == INVOCATION_FILE:
                 continue
             try:
-                owner = json.loads(path.read_text())["owner"]
-                here = owner.get(HOST_TAG) == socket.gethostname()
-                ended = _owner_has_ended(owner) if here else final
-                # Read after deciding: a job that ended meanwhile has replaced its RUNNING record.
                 record = json.loads(path.read_text())
                 if record["status"] == "RUNNING":
+                    owner = record["owner"]
+                    ended = _owner_has_ended(owner) if owner.get(HOST_TAG) == socket.gethostname() else final
                     if not ended:
                         left += 1
                         continue
+                    # Read again: a job that ended between the two reads has replaced its RUNNING record.
+                    record = json.loads(path.read_text())
+                if record["status"] == "RUNNING":
                     record["status"] = "KILLED"
                     record["end_ms"] = max(record["start_ms"], int(path.stat().st_mtime * 1000))
                 publish_record(record, self.experiment_id, self.invocation_id, self.invocation_tags, self._client)

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgpipe.boxes import ORIENTATION_TAG, Box, box_on_upright_image
-from imgpipe.checkpoints import load_trained_model
+from imgpipe.boxes import Box, box_on_upright_image, upright_size
+from imgpipe.checkpoints import checkpoint_task, load_trained_model
 from imgpipe.datasets import image_to_chw
 from imgpipe.evaluate import predict_probabilities
 from imgpipe.files import error_text, read_optional_json, walk_files
 from imgpipe.images import inspect_image
 from imgpipe.modelcard import CARD_FILE
-from imgpipe.preprocess import prepare_image, resize_image, to_color
+from imgpipe.preprocess import prepare_image_with_geometry, resize_image, to_color
 from imgpipe.training.devices import pick_device
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Classifier:
     @property
     def localizes(self) -> bool:
         """Whether the model also puts a box on each image (task: localize)."""
-        return self.checkpoint.get("build", {}).get("task") == "localize"
+        return checkpoint_task(self.checkpoint) == "localize"
 
     @property
     def image_settings(self) -> dict:
@@ -145,8 +145,14 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[dict]
 
 def prepare_file(path: Path | str, image_settings: dict) -> np.ndarray:
     """One image file through the model's preprocessing, as uint8 C x H x W."""
-    return image_to_chw(prepare_image(path, image_settings["size"], image_settings["color"], image_settings["resize"],
-                                      image_settings["pad_color"]))
+    return prepare_file_with_geometry(path, image_settings)[0]
+
+
+def prepare_file_with_geometry(path: Path | str, image_settings: dict) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """`prepare_file`, and the file's stored width, height and EXIF orientation (for its box)."""
+    image, stored = prepare_image_with_geometry(path, image_settings["size"], image_settings["color"],
+                                                image_settings["resize"], image_settings["pad_color"])
+    return image_to_chw(image), stored
 
 
 def prepare_array(array: np.ndarray, image_settings: dict) -> np.ndarray:
@@ -179,21 +185,10 @@ def classify(classifier: Classifier, images: Sequence[np.ndarray], batch_size: i
         return np.zeros((0, len(classifier.classes)), dtype=np.float32), (
             np.zeros((0, 4), dtype=np.float32) if classifier.localizes else None)
     batch = torch.from_numpy(np.stack(images))
-    if classifier.localizes:
-        return predict_probabilities(classifier.model, batch, classifier.checkpoint["normalization"],
-                                     classifier.device, batch_size=batch_size, num_classes=len(classifier.classes))
-    return predict_probabilities(classifier.model, batch, classifier.checkpoint["normalization"], classifier.device,
-                                 batch_size=batch_size), None
-
-
-def upright_size(path: Path | str) -> tuple[int, int]:
-    """Width and height of an image as shown, its EXIF orientation applied (read from the header)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-        turned = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
-    return (height, width) if turned else (width, height)
+    result = predict_probabilities(classifier.model, batch, classifier.checkpoint["normalization"], classifier.device,
+                                   batch_size=batch_size,
+                                   num_classes=len(classifier.classes) if classifier.localizes else None)
+    return result if classifier.localizes else (result, None)
 
 
 def why_unreadable(path: Path, error: Exception) -> str:
@@ -245,9 +240,9 @@ def predict_files(classifier: Classifier, paths: Sequence[Path | str], batch_siz
         images, sizes = [], []
         for path in paths[start:start + batch_size]:
             try:
-                size = upright_size(path) if classifier.localizes else None
-                images.append(prepare_file(path, classifier.image_settings))
-                sizes.append(size)
+                image, stored = prepare_file_with_geometry(path, classifier.image_settings)
+                images.append(image)
+                sizes.append(upright_size(stored))
                 result.paths.append(str(path))
             except Exception as error:  # one bad file must not stop the others; it is listed with the reason
                 result.failures.append({"path": str(path), "reason": why_unreadable(Path(path), error)})

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from imgpipe.boxes import BOX_COLUMNS, BoxError, SourceBoxes, box_key, upright_resized_box
+from imgpipe.boxes import BOX_COLUMNS, ORIENTATION_TAG, BoxError, SourceBoxes, box_key, upright_resized_box
 from imgpipe.files import error_text
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,18 @@ def resize_image(image: Image.Image, size: int, mode: str, pad_color: str = "bla
 
 def prepare_image(path: Path | str, size: int, color: str, resize: str, pad_color: str = "black") -> Image.Image:
     """Decode one file and return the training-ready image (EXIF orientation applied)."""
+    return prepare_image_with_geometry(path, size, color, resize, pad_color)[0]
+
+
+def prepare_image_with_geometry(path: Path | str, size: int, color: str, resize: str,
+                                pad_color: str = "black") -> tuple[Image.Image, tuple[int, int, int]]:
+    """`prepare_image`, and from the same decode the file's stored width, height and EXIF
+    orientation: what turning its box the way the image turns needs."""
     with Image.open(path) as image:
         image.load()
+        stored = (image.size[0], image.size[1], image.getexif().get(ORIENTATION_TAG, 1))
         image = ImageOps.exif_transpose(image)
-        return resize_image(to_color(image, color), size, resize, pad_color)
+        return resize_image(to_color(image, color), size, resize, pad_color), stored
 
 
 def preprocess_class(
@@ -111,14 +119,15 @@ def preprocess_class(
     for done, record in enumerate(kept.itertuples(index=False), start=1):
         target = out_dir / (Path(record.file).stem + ".png")
         try:
-            prepare_image(record.file, size, color, resize, pad_color).save(target)
+            image, stored = prepare_image_with_geometry(record.file, size, color, resize, pad_color)
+            image.save(target)
             row = {"path": str(target), "status": "ok", "reason": ""}
         except Exception as error:  # one bad file must not stop the class; it is recorded
             log.warning("could not preprocess %s: %s", record.file, error)
             row = {"path": "", "status": "failed", "reason": error_text(error)}
         row |= {"label": class_name, "group": record.group, "source_file": record.file}
         if boxes is not None:
-            row |= box_fields(record.origin, record.file, boxes, size, resize) if row["status"] == "ok" else {}
+            row |= box_fields(record.origin, stored, boxes, size, resize) if row["status"] == "ok" else {}
         rows.append(row)
         if done % 1000 == 0:
             log.info("%s: %d / %d images preprocessed", class_name, done, len(kept))
@@ -136,8 +145,9 @@ def preprocess_class(
     return pd.DataFrame(rows, columns=columns).fillna("")
 
 
-def box_fields(origin: str, file: str, boxes: SourceBoxes, size: int, resize: str) -> dict:
-    """The manifest fields of one image's box: normalised corners and box_status / box_reason."""
+def box_fields(origin: str, stored: tuple[int, int, int], boxes: SourceBoxes, size: int, resize: str) -> dict:
+    """The manifest fields of one image's box (`stored`: its file's width, height and EXIF
+    orientation): normalised corners and box_status / box_reason."""
     key = box_key(origin)
     if key in boxes.invalid:
         return {"box_status": "invalid", "box_reason": boxes.invalid[key]}
@@ -145,7 +155,7 @@ def box_fields(origin: str, file: str, boxes: SourceBoxes, size: int, resize: st
         return {"box_status": "missing", "box_reason": f"no box given for {origin}"}
     box, where = boxes.boxes[key]
     try:
-        resized = upright_resized_box(file, box, size, resize, where)
+        resized = upright_resized_box(box, stored, size, resize, where)
     except BoxError as error:
         log.warning("%s", error)
         return {"box_status": "invalid", "box_reason": str(error)}

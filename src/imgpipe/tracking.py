@@ -440,6 +440,16 @@ def job_tags(run_name: str, tags: dict, invocation_id: str | None, shared_tags: 
     }
 
 
+def job_experiment_id() -> str:
+    """The experiment a job's run goes to: the invocation's (exported), else MLflow's own choice,
+    as mlflow.start_run makes it outside an invocation."""
+    import mlflow
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    experiment = os.environ.get(EXPERIMENT_ENV)
+    return mlflow.set_experiment(experiment).experiment_id if experiment else _get_experiment_id()
+
+
 def new_job_run(run_name: str, tags: dict) -> tuple:
     """Open (and make active) a new run for a job; return it and the run it is nested under, or None.
 
@@ -448,11 +458,8 @@ def new_job_run(run_name: str, tags: dict) -> tuple:
     """
     import mlflow
     from mlflow.tracking import MlflowClient
-    from mlflow.tracking.fluent import _get_experiment_id
 
-    experiment = os.environ.get(EXPERIMENT_ENV)
-    # Outside an invocation (no experiment exported), MLflow's own choice, as mlflow.start_run makes it.
-    experiment_id = mlflow.set_experiment(experiment).experiment_id if experiment else _get_experiment_id()
+    experiment_id = job_experiment_id()
     all_tags = job_tags(run_name, tags, os.environ.get(PARENT_RUN_ENV),
                         json.loads(os.environ.get(INVOCATION_TAGS_ENV, "{}")), owner_tags())
     # Created by the client, not mlflow.start_run, which would add MLflow's source and git

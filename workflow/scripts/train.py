@@ -12,7 +12,7 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 
 import mlflow
 
-from imgpipe.config import NEUTRAL_DEFAULTS
+from imgpipe.config import model_setting
 from imgpipe.modelcard import write_model_card
 from imgpipe.pyfunc import log_classifier_model
 from imgpipe.tracking import (RunLogger, flatten, job_run, log_missing_epochs, log_params_once, log_split_dataset,
@@ -49,7 +49,7 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
     if state is not None:
         log_missing_epochs(run.info.run_id, state["history"])
     logger = RunLogger(run.info.run_id, mlflow.get_tracking_uri())
-    processes = settings.get("gpus", NEUTRAL_DEFAULTS["gpus"])
+    processes = model_setting(settings, "gpus")
     held = len(gpu_claim.device_id.split(",")) if gpu_claim else 0
     if job.device.type == "cuda" and held != processes:  # Snakemake caps a job's gpu at --resources gpu
         raise RuntimeError(f"model '{model_name}' trains on {processes} GPUs (models.{model_name}.gpus) but this job "

@@ -152,11 +152,8 @@ class GpuClaim:
             pass
         os.close(self._descriptor)  # closing the last descriptor drops the flock
         self._descriptor = None
-        if self._set_environment and os.environ.get("CUDA_VISIBLE_DEVICES") == self.device_id:
-            if self._previous_visible is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = self._previous_visible
+        if self._set_environment:
+            _restore_visible_devices(self.device_id, self._previous_visible)
         log.info("released GPU %s", self.device_id)
 
     def __enter__(self) -> GpuClaim:
@@ -185,11 +182,7 @@ class GpuClaimGroup:
     def release(self) -> None:
         for claim in self.claims:
             claim.release()
-        if os.environ.get("CUDA_VISIBLE_DEVICES") == self.device_id:
-            if self._previous_visible is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = self._previous_visible
+        _restore_visible_devices(self.device_id, self._previous_visible)
 
     def __enter__(self) -> GpuClaimGroup:
         return self
@@ -198,14 +191,24 @@ class GpuClaimGroup:
         self.release()
 
 
-def claim_gpus(count: int, gpus: list[str] | None = None, lock_dir: Path | str | None = None,
-               **options) -> GpuClaim | GpuClaimGroup:
+def _restore_visible_devices(claimed: str, previous: str | None) -> None:
+    """CUDA_VISIBLE_DEVICES back to `previous`, unless something other than the claim set it since."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") != claimed:
+        return
+    if previous is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = previous
+
+
+def claim_gpus(count: int, gpus: list[str] | None = None, lock_dir: Path | str | None = None, *,
+               timeout: float | None = None, poll_seconds: float = 1.0,
+               log: logging.Logger | logging.LoggerAdapter = log) -> GpuClaim | GpuClaimGroup:
     """`count` free devices (see claim_gpu), all at once; CUDA_VISIBLE_DEVICES lists them."""
     if count == 1:
-        return claim_gpu(gpus, lock_dir, **options)
+        return claim_gpu(gpus, lock_dir, timeout=timeout, poll_seconds=poll_seconds, log=log)
     previous_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    claimed = _claim_devices(count, gpus, lock_dir, options.get("timeout"), options.get("poll_seconds", 1.0),
-                             options.get("log", log))
+    claimed = _claim_devices(count, gpus, lock_dir, timeout, poll_seconds, log)
     group = GpuClaimGroup([GpuClaim(device_id, lock_path, descriptor, previous_visible, False)
                            for device_id, lock_path, descriptor in claimed], previous_visible)
     os.environ["CUDA_VISIBLE_DEVICES"] = group.device_id

@@ -25,6 +25,7 @@ from torch import nn
 
 from imgpipe import __version__
 from imgpipe.checkpoints import model_build_spec, read_model_checkpoint, read_torch_file
+from imgpipe.config import model_setting
 from imgpipe.datasets import Normalizer, SplitTensors, class_names, load_split, normalization_for
 from imgpipe.localize import LocalizationLoss
 from imgpipe.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN, LOCALIZE_HISTORY_COLUMNS, read_split_manifest
@@ -133,14 +134,14 @@ class _Run:
         self.classes = class_names(manifest)
         self.train_data: SplitTensors = load_split(manifest, "train", self.classes)
         self.val_data: SplitTensors = load_split(manifest, "val", self.classes)
-        self.localize = settings.get("task", "classify") == "localize"
+        self.localize = model_setting(settings, "task") == "localize"
         if self.localize:
             self.train_data, self.val_data = (self._localisation_rows(self.train_data, "train"),
                                               self._localisation_rows(self.val_data, "val"))
         self.in_channels = self.train_data.images.shape[1]
         self.model = build_model(settings["arch"], len(self.classes), self.in_channels,
                                  job.image_settings["size"], settings["truncate"], settings["head_hidden"],
-                                 settings["head_dropout"], settings.get("task", "classify"))
+                                 settings["head_dropout"], model_setting(settings, "task"))
         self.weights_load, self.normalization = self._starting_point()
         self.precision: Precision = choose_precision(settings["precision"], self.device)
         self.channels_last = settings["channels_last"] is True or (settings["channels_last"] == "auto"
@@ -170,8 +171,8 @@ class _Run:
         self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=settings["label_smoothing"])
         self.boxes = {"train": None, "val": None}
         if self.localize:
-            self.criterion = LocalizationLoss(self.criterion, n_classes, settings.get("box_loss", "smooth_l1"),
-                                              settings.get("box_loss_weight", 1.0))
+            self.criterion = LocalizationLoss(self.criterion, n_classes, model_setting(settings, "box_loss"),
+                                              model_setting(settings, "box_loss_weight"))
             self.boxes = {split: BoxTargets(data.boxes, data.has_box, n_classes)
                           for split, data in (("train", self.train_data), ("val", self.val_data))}
         self.sample_weights = (balanced_sample_weights(self.train_data.labels, n_classes)
@@ -194,7 +195,7 @@ class _Run:
         if usable == 0:
             raise ValueError(f"{name}: task localize, but none of the {len(data.labels)} {split} images has a usable "
                              f"box (see box_status in the split manifest)")
-        if not self.settings.get("boxes_required", False):
+        if not model_setting(self.settings, "boxes_required"):
             return data
         if usable < len(data.labels):
             log.info("%s: %d of %d %s images have no usable box and are left out (boxes_required)", name,
