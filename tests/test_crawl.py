@@ -92,8 +92,10 @@ def test_folder_source_imports_verifies_and_rejects(image_folder, tmp_path):
     assert [Path(origin).relative_to(image_folder).as_posix() for origin in manifest.origin] == [
         "a.jpg", "b_nested/blue.PNG", "b_nested/deeper/cut.jpg", "b_nested/icon.png", "b_nested/notes.txt", "c.bmp"]
     assert list(manifest.status) == ["ok", "ok", "corrupt", "rejected", "corrupt", "ok"]
-    assert names(manifest, out_dir) == [
-        "000000.jpg", "000001.png", "rejected/000002.jpg", "rejected/000003.png", "rejected/000004.txt", "000005.bmp"]
+    # named after their content, so thread timing or the store's numbering never reaches a name
+    suffixes = [".jpg", ".png", ".jpg", ".png", ".txt", ".bmp"]
+    assert names(manifest, out_dir) == [("" if status == "ok" else "rejected/") + sha[:16] + suffix
+                                        for status, sha, suffix in zip(manifest.status, manifest.sha256, suffixes)]
     assert manifest.reason[2].startswith("truncated or corrupt image data")
     assert manifest.reason[3] == "too small: 8x8 px, below crawl.min_size 32"
     assert manifest.reason[4] == "not an image: text"
@@ -118,10 +120,12 @@ def test_folder_manifest_is_reproducible_and_a_rerun_imports_nothing(image_folde
     assert sorted(p.name for p in (tmp_path / "store" / "files").iterdir()) == store_files
     assert len((tmp_path / "store" / "journal.jsonl").read_text().splitlines()) == 6
 
-    # an edited file is imported again under a new number; the others are not touched
+    # an edited file is imported again (the store's next number) and named after its new content;
+    # the others are not touched
     (image_folder / "a.jpg").write_bytes(GREEN_JPEG)
     third, _ = crawl("tank", [{"folder": str(image_folder)}], tmp_path, "three")
-    assert third.sha256[0] == sha256(GREEN_JPEG) and Path(third.file[0]).name == "000006.jpg"
+    assert third.sha256[0] == sha256(GREEN_JPEG) and Path(third.file[0]).name == sha256(GREEN_JPEG)[:16] + ".jpg"
+    assert "000006.jpg" in {p.name for p in (tmp_path / "store" / "files").iterdir()}
     assert (third.drop(columns=["file", "fetched_at"]).iloc[1:].equals(first.drop(columns=["file", "fetched_at"]).iloc[1:]))
 
 
@@ -356,7 +360,7 @@ def test_a_crawl_killed_with_sigkill_resumes_without_fetching_anything_twice(tmp
     assert server.requests.count("/img5.jpg") == 2  # the one cut off, then whole
     assert (manifest.status == "ok").all() and len(manifest) == 10
     assert [sha256(Path(file).read_bytes()) for file in manifest.file] == [sha256(b) for b in bodies.values()]
-    assert sorted(Path(file).name for file in manifest.file) == [f"{n:06d}.jpg" for n in range(10)]
+    assert sorted(p.name for p in (store / "files").iterdir()) == [f"{n:06d}.jpg" for n in range(10)]
     assert not list((store / "files").glob("*.part")), "no half-written file is left"
     assert summary["images"] == 10
 
@@ -478,6 +482,45 @@ def test_target_goes_through_queries_in_order_and_resumes(tmp_path, caplog):
     assert summary["outcome"] == "exhausted at 9 of target 50" and summary["target_reached"] is False
     assert "class 'tank': exhausted at 9 of target 50" in caplog.text
     assert (manifest.status == "ok").sum() == 10  # the duplicate is there, for dedupe to name
+
+
+def test_a_fresh_crawl_gives_the_same_rows_and_names_whatever_the_thread_timing(tmp_path):
+    # Four threads per source against a server that answers each request after a random wait:
+    # downloads finish in another order every run. Ranks, the stop at a query's max_num and at
+    # the class's target, the rows and the file names must not follow that order.
+    images = [f"/img/{n}.jpg" for n in range(40)]
+    routes = {path: Response(distinct_jpeg(seed)) for seed, path in enumerate(images)}
+    routes["/img/7.jpg"] = Response(routes["/img/3.jpg"].body)  # the same bytes at two URLs
+    del routes["/img/5.jpg"]  # a dead link
+    listed = [f"/img/{n}.jpg" for n in range(25, 40)]
+    url_file = tmp_path / "urls.txt"
+    sources = [{"engine": "bing", "queries": ["tank"], "query_suffixes": ["museum"], "max_num": 8, "threads": 4},
+               {"urls": str(url_file), "threads": 4}]
+    runs = []
+    with LocalServer(routes, latency_s=0.03) as server:
+        server.routes["/search/tank"] = Response(bing_page([server.url(p) for p in images[:14]]), "text/html")
+        server.routes["/search/tank-museum"] = Response(bing_page([server.url(p) for p in images[14:25]]),
+                                                        "text/html")
+        url_file.write_text("".join(server.url(p) + "\n" for p in listed))
+        for run in range(3):
+            manifest, summary = crawl_class("tank", sources, tmp_path / f"out{run}", tmp_path / f"store{run}",
+                                            limits=FAST, target=20, feeder_cls=local_search(server))
+            runs.append((manifest, summary, names(manifest, tmp_path / f"out{run}")))
+    first, first_summary, first_names = runs[0]
+    assert first_summary["outcome"] == "target 20 reached"
+    # each query up to its 8th new image (the dead link and the second copy do not count), the URL
+    # list up to the class's 20th, the rest of the list skipped; ranks are result and line numbers
+    ok = first[first.status != "skipped"]
+    assert ok.groupby(["source_index", "query"], sort=False)["rank"].apply(list).tolist() == [
+        list(range(1, 11)), list(range(1, 9)), [1, 2, 3, 4]]
+    assert list(first.status[:10]).count("failed") == 1
+    assert list(first["rank"][-15:]) == list(range(1, 16)) and (first.status[-11:] == "skipped").all()
+    assert set(first.reason[-11:]) == {"beyond target 20"}
+    for manifest, summary, file_names in runs[1:]:
+        pd.testing.assert_frame_equal(manifest.drop(columns=["file", "fetched_at"]),
+                                      first.drop(columns=["file", "fetched_at"]))
+        assert file_names == first_names
+        assert summary == first_summary
 
 
 def test_a_dead_engine_warns_and_a_class_of_dead_engines_fails(tmp_path, caplog):

@@ -35,7 +35,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 import requests
@@ -263,7 +263,9 @@ def crawl_class(
             rows.extend({**row, "source": kind, "source_index": index} for row in source_rows)
             logger.info("class %r: sources[%d] done: %s", class_name, index, _count_statuses(rows, limits, index))
         _fail_if_every_engine_is_dead(crawl)
-        rows, final = _capped_at_target(rows, target, near_distance, limits)
+        query_caps = {index: source["max_num"] for index, (kind, source) in enumerate(checked)
+                      if kind in ("engine", "greedy") and source.get("max_num")}
+        rows, final = _capped_at_target(rows, target, near_distance, limits, query_caps)
         manifest = _materialise(rows, class_name, out_dir, store, limits)
     summary = summarize_crawl(crawl, final, manifest)
     log = logger.info if target is None or final.reached else logger.warning
@@ -346,7 +348,9 @@ def _url_list_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
                      {"url_list": pending, "max_num": 0}, "url list")
         outcome.urls_seen = len(urls)  # the list, not only what was downloaded this time
     crawl.outcomes.append(outcome)
-    return [rows.get(url) or crawl.store.latest.get(url) or _not_tried(url, crawl) for url in urls]
+    # rank: the line's place in the list, whichever run or thread fetched it
+    return [{**(rows.get(url) or crawl.store.latest.get(url) or _not_tried(url, crawl)), "rank": rank}
+            for rank, url in enumerate(urls, start=1)]
 
 
 def _engine_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
@@ -489,12 +493,18 @@ class StoreDownloader(ImageDownloader):
         # GreedyImageCrawler's feeder and parser never finish on their own: its crawl ends
         # when no new URL has come for this long.
         self.idle_exit_s = idle_exit_s
-        self.seen = 0
+        self.seen = 0  # results taken in rank order (see _keep)
         self.counted = 0
-        self._records: list[tuple[int, dict]] = []
+        self._records: list[dict] = []
+        # Ranks are handed out in queue order (the parser's result order), under a lock held
+        # across the get, so that no thread's timing can swap two results' numbers.
+        self._take_lock = threading.Lock()
+        self._ranks_taken = 0
+        self._finished: dict[int, dict] = {}  # answered ranks waiting for a lower one
+        self._stopped = False
 
     def records_in_rank_order(self) -> list[dict]:
-        return [record for _, record in sorted(self._records, key=lambda item: item[0])]
+        return list(self._records)
 
     def _should_stop(self) -> bool:
         query_full = self.per_query is not None and self.query_had + self.counted >= self.per_query
@@ -503,9 +513,15 @@ class StoreDownloader(ImageDownloader):
     def worker_exec(self, max_num=0, default_ext="jpg", req_timeout=None, **kwargs):
         last_task = time.monotonic()
         while not self.signal.get("reach_max_num"):
-            try:
-                task = self.in_queue.get(timeout=0.1)
-            except queue.Empty:
+            with self._take_lock:
+                try:
+                    task = self.in_queue.get(timeout=0.1)
+                except queue.Empty:
+                    task = None
+                else:
+                    self._ranks_taken += 1
+                    rank = self._ranks_taken
+            if task is None:
                 idle = self.idle_exit_s is not None and time.monotonic() - last_task > self.idle_exit_s
                 if self.signal.get("parser_exited") or idle or self.crawl.out_of_time():
                     if idle or self.crawl.out_of_time():
@@ -514,49 +530,63 @@ class StoreDownloader(ImageDownloader):
                 continue
             last_task = time.monotonic()
             try:
-                self.download(task)
+                self.download(task, rank=rank)
             finally:
                 self.in_queue.task_done()
 
-    def download(self, task, default_ext="jpg", timeout=None, max_retry=DOWNLOAD_ATTEMPTS, **kwargs):
+    def download(self, task, default_ext="jpg", timeout=None, max_retry=DOWNLOAD_ATTEMPTS, rank=0, **kwargs):
         url = task["file_url"]
         task["success"], task["filename"] = False, None
-        with self.lock:
-            if self._should_stop():
-                self.signal.set(reach_max_num=True)
-                return False
-            self.seen += 1
-            rank = self.seen
-        if not self.crawl.store.claim(url):
-            # already answered (perhaps for another query, or an earlier run): never requested
-            # twice, but listed and counted here like any other result
-            if self.crawl.store.is_final(url):
-                self._keep(rank, self.crawl.store.latest[url])
+        if self._stopped or self.crawl.out_of_time():
+            self.signal.set(reach_max_num=True)
             return False
+        record = self._answer(url, rank, max_retry)
+        if record is not None:
+            self._keep(rank, record)
+        return False
+
+    def _answer(self, url: str, rank: int, attempts: int) -> dict | None:
+        """The store's record of ``url``: fetched now, or the answer an earlier fetch gave."""
+        while not self.crawl.store.claim(url):
+            # Already answered (perhaps for another query, or an earlier run): never requested twice,
+            # but listed and counted here like any other result. Another thread fetching it now:
+            # its answer is this rank's too.
+            if self.crawl.store.is_final(url):
+                return self.crawl.store.latest[url]
+            if self._stopped or self.crawl.out_of_time():
+                return None
+            time.sleep(0.05)
         provenance = {"origin": url, "source": self.outcome.source, "engine": self.outcome.engine,
                       "query": self.outcome.query if self.outcome.source in ("engine", "greedy") else "",
                       "rank": rank}
         try:
-            record = self._fetch_and_store(url, provenance, max_retry)
+            return self._fetch_and_store(url, provenance, attempts)
         except Exception as error:  # an exception would end this worker thread and strand its queue
             logger.exception("%s: storing %s failed", self.label, url)
-            record = self.crawl.store.add_failure(provenance, f"download error: {error_text(error)}")
+            return self.crawl.store.add_failure(provenance, f"download error: {error_text(error)}")
         finally:
             self.crawl.store.release(url)
-        counted = self._keep(rank, record)
-        task["success"] = counted
-        return counted
 
-    def _keep(self, rank: int, record: dict) -> bool:
-        counted = self.crawl.counter.offer(record, self.crawl.limits)
+    def _keep(self, rank: int, record: dict) -> None:
+        """Count answers in rank order, whatever order the threads finish in.
+
+        The target and a query's max_num are checked on the results before them alone, so the
+        crawl stops at the same result in every run: the same images, numbered the same.
+        Answers that arrive after the stop stay in the store (a rerun uses them) but not in
+        this run's rows.
+        """
         with self.lock:
-            self._records.append((rank, record))
-            self.counted += counted
-            if len(self._records) % PROGRESS_EVERY == 0:
-                logger.info("%s: %d URLs tried, %d new images", self.label, len(self._records), self.counted)
-            if self._should_stop():
-                self.signal.set(reach_max_num=True)
-        return counted
+            self._finished[rank] = record
+            while not self._stopped and self.seen + 1 in self._finished:
+                self.seen += 1
+                record = self._finished.pop(self.seen)
+                self._records.append(record)
+                self.counted += self.crawl.counter.offer(record, self.crawl.limits)
+                if self.seen % PROGRESS_EVERY == 0:
+                    logger.info("%s: %d URLs tried, %d new images", self.label, self.seen, self.counted)
+                if self._should_stop():
+                    self._stopped = True
+                    self.signal.set(reach_max_num=True)
 
     def _fetch_and_store(self, url: str, provenance: dict, attempts: int) -> dict:
         limits = self.crawl.limits
@@ -607,42 +637,67 @@ def _not_tried(origin: str, crawl: _ClassCrawl) -> dict:
     return {"origin": origin, "status": "skipped", "reason": crawl.not_tried_reason()}
 
 
-def _capped_at_target(rows: list[dict], target: int | None, near_distance: int | None,
-                      limits: CrawlLimits) -> tuple[list[dict], TargetCounter]:
-    """The rows as the manifest lists them: each URL once (the first time a source named it),
-    and everything after the target-th new image ``skipped``.
+# What a row past a cap keeps: whether it was fetched before the crawl stopped depends on
+# thread timing (and on what the store held), so nothing of what a fetch found is listed.
+_LISTING_FIELDS = ("origin", "source", "source_index", "engine", "query", "rank")
 
-    Downloads run in parallel, so a crawl can end a few images past its target; counting again
-    here, in the manifest's order, gives the data a rerun from the store would give.
+
+def _capped_at_target(rows: list[dict], target: int | None, near_distance: int | None,
+                      limits: CrawlLimits, query_caps: dict[int, int] | None = None) -> tuple[list[dict], TargetCounter]:
+    """The rows as the manifest lists them: each URL once (the first time a source named it),
+    and everything after the target-th new image (or after a query's ``max_num``-th, for the
+    sources in ``query_caps``: source index -> max_num) ``skipped``.
+
+    Downloads run in parallel and a store can hold more than this run asked for; counting again
+    here, in the manifest's order, gives the same rows whatever was fetched past a cap.
     """
     counter = TargetCounter(target, near_distance if target else None)
+    per_query: Counter = Counter()
+    query_caps = query_caps or {}
     listed, capped = set(), []
     for row in rows:
         if row["origin"] in listed:
             continue
         listed.add(row["origin"])
-        if row["status"] != "skipped":
-            if counter.reached:
-                row = {**row, "status": "skipped", "reason": f"beyond target {target}"}
-            else:
-                counter.offer(row, limits)
+        query = (row.get("source_index"), row.get("query") or "")
+        cap = query_caps.get(row.get("source_index"))
+        if counter.reached:
+            row = _skipped(row, f"beyond target {target}")
+        elif cap is not None and per_query[query] >= cap:
+            row = _skipped(row, f"beyond sources[{row.get('source_index')}].max_num {cap}")
+        elif row["status"] != "skipped":
+            per_query[query] += counter.offer(row, limits)
         capped.append(row)
     return capped, counter
 
 
+def _skipped(row: dict, reason: str) -> dict:
+    listing = {key: row.get(key) for key in _LISTING_FIELDS}
+    listing |= {key: listing[key] or "" for key in ("engine", "query")}  # a record has "", a row never tried None
+    return {**listing, "status": "skipped", "reason": reason}
+
+
 def _materialise(rows: list[dict], class_name: str, out_dir: Path, store: ClassStore,
                  limits: CrawlLimits) -> pd.DataFrame:
-    """Link the rows' files from the store into ``out_dir`` and make the manifest."""
+    """Link the rows' files from the store into ``out_dir`` and make the manifest.
+
+    A file is named after its content (see :func:`content_name`), not after the store's
+    numbering, which follows the order downloads finished in: the same images get the same
+    names in every run, and so the same places in every sorted list after this stage.
+    """
     table = []
-    linked: set[Path] = set()
+    linked: dict[Path, str] = {}  # file -> the sha256 it holds
     for row in rows:
         status, reason = effective_status(row, limits)
         file = ""
         if row.get("stored") and status != "skipped":
-            target = out_dir / row["stored"] if status == "ok" else out_dir / "rejected" / row["stored"]
+            folder = out_dir if status == "ok" else out_dir / "rejected"
+            target = folder / content_name(row["sha256"], row["stored"])
+            if linked.get(target, row["sha256"]) != row["sha256"]:  # 64 bits shared by two images
+                target = folder / (row["sha256"].lower() + PurePosixPath(row["stored"]).suffix)
             if target not in linked:
                 link_or_copy(store.path(row["stored"]), target)
-                linked.add(target)
+                linked[target] = row["sha256"]
             file = str(target)
         table.append({**{column: row.get(column) for column in RAW_COLUMNS}, "file": file, "class": class_name,
                       "status": status, "reason": reason})
@@ -658,6 +713,15 @@ def _materialise(rows: list[dict], class_name: str, out_dir: Path, store: ClassS
         if manifest[column].dtype == object:
             manifest[column] = manifest[column].fillna("")
     return manifest
+
+
+def content_name(sha256: str, stored: str) -> str:
+    """A collected file's name: the first 16 hex digits of its sha256 and the stored file's suffix.
+
+    64 bits: two different images share a name with odds of about n^2 / 3.7e19 (1e-9 for
+    100,000 images of one class).
+    """
+    return sha256[:16].lower() + PurePosixPath(stored).suffix
 
 
 def summarize_crawl(crawl: _ClassCrawl, counted: TargetCounter, manifest: pd.DataFrame) -> dict:
