@@ -19,6 +19,7 @@ def base_config(tmp_path):
     return {
         "experiment": "pets",
         "classes": {"cat": {"sources": [{"folder": str(folder)}]}, "dog": {"sources": [{"digits": 1}]}},
+        "crawl": {"min_size": 8},  # the digits are 8x8, as in config/config.yaml
         "models": {"cnn": {"arch": "simple_cnn"}},
     }
 
@@ -42,7 +43,7 @@ def test_defaults_fill_only_the_matching_source_kind(tmp_path):
     assert set(folder) == {"folder"}
     assert engine["max_num"] is None and engine["threads"] == 4 and engine["filters"] == {}
     assert engine["query_suffixes"] == [] and validated["classes"]["dog"]["target"] is None
-    assert validated["crawl"]["min_size"] == 32 and validated["crawl"]["time_budget_s"] is None
+    assert validated["crawl"]["max_aspect"] == 10 and validated["crawl"]["time_budget_s"] is None
     assert validated["images"] == {"size": 40, "color": "grayscale", "resize": "pad", "pad_color": "black"}
     assert validated["split"]["train"] == 0.7
 
@@ -71,7 +72,7 @@ def test_validation_does_not_modify_its_input(tmp_path):
          "classes.dog.sources[1]"),
         (lambda c: c.update(classes={"cat": {"sources": [{"digits": 1}]}}), "classes"),
         (lambda c: c["classes"].update({"a b": {"sources": [{"digits": 2}]}}), "classes"),
-        (lambda c: c.update(colour="rgb"), "<top level>"),
+        (lambda c: c.update(colour="rgb"), "colour"),
         (lambda c: c.update(dedupe={"exclude": "no/such/list.txt"}), "dedupe.exclude"),
         (lambda c: c["classes"]["dog"]["sources"].append({"engine": "flickr", "queries": ["dog"]}),
          "classes.dog.sources[1].api_key"),
@@ -276,6 +277,7 @@ x-base: &base {{arch: resnet18, optimizer: sgd, lr: 0.001, momentum: 0.9}}
 classes:
   cat: {{sources: [{{folder: {tmp_path / 'cats'}}}]}}
   dog: {{sources: [{{digits: 1}}]}}
+crawl: {{min_size: 8}}
 models:
   finetune:
     <<: *base
@@ -291,7 +293,7 @@ models:
     assert models["finetune"]["lr"] == 0.01 and models["frozen"]["lr"] == 0.001
     assert models["frozen"]["strategy"] == "feature_extract" and models["frozen"]["momentum"] == 0.9
     path.write_text(path.read_text() + "    strategy: staged\n")
-    with pytest.raises(ConfigError, match=r"'strategy' \(line 14\)"):
+    with pytest.raises(ConfigError, match=r"'strategy' \(line 15\)"):
         check_config_files([path])
 
 
@@ -320,6 +322,7 @@ x-base: &base {{arch: resnet50, batch_size: 16, optimizer: sgd}}
 classes:
   cat: {{sources: [{{folder: {tmp_path / 'cats'}}}]}}
   dog: {{sources: [{{digits: 1}}]}}
+crawl: {{min_size: 8}}
 models:
   resnet50:
     <<: *base
@@ -344,8 +347,9 @@ def test_backbone_lr_factor_applies_to_finetune_only_when_set(tmp_path):
     ({"urls": "list.txt", "threads": 0}, "'classes.cat.sources[0].threads': 0 is less than the minimum of 1"),
     ({"engine": "bing", "queries": []}, "'classes.cat.sources[0].queries': [] should be non-empty"),
     ({"greedy": "example.com"}, "'classes.cat.sources[0].greedy': 'example.com' does not match '^https?://'"),
-    ({"folder": ".", "treads": 2}, "'classes.cat.sources[0]': Additional properties are not allowed ('treads' was"),
-    ({"folde": "cats"}, "'classes.cat.sources[0]': needs one of the keys digits, engine, folder, greedy, synthetic, urls (got folde)"),
+    ({"folder": ".", "treads": 2}, "'classes.cat.sources[0].treads': unknown key 'treads'; the keys here are boxes, folder"),
+    ({"folde": "cats"}, "'classes.cat.sources[0]': needs one of the keys digits, engine, folder, greedy, synthetic, "
+                        "urls (got folde); did you mean 'folder'?"),
 ])
 def test_a_source_mistake_is_reported_for_the_kind_of_source_meant(tmp_path, source, message):
     (tmp_path / "list.txt").write_text("http://example.com/a.jpg\n")
@@ -399,7 +403,7 @@ def test_a_localising_model_needs_boxes_and_no_augmentation():
 
     schema = load_schema(REPO / "workflow/schemas/config.schema.yaml")
     base = {"experiment": "e", "classes": {"a": {"sources": [{"digits": 1}]}, "b": {"sources": [{"digits": 2}]}},
-            "models": {"m": {"arch": "simple_cnn", "task": "localize"}}}
+            "crawl": {"min_size": 8}, "models": {"m": {"arch": "simple_cnn", "task": "localize"}}}
     with pytest.raises(ConfigError, match="'models.m.task': localize needs boxes"):
         validate_config(base, schema)
     base["classes"]["a"] = {"sources": [{"synthetic": {"digit": 1}}]}
