@@ -331,8 +331,8 @@ def _check_names_differ_beyond_case(config: dict, keys: ModelKeys) -> None:
         for name in entries:
             other = by_folded.setdefault(name.casefold(), name)
             if other != name:
-                where = keys.path if section == "models" else (lambda entry: f"{section}.{entry}")
-                raise ConfigError(f"config keys '{where(other)}' and '{where(name)}' differ only in case: they "
+                where = keys.quoted if section == "models" else (lambda entry: f"'{section}.{entry}'")
+                raise ConfigError(f"config keys {where(other)} and {where(name)} differ only in case: they "
                                   f"would share one folder on case-insensitive file systems (macOS, Windows) "
                                   f"and read as one in reports; rename one")
 
@@ -459,11 +459,11 @@ class ModelKeys:
         self.origins = origins
 
     def __call__(self, model_name: str, key: str | None = None) -> str:
-        where = f" (sweep model '{model_name}')" if model_name in self.origins else ""
-        return f"config key '{self.path(model_name, key)}'{where}"
+        return f"config key {self.quoted(model_name, key)}"
 
-    def path(self, model_name: str, key: str | None = None) -> str:
-        return f"models.{self.origins.get(model_name, model_name)}" + (f".{key}" if key else "")
+    def quoted(self, model_name: str, key: str | None = None) -> str:
+        path = f"models.{self.origins.get(model_name, model_name)}" + (f".{key}" if key else "")
+        return f"'{path}'" + (f" (sweep model '{model_name}')" if model_name in self.origins else "")
 
 
 # Set without the strategy or schedule that reads them, these keys would be ignored.
