@@ -347,7 +347,8 @@ def test_backbone_lr_factor_applies_to_finetune_only_when_set(tmp_path):
     ({"urls": "list.txt", "threads": 0}, "'classes.cat.sources[0].threads': 0 is less than the minimum of 1"),
     ({"engine": "bing", "queries": []}, "'classes.cat.sources[0].queries': [] should be non-empty"),
     ({"greedy": "example.com"}, "'classes.cat.sources[0].greedy': 'example.com' does not match '^https?://'"),
-    ({"folder": ".", "treads": 2}, "'classes.cat.sources[0].treads': unknown key 'treads'; the keys here are boxes, folder"),
+    ({"folder": ".", "treads": 2},
+     "'classes.cat.sources[0].treads': unknown key 'treads'; the keys here are boxes, folder"),
     ({"folde": "cats"}, "'classes.cat.sources[0]': needs one of the keys digits, engine, folder, greedy, synthetic, "
                         "urls (got folde); did you mean 'folder'?"),
 ])

@@ -155,8 +155,8 @@ def _intended_branch_error(error: jsonschema.ValidationError) -> jsonschema.Vali
         # Each branch's first required key names its kind (folder, digits, engine, urls).
         required = sorted({e.schema["required"][0] for e in error.context if e.validator == "required"})
         hint = next(filter(None, (did_you_mean(str(key), required) for key in error.instance)), "")
-        error.message = (f"needs one of the keys {', '.join(required)} (got {', '.join(map(str, error.instance)) or 'none'})"
-                         f"{hint}")
+        got = ", ".join(map(str, error.instance)) or "none"
+        error.message = f"needs one of the keys {', '.join(required)} (got {got}){hint}"
         return error
     return jsonschema.exceptions.best_match(error.context)
 
@@ -325,7 +325,8 @@ def _check_sources_belong_to_one_class(config: dict, base_dir: Path) -> None:
 def _check_names_differ_beyond_case(config: dict, keys: ModelKeys) -> None:
     """Class, model and predict-folder names become folder names: 'Cat' and 'cat' are one folder on
     case-insensitive file systems (macOS, Windows) and read as one name in a report."""
-    sections = {"classes": config["classes"], "models": config["models"], "predict.folders": config["predict"]["folders"]}
+    sections = {"classes": config["classes"], "models": config["models"],
+                "predict.folders": config["predict"]["folders"]}
     for section, entries in sections.items():
         by_folded: dict[str, str] = {}
         for name in entries:
