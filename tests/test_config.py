@@ -9,7 +9,8 @@ from imgpipe.config import (ConfigError, check_config_files, load_schema, source
                             torchvision_classification_models, validate_config)
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = load_schema(REPO / "workflow/schemas/config.schema.yaml")
+SCHEMA_PATH = REPO / "workflow/schemas/config.schema.yaml"
+SCHEMA = load_schema(SCHEMA_PATH)
 
 
 def base_config(tmp_path):
@@ -676,3 +677,26 @@ def test_a_byte_order_mark_at_the_top_of_the_config_file_changes_nothing(tmp_pat
     loaded = load_configfile(marked)  # Snakemake's own loader, as the workflow reads the file
     assert "experiment" in loaded and loaded == load_configfile(plain)
     assert validate_config(loaded, SCHEMA, REPO) == validate_config(load_configfile(plain), SCHEMA, REPO)
+
+
+def test_a_jobs_own_snakemake_skips_the_slow_checks_and_gets_the_same_config(tmp_path):
+    """Each job's Snakemake parses the workflow again (thorough=False): the checks that read URL
+    lists and import the crawl code ran in the main process; what the job gets is the same."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "l.txt").write_text("http://example.com/a.jpg\n")
+    config = base_config(tmp_path)
+    config["classes"]["cat"]["sources"] += [{"urls": "l.txt"},
+                                            {"engine": "bing", "queries": ["cat"], "filters": {"type": "photo"}}]
+    config["crawl"]["formats"] = ["jpeg", "png"]
+    assert validate_config(config, SCHEMA, tmp_path, thorough=False) == validate_config(config, SCHEMA, tmp_path)
+    (tmp_path / "l.txt").write_text("# no URL yet\n")
+    assert validate_config(config, SCHEMA, tmp_path, thorough=False)["crawl"]["formats"] == ["JPEG", "PNG"]
+    code = ("import sys, json; from imgpipe.config import load_schema, validate_config; "
+            "validate_config(json.loads(sys.argv[1]), load_schema(sys.argv[2]), sys.argv[3], thorough=False); "
+            "print(sorted(m for m in ('pandas', 'icrawler', 'imgpipe.crawl', 'PIL.Image') if m in sys.modules))")
+    imported = subprocess.run([sys.executable, "-c", code, json.dumps(config), str(SCHEMA_PATH), str(tmp_path)],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert imported == "[]"

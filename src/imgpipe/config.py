@@ -224,7 +224,7 @@ def torchvision_classification_models() -> set[str]:
     return names
 
 
-def _check_sources(config: dict, base_dir: Path) -> None:
+def _check_sources(config: dict, base_dir: Path, thorough: bool) -> None:
     for class_name, spec in config["classes"].items():
         for index, source in enumerate(spec["sources"]):
             for kind, is_right_type, wanted in (("folder", Path.is_dir, "a folder"), ("urls", Path.is_file, "a file")):
@@ -241,7 +241,7 @@ def _check_sources(config: dict, base_dir: Path) -> None:
                     raise ConfigError(f"config key '{key}': '{source[kind]}' is not {wanted}")
                 if kind == "folder" and not any(walk_files(path)):
                     raise ConfigError(f"config key '{key}': the folder '{source[kind]}' holds no files")
-                if kind == "urls":
+                if kind == "urls" and thorough:
                     _check_url_list(key, path)
             if source.get("boxes") not in (None, "voc"):
                 boxes = base_dir / source["boxes"]
@@ -254,7 +254,7 @@ def _check_sources(config: dict, base_dir: Path) -> None:
                     f"config key 'classes.{class_name}.sources[{index}].api_key': flickr needs an API key "
                     f"(in the source, or in the FLICKR_API_KEY environment variable)"
                 )
-            if source.get("engine") in ("bing", "baidu", "google") and source.get("filters"):
+            if source.get("engine") in ("bing", "baidu", "google") and source.get("filters") and thorough:
                 _check_engine_filters(f"classes.{class_name}.sources[{index}].filters", source)
 
 
@@ -338,10 +338,10 @@ def _check_names_differ_beyond_case(config: dict, keys: ModelKeys) -> None:
                                   f"and read as one in reports; rename one")
 
 
-def _normalise_crawl_formats(config: dict) -> None:
-    """crawl.formats in Pillow's names, case-insensitively ('jpeg' is JPEG, as CrawlLimits reads it),
-    upper-cased so the crawl's params do not change with the spelling; a name Pillow never reports
-    (JPG, TIF) would reject every image of that kind, so it is refused with the name meant."""
+def _check_crawl_format_names(config: dict) -> None:
+    """crawl.formats are Pillow's names, in any case ('jpeg' is JPEG, as CrawlLimits reads them); a
+    name Pillow never reports (JPG, TIF) would reject every image of that kind: refused with the
+    name meant."""
     from PIL import Image
 
     Image.init()
@@ -358,7 +358,6 @@ def _normalise_crawl_formats(config: dict) -> None:
             name.upper(), readable)
         raise ConfigError(f"config key 'crawl.formats[{index}]': '{name}' is not a format name of Pillow, which "
                           f"names the format it reads in a file{hint}; known: {', '.join(sorted(readable))}")
-    config["crawl"]["formats"] = list(dict.fromkeys(name.upper() for name in formats))
 
 
 DIGITS_SIDE = 8  # scikit-learn's handwritten digits are 8x8 pixels
@@ -627,7 +626,7 @@ def _check_predict(config: dict, base_dir: Path, swept: dict[str, list[str]]) ->
         raise ConfigError(f"config key 'predict.top_k': {predict['top_k']} is more than the {n_classes} classes")
 
 
-def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> dict:
+def validate_config(config: dict, schema: dict, base_dir: Path | str = ".", thorough: bool = True) -> dict:
     """Validate against the schema, expand sweeps, fill defaults, run the cross-key checks.
 
     Returns a new, canonical dict (the input is not modified): mapping keys sorted at every
@@ -635,6 +634,11 @@ def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> d
     order, or with `epochs: 10.0`, gives Snakemake the same params and reruns nothing.
     Top-level `x-...` keys (a home for YAML anchors) are dropped, crawl.formats are written
     as Pillow names them (upper case). Raises ConfigError naming the key.
+
+    thorough=False leaves out the checks that read URL lists or import the crawl code (~1 s:
+    pandas, icrawler), icrawler's filters, Pillow or numpy: for a job's own Snakemake process,
+    which parses the workflow again after the main process has checked the same config; the
+    result is the same.
     """
     config = copy.deepcopy(config)
     errors = sorted(
@@ -651,10 +655,13 @@ def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> d
     fill_defaults(config, schema, schema)
     base_dir = Path(base_dir)
     _check_names_differ_beyond_case(config, keys)
-    _check_sources(config, base_dir)
-    _check_sources_belong_to_one_class(config, base_dir)
-    _normalise_crawl_formats(config)
-    _check_builtin_sources_pass_crawl_limits(config)
+    _check_sources(config, base_dir, thorough)
+    if thorough:
+        _check_sources_belong_to_one_class(config, base_dir)
+        _check_crawl_format_names(config)
+        _check_builtin_sources_pass_crawl_limits(config)
+    # the crawl's params then do not change with the spelling
+    config["crawl"]["formats"] = list(dict.fromkeys(name.upper() for name in config["crawl"]["formats"]))
     _check_dedupe(config, base_dir)
     _check_split(config)
     _check_models(config, base_dir, swept, keys)
