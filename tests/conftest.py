@@ -121,7 +121,7 @@ def model_settings(**overrides) -> dict:
     from imgpipe.config import load_schema, validate_config
 
     config = {"experiment": "x", "classes": {"a": {"sources": [{"digits": 1}]}, "b": {"sources": [{"digits": 2}]}},
-              "images": {"size": 32}, "models": {"m": {"arch": "simple_cnn", "seed": 5, "device": "cpu", **overrides}}}
+              "images": {"size": 32}, "crawl": {"min_size": 8}, "models": {"m": {"arch": "simple_cnn", "seed": 5, "device": "cpu", **overrides}}}
     return validate_config(config, load_schema(REPO / "workflow/schemas/config.schema.yaml"))["models"]["m"]
 
 

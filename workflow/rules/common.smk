@@ -31,7 +31,10 @@ if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
 try:
     check_config_files(workflow.configfiles)
     _validated = validate_config(
-        config, load_schema(workflow.source_path("../schemas/config.schema.yaml"))
+        config,
+        load_schema(workflow.source_path("../schemas/config.schema.yaml")),
+        # a job's own Snakemake parses this again: the slow checks ran once, in the main process
+        thorough=workflow.is_main_process,
     )
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
