@@ -44,8 +44,11 @@ FILES = "files"
 # none (failed); limits turn ok into rejected only when a manifest is made.
 RECORD_FIELDS = (
     "origin", "source", "engine", "query", "rank", "fetched_at", "http_status", "bytes", "content_type",
-    "sha256", "stored", "status", "reason", "width", "height", "format", "phash", "phash_center",
+    "sha256", "stored", "status", "reason", "width", "height", "format", "phash", "phash_center", "final",
 )
+# "final" of a failure that asking again cannot change: for ever, or (CrawlLimits.setting) while
+# the config key that caused it keeps its value.
+ALWAYS = "always"
 # The reason of a body refused for crawl.max_bytes starts so (the crawl writes it, the store reads it).
 TOO_LARGE = "larger than crawl.max_bytes"
 _SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
@@ -63,14 +66,26 @@ class CrawlLimits:
     formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
     timeout_s: float = 10.0
     time_budget_s: float | None = None
+    # hosts (names, addresses, networks; perhaps with :port) fetched although they resolve to
+    # loopback, private, link-local... addresses: see imgpipe.netguard
+    allow_private_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, settings: dict | None) -> CrawlLimits:
         settings = dict(settings or {})
         if "formats" in settings:
             settings["formats"] = tuple(name.upper() for name in settings["formats"])
+        if "allow_private_hosts" in settings:
+            settings["allow_private_hosts"] = tuple(settings["allow_private_hosts"])
         known = {name for name in cls.__dataclass_fields__}
         return cls(**{key: value for key, value in settings.items() if key in known})
+
+    def setting(self, key: str) -> str:
+        """``crawl.<name>=<value>`` of a key in force: a failure it caused stays final while this is the same."""
+        name = key.removeprefix("crawl.")
+        value = getattr(self, name)
+        shown = ",".join(value) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else value
+        return f"crawl.{name}={shown}"
 
     def rejection(self, record: dict) -> str:
         """Why a decodable image breaks a limit ("" when it is within all of them)."""
@@ -146,9 +161,9 @@ class TargetCounter:
 class ClassStore:
     """One class's downloads and journal (see the module docstring). Thread-safe."""
 
-    def __init__(self, root: Path | str, max_bytes: int = CrawlLimits.max_bytes):
+    def __init__(self, root: Path | str, limits: CrawlLimits | None = None):
         self.root = Path(root)
-        self.max_bytes = max_bytes  # a body refused as larger than this is not requested again
+        self.limits = limits or CrawlLimits()  # what decides whether a failure is worth trying again
         self.files = self.root / FILES
         self.files.mkdir(parents=True, exist_ok=True)
         self.journal_path = self.root / JOURNAL
@@ -206,18 +221,23 @@ class ClassStore:
     def is_final(self, origin: str) -> bool:
         """True if ``origin`` was tried and trying again cannot change the answer.
 
-        A body that arrived (good or not) and an HTTP 4xx are final; network errors, time-outs
-        and 5xx are tried again on the next run.
+        A body that arrived (good or not), an HTTP 4xx (but 408 and 429, which say "later") and
+        a failure the crawl marked final (a redirect loop, a refused address or scheme, a body too
+        slow for crawl.timeout_s) are final; network errors, time-outs and 5xx are tried again on
+        the next run. A failure caused by a limit is tried again once that limit changes.
         """
         record = self.latest.get(origin)
         if record is None:
             return False
         if record["status"] != "failed":
             return True
+        final = record.get("final") or ""
+        if final:
+            return final == ALWAYS or final == self.limits.setting(final.split("=", 1)[0])
         status = record.get("http_status")
         if record["reason"].startswith(TOO_LARGE):
-            return (record.get("bytes") or 0) > self.max_bytes  # tried again once the limit is raised
-        return isinstance(status, int) and 400 <= status < 500
+            return (record.get("bytes") or 0) > self.limits.max_bytes  # tried again once the limit is raised
+        return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
 
     def claim(self, origin: str) -> bool:
         """Reserve ``origin`` for this thread: False if it is final or another thread has it."""
@@ -294,15 +314,16 @@ class ClassStore:
         }
         return self._append(record)
 
-    def add_failure(self, provenance: dict, reason: str) -> dict:
-        """Journal an origin that gave no body (HTTP error, network error, too large)."""
-        return self._append({**provenance, "status": "failed", "reason": reason})
+    def add_failure(self, provenance: dict, reason: str, final: str = "") -> dict:
+        """Journal an origin that gave no body (HTTP error, network error, too large); ``final``:
+        :data:`ALWAYS` or a :meth:`CrawlLimits.setting` for a failure that asking again cannot change."""
+        return self._append({**provenance, "status": "failed", "reason": reason, "final": final})
 
     def _append(self, record: dict) -> dict:
         record = {key: record.get(key) for key in RECORD_FIELDS}
         record["fetched_at"] = record["fetched_at"] or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for key in ("query", "engine", "content_type", "sha256", "stored", "reason", "format", "phash",
-                    "phash_center"):
+                    "phash_center", "final"):
             record[key] = record[key] or ""
         line = json.dumps(record, sort_keys=True) + "\n"
         with self._lock:
