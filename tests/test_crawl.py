@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,6 +47,11 @@ TRUNCATED_JPEG = truncated_jpeg()
 # Every test server listens on 127.0.0.1, which the crawl refuses unless allowed
 LOOPBACK = ("127.0.0.1",)
 FAST = CrawlLimits(timeout_s=2, allow_private_hosts=LOOPBACK)
+
+
+def truncated_jpeg_of(seed: int) -> bytes:
+    whole = distinct_jpeg(seed)
+    return whole[: len(whole) // 2]
 
 
 def sha256(data: bytes) -> str:
@@ -95,7 +101,7 @@ def test_folder_source_imports_verifies_and_rejects(image_folder, tmp_path):
         "a.jpg", "b_nested/blue.PNG", "b_nested/deeper/cut.jpg", "b_nested/icon.png", "b_nested/notes.txt", "c.bmp"]
     assert list(manifest.status) == ["ok", "ok", "corrupt", "rejected", "corrupt", "ok"]
     assert names(manifest, out_dir) == [
-        "000000.jpg", "000001.png", "rejected/000002.jpg", "rejected/000003.png", "rejected/000004.txt", "000005.bmp"]
+        "000000.jpg", "000001.png", "rejected/000002.jpg", "rejected/000003.png", "", "000005.bmp"]
     assert manifest.reason[2].startswith("truncated or corrupt image data")
     assert manifest.reason[3] == "too small: 8x8 px, below crawl.min_size 32"
     assert manifest.reason[4] == "not an image: text"
@@ -105,8 +111,9 @@ def test_folder_source_imports_verifies_and_rejects(image_folder, tmp_path):
     assert (manifest["class"] == "tank").all() and (manifest.source == "folder").all()
     assert manifest["rank"].tolist() == [1, 2, 3, 4, 5, 6] and (manifest.phash.str.len()[[0, 1, 5]] == 16).all()
     for row in manifest.itertuples():
-        assert sha256(Path(row.file).read_bytes()) == sha256(Path(row.origin).read_bytes()) == row.sha256
+        assert sha256(Path(row.file or row.origin).read_bytes()) == sha256(Path(row.origin).read_bytes()) == row.sha256
         assert row.bytes == Path(row.origin).stat().st_size
+    assert not (out_dir / "rejected" / "000004.txt").exists(), "a file that is not an image is not copied"
     assert (image_folder / "a.jpg").exists()  # imported, not moved
     assert summary["statuses"] == {"ok": 3, "rejected": 1, "corrupt": 2, "failed": 0, "skipped": 0}
     assert summary["outcome"] == "3 new images (no target)"
@@ -591,3 +598,179 @@ def test_a_greedy_rerun_replays_what_it_fetched(tmp_path):
         again, summary = crawl("tank", [{"greedy": server.url("/")}], tmp_path, "again", limits=limits)
     assert list(first.status) == list(again.status) == ["ok", "ok"] and summary["images"] == 2
     assert server.requests.count("/a.jpg") == 1
+
+
+# --- hostile sources: what the crawl will not fetch ---------------------------------
+
+
+def test_a_url_list_naming_this_machine_is_refused_unless_allowed(tmp_path):
+    with LocalServer({"/a.jpg": Response(RED_JPEG)}) as server:
+        port = server.httpd.server_port
+        listed = [server.url("/a.jpg"), f"http://localhost:{port}/a.jpg", f"http://2130706433:{port}/a.jpg",
+                  f"http://0x7f.0.0.1:{port}/a.jpg", f"http://[::ffff:127.0.0.1]:{port}/a.jpg",
+                  "file:///etc/passwd", "gopher://127.0.0.1:70/", "ftp://example.test/a.jpg", "not a url"]
+        url_file = tmp_path / "urls.txt"
+        url_file.write_text("\n".join(listed) + "\n")
+        refused, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path, limits=CrawlLimits(timeout_s=2))
+        assert server.requests == [], "nothing reached the server"
+        assert (refused.status == "failed").all() and list(refused.origin) == listed
+        reasons = list(refused.reason)
+        assert reasons[0] == (f"refused: 127.0.0.1 is a loopback address, and the crawl fetches only public addresses "
+                              f"unless crawl.allow_private_hosts names the host (now []); add '127.0.0.1:{port}' "
+                              f"there if this source is yours")
+        for spelling, reason in zip(listed[1:5], reasons[1:5]):
+            host = spelling.split("//")[1].rsplit(":", 1)[0].strip("[]")
+            assert reason.startswith(f"refused: {host} (") and "loopback address" in reason, spelling
+        assert reasons[5] == "unsupported URL scheme 'file': the crawl fetches http and https URLs only"
+        assert reasons[6].startswith("unsupported URL scheme 'gopher'") and reasons[7].startswith(
+            "unsupported URL scheme 'ftp'")
+        assert reasons[8] == "not a URL (no http:// or https://): 'not a url'"
+
+        # final: a rerun asks nothing again, until the key that refused them changes
+        crawl("tank", [{"urls": str(url_file)}], tmp_path, "again", limits=CrawlLimits(timeout_s=2))
+        assert server.requests == []
+        allowed, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path, "allowed",
+                           limits=CrawlLimits(timeout_s=2, allow_private_hosts=(f"127.0.0.1:{port}",)))
+    assert list(allowed.status[:5]) == ["ok"] * 5 and len(server.requests) == 5
+    assert list(allowed.status[5:]) == ["failed"] * 4, "schemes stay refused whatever is allowed"
+
+
+def test_redirects_are_checked_at_every_hop(tmp_path):
+    """A 'public' server (allowed by its port) that redirects to an internal one, to file://, in
+    circles or too often: one request each, recorded as final, the internal server never asked."""
+    with LocalServer({"/secret.jpg": Response(RED_JPEG)}) as internal, LocalServer({}) as public:
+        public.routes.update({
+            "/to-internal.jpg": Response(b"", status=302, headers=(("Location", internal.url("/secret.jpg")),)),
+            "/to-localhost.jpg": Response(b"", status=301, headers=(
+                ("Location", f"http://localhost:{internal.httpd.server_port}/secret.jpg"),)),
+            "/to-file.jpg": Response(b"", status=302, headers=(("Location", "file:///etc/passwd"),)),
+            "/moved.jpg": Response(b"", status=307, headers=(("Location", "/blue.png"),)),
+            "/blue.png": Response(BLUE_PNG, "image/png"),
+            "/ping.jpg": Response(b"", status=302, headers=(("Location", "/pong.jpg"),)),
+            "/pong.jpg": Response(b"", status=302, headers=(("Location", "/ping.jpg"),)),
+            **{f"/hop{n}.jpg": Response(b"", status=302, headers=(("Location", f"/hop{n + 1}.jpg"),))
+               for n in range(12)},
+        })
+        paths = ["/to-internal.jpg", "/to-localhost.jpg", "/to-file.jpg", "/moved.jpg", "/ping.jpg", "/hop0.jpg"]
+        url_file = tmp_path / "urls.txt"
+        url_file.write_text("\n".join(public.url(path) for path in paths) + "\n")
+        limits = CrawlLimits(timeout_s=2, allow_private_hosts=(f"127.0.0.1:{public.httpd.server_port}",))
+        manifest, _ = crawl("tank", [{"urls": str(url_file), "threads": 2}], tmp_path, limits=limits)
+        first = list(public.requests)
+        crawl("tank", [{"urls": str(url_file)}], tmp_path, "again", limits=limits)
+        assert public.requests == first, "every one of them is final"
+    assert internal.requests == []
+    reasons = dict(zip(paths, manifest.reason))
+    assert list(manifest.status) == ["failed", "failed", "failed", "ok", "failed", "failed"]
+    assert reasons["/to-internal.jpg"].startswith(
+        f"redirected to {internal.url('/secret.jpg')}: refused: 127.0.0.1 is a loopback address")
+    assert reasons["/to-localhost.jpg"].startswith("redirected to http://localhost:")
+    assert "refused: localhost (127.0.0.1) is a loopback address" in reasons["/to-localhost.jpg"]
+    assert reasons["/to-file.jpg"] == ("redirected to file:///etc/passwd: unsupported URL scheme 'file': the crawl "
+                                       "fetches http and https URLs only")
+    assert reasons["/ping.jpg"] == "redirect loop: " + " -> ".join(
+        public.url(path) for path in ("/ping.jpg", "/pong.jpg", "/ping.jpg"))
+    assert reasons["/hop0.jpg"].startswith("more than 10 redirects: ")
+    assert manifest.sha256[3] == sha256(BLUE_PNG)
+    assert [first.count(path) for path in paths[:3]] == [1, 1, 1]
+    assert first.count("/ping.jpg") == first.count("/pong.jpg") == 1
+    assert sum(path.startswith("/hop") for path in first) == 11
+
+
+def test_engine_results_and_site_links_to_internal_addresses_are_refused(tmp_path):
+    with LocalServer({"/secret.jpg": Response(RED_JPEG)}) as internal, LocalServer({}) as public:
+        secret = internal.url("/secret.jpg")
+        public.routes["/search/tank"] = Response(bing_page([public.url("/a.jpg"), secret]), "text/html")
+        public.routes["/a.jpg"] = Response(GREEN_JPEG)
+        public.routes["/"] = Response(f'<html><img src="/a.jpg"><img src="{secret}"></html>'.encode(), "text/html")
+        limits = CrawlLimits(timeout_s=1, allow_private_hosts=(f"127.0.0.1:{public.httpd.server_port}",))
+        engine, _ = crawl("tank", [{"engine": "bing"}], tmp_path, feeder_cls=local_search(public), limits=limits)
+        greedy, _ = crawl("tank", [{"greedy": public.url("/")}], tmp_path, "greedy", limits=limits)
+    assert internal.requests == []
+    for manifest in (engine, greedy):
+        assert list(manifest.origin) == [public.url("/a.jpg"), secret]
+        assert list(manifest.status) == ["ok", "failed"]
+        assert manifest.reason[1].startswith("refused: 127.0.0.1 is a loopback address")
+
+
+def test_a_name_that_resolves_elsewhere_when_connecting_is_refused_there(monkeypatch):
+    """DNS rebinding: the name passes the check before the request, then resolves to this
+    machine; the connection checks the address it connects to, so it never gets there."""
+    import socket as socket_module
+
+    import requests
+
+    from imgpipe.netguard import AddressPolicy, RefusedURL
+
+    real_getaddrinfo = socket_module.getaddrinfo
+    answers = iter(["93.184.216.34", "127.0.0.1"])  # public first, then this machine
+
+    def rebinding(host, port, *args, **kwargs):
+        if host == "rebind.test":
+            host = next(answers)
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket_module, "getaddrinfo", rebinding)
+    with LocalServer({"/a.jpg": Response(RED_JPEG)}) as server:
+        policy = AddressPolicy()
+        url = f"http://rebind.test:{server.httpd.server_port}/a.jpg"
+        policy.check_url(url)  # looks public
+        session = requests.Session()
+        session.mount("http://", policy.adapter())
+        with pytest.raises(RefusedURL, match=r"refused: rebind.test \(127.0.0.1\) is a loopback address"):
+            session.get(url, timeout=2)
+    assert server.requests == []
+
+
+def test_deterministic_failures_take_one_request_and_transient_ones_are_tried_again(tmp_path):
+    routes = {
+        "/loop.jpg": Response(b"", status=302, headers=(("Location", "/loop.jpg"),)),
+        "/drip.jpg": Response(distinct_jpeg(7), drip_s=0.2),
+        "/gone.jpg": Response(b"", status=404),
+        "/busy.jpg": Response(b"", status=429),
+        "/error.jpg": Response(b"oops", "text/plain", 500),
+        "/cut.jpg": Response(GREEN_JPEG, declared_length=len(GREEN_JPEG) + 1000),
+    }
+    with LocalServer(routes) as server:
+        url_file = tmp_path / "urls.txt"
+        url_file.write_text("\n".join(server.url(path) for path in routes) + "\n")
+        limits = CrawlLimits(timeout_s=1, allow_private_hosts=LOOPBACK)
+        manifest, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path, limits=limits)
+        first = Counter(server.requests)
+        assert (manifest.status == "failed").all()
+        assert first == {"/loop.jpg": 1, "/drip.jpg": 1, "/gone.jpg": 1, "/busy.jpg": 1, "/error.jpg": 1,
+                         "/cut.jpg": 3}, "5xx and 429 are answers (tried again next run), a cut body is retried"
+
+        crawl("tank", [{"urls": str(url_file)}], tmp_path, "again", limits=limits)
+        again = Counter(server.requests) - first
+        assert again == {"/busy.jpg": 1, "/error.jpg": 1, "/cut.jpg": 3}
+
+        # a body too slow for crawl.timeout_s is final while the limit stays; raised, it is tried again
+        before = Counter(server.requests)
+        crawl("tank", [{"urls": str(url_file)}], tmp_path, "patient",
+              limits=CrawlLimits(timeout_s=5, allow_private_hosts=LOOPBACK))
+        assert (Counter(server.requests) - before)["/drip.jpg"] == 1
+
+
+def test_nothing_from_a_url_reaches_a_file_name(tmp_path):
+    """Stored names are a number and the extension of the format Pillow found; a body that is
+    not an image is not kept at all, whatever its URL calls it."""
+    hostile = ["/..%2F..%2Fevil.sh", "/a/..%2F..%2F..%2Fetc/cron.d/x.jpg", "/" + "n" * 250 + ".jpeg",
+               "/odd%00name%0A.p;ng?file=../../x.png", "/dots.../.htaccess", "/q.php?name=../../../x.jpg"]
+    with LocalServer({}) as server:
+        for number, path in enumerate(hostile):
+            route = path.split("?", 1)[0]
+            server.routes[route] = Response(HTML_PAGE + path.encode(), "text/html")
+            server.routes[route + ".cut"] = Response(truncated_jpeg_of(number))  # an image, broken
+        server.routes["/img.jpg"] = Response(RED_JPEG)
+        urls = [server.url(path) for path in hostile] + [server.url(path.split("?", 1)[0] + ".cut") for path in hostile]
+        url_file = tmp_path / "urls.txt"
+        url_file.write_text("\n".join([*urls, server.url("/img.jpg")]) + "\n")
+        manifest, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path)
+    assert list(manifest.status) == ["corrupt"] * 12 + ["ok"]
+    assert (manifest.file[:6] == "").all() and (manifest.reason[:6] == "not an image: an HTML page").all()
+    written = sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*") if path.is_file())
+    assert set(written) - {"urls.txt", "store/journal.jsonl"} == {
+        f"{folder}/{Path(file).name}" for file in manifest.file[6:] for folder in ("store/files", "out/rejected"
+                                                                                   if "rejected" in file else "out")}
+    assert all(re.fullmatch(r"\d{6}\.jpg", Path(file).name) for file in manifest.file[6:])

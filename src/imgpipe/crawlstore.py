@@ -27,7 +27,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
@@ -51,7 +51,6 @@ RECORD_FIELDS = (
 ALWAYS = "always"
 # The reason of a body refused for crawl.max_bytes starts so (the crawl writes it, the store reads it).
 TOO_LARGE = "larger than crawl.max_bytes"
-_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
 _STORED_NAME = re.compile(r"(\d{6,})(\.[a-z0-9]{1,5})?")
 
 
@@ -297,8 +296,15 @@ class ClassStore:
         else:
             part.write_bytes(body)
         check = inspect_image(part)  # crawl.max_pixels is applied by CrawlLimits.rejection, not here
-        suffix = IMAGE_EXTENSIONS.get(check.format or "") if check.ok else None
-        name = f"{seq:06d}{suffix or _kept_suffix(provenance['origin'])}"
+        described = {**provenance, "bytes": size, "sha256": sha, "status": "ok" if check.ok else "corrupt",
+                     "reason": check.reason, "width": check.width, "height": check.height, "format": check.format or ""}
+        if check.format is None:
+            # Not an image at all (an HTML page, a text file, a script): its record says so, and
+            # nothing of it is kept, here or in the results.
+            part.unlink()
+            return self._append(described)
+        # named by what Pillow found, never by the URL or file name it came under
+        name = f"{seq:06d}{IMAGE_EXTENSIONS.get(check.format, '.bin')}"
         hashes = ("", "")
         if check.ok:
             try:
@@ -306,13 +312,7 @@ class ClassStore:
             except Exception as error:  # noqa: BLE001 - decodable but not hashable (odd EXIF): still an image
                 logger.warning("%s: no perceptual hash (%s)", provenance["origin"], error_text(error))
         os.replace(part, self.files / name)
-        record = {
-            **provenance, "bytes": size, "sha256": sha, "stored": name,
-            "status": "ok" if check.ok else "corrupt", "reason": check.reason,
-            "width": check.width, "height": check.height, "format": check.format or "",
-            "phash": hashes[0], "phash_center": hashes[1],
-        }
-        return self._append(record)
+        return self._append({**described, "stored": name, "phash": hashes[0], "phash_center": hashes[1]})
 
     def add_failure(self, provenance: dict, reason: str, final: str = "") -> dict:
         """Journal an origin that gave no body (HTTP error, network error, too large); ``final``:
@@ -359,7 +359,3 @@ def _seq_of(name: str) -> int:
     match = _STORED_NAME.fullmatch(name)
     return int(match.group(1)) if match else -1
 
-
-def _kept_suffix(origin: str) -> str:
-    suffix = PurePosixPath(origin.split("?", 1)[0]).suffix.lower()
-    return suffix if _SUFFIX.fullmatch(suffix) else ".bin"

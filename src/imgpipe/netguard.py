@@ -75,6 +75,8 @@ class _Allowed:
     def admits(self, host: str, port: int, address: IPAddress) -> bool:
         if self.port is not None and self.port != port:
             return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
         return host.lower().rstrip(".") == self.name or (self.network is not None and address in self.network)
 
 
