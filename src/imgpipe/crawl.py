@@ -56,7 +56,7 @@ from PIL import Image
 
 from imgpipe.boxes import is_box_annotation
 from imgpipe.crawlstore import ALWAYS, TOO_LARGE, ClassStore, CrawlLimits, TargetCounter, effective_status, link_or_copy
-from imgpipe.files import error_text, walk_files
+from imgpipe.files import FOLLOW_KEY, error_text, read_text_lines, walk_folder
 from imgpipe.fingerprints import FileHashCache
 from imgpipe.manifests import RAW_COLUMNS
 from imgpipe.netguard import AddressPolicy, RefusedURL
@@ -282,7 +282,11 @@ def _folder_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
     folder = Path(source["folder"])
     outcome = QueryOutcome(index, "folder", query=str(folder), urls_seen=0)
     rows = []
-    for path in walk_files(folder):
+    for found in walk_folder(folder, source.get(FOLLOW_KEY, False)):
+        path = found.path
+        if found.status:  # a dangling link, a link out of the folder, a loop: a row says why, nothing is read
+            rows.append({"origin": str(path), "status": found.status, "reason": found.reason})
+            continue
         if is_box_annotation(path, source.get("boxes")):
             continue
         sha = crawl.file_hashes.sha256(path)
@@ -339,7 +343,7 @@ def _local_item(crawl: _ClassCrawl, outcome: QueryOutcome, origin: str, sha: str
 
 
 def _url_list_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
-    urls = read_url_list(source["urls"])
+    urls = read_url_list(source["urls"], f"classes.{crawl.class_name}.sources[{index}].urls")
     outcome = QueryOutcome(index, "urls", query=str(source["urls"]), urls_seen=len(urls))
     rows = {url: crawl.replay(crawl.store.latest[url], outcome) for url in urls if crawl.store.is_final(url)}
     pending = [url for url in urls if url not in rows]  # never tried, or a failure worth trying again
@@ -458,9 +462,10 @@ def _run_crawler(crawler_cls, crawl: _ClassCrawl, outcome: QueryOutcome, threads
     return downloader
 
 
-def read_url_list(path: Path | str) -> list[str]:
-    """The URLs in a URL-list file: one per line, blank lines and ``#`` comments skipped, duplicates dropped."""
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+def read_url_list(path: Path | str, key: str = "urls") -> list[str]:
+    """The URLs in a URL-list file (config key ``key``): one per line, blank lines and ``#``
+    comments skipped, duplicates dropped; UTF-8, with or without a byte-order mark."""
+    lines = [line.strip() for line in read_text_lines(path, key)]
     listed = [line for line in lines if line and not line.startswith("#")]
     urls = list(dict.fromkeys(listed))
     if len(urls) < len(listed):

@@ -87,7 +87,7 @@ def parse_allowed(entry: str) -> _Allowed:
         host, _, rest = text[1:].partition("]")
         if rest:
             if not rest.startswith(":"):
-                raise ValueError(f"{ALLOW_KEY} entry {entry!r}: write an IPv6 address with a port as [::1]:8080")
+                raise ValueError(f"'{ALLOW_KEY}' entry {entry!r}: write an IPv6 address with a port as [::1]:8080")
             port = rest[1:]
     elif text.count(":") == 1:
         host, port = text.split(":")
@@ -95,15 +95,15 @@ def parse_allowed(entry: str) -> _Allowed:
         host = text
     if port is not None:
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{ALLOW_KEY} entry {entry!r}: the port must be a number from 1 to 65535")
+            raise ValueError(f"'{ALLOW_KEY}' entry {entry!r}: the port must be a number from 1 to 65535")
         port = int(port)
     if not host:
-        raise ValueError(f"{ALLOW_KEY} entry {entry!r}: no host")
+        raise ValueError(f"'{ALLOW_KEY}' entry {entry!r}: no host")
     try:
         network = ipaddress.ip_network(host, strict=False)
     except ValueError:
         if "/" in host:
-            raise ValueError(f"{ALLOW_KEY} entry {entry!r}: not a network (e.g. 10.0.0.0/8)") from None
+            raise ValueError(f"'{ALLOW_KEY}' entry {entry!r}: not a network (e.g. 10.0.0.0/8)") from None
         network = None
     return _Allowed(host.lower().rstrip("."), network, port)
 
