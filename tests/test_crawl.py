@@ -119,6 +119,67 @@ def test_folder_source_imports_verifies_and_rejects(image_folder, tmp_path):
     assert summary["outcome"] == "3 new images (no target)"
 
 
+@pytest.fixture
+def linked_folder(tmp_path):
+    """A folder with every kind of link: loops, a link out to a secret, out to images, dangling."""
+    folder, outside = tmp_path / "photos", tmp_path / "outside"
+    (folder / "sub").mkdir(parents=True)
+    (outside / "more").mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(RED_JPEG)
+    (folder / "sub" / "b.png").write_bytes(BLUE_PNG)
+    (outside / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (outside / "more" / "c.jpg").write_bytes(GREEN_JPEG)
+    (folder / "loop").symlink_to(".")
+    (folder / "sub" / "up").symlink_to("..")
+    (folder / "b_again.png").symlink_to("sub/b.png")  # a link that stays inside: followed
+    (folder / "dangling.jpg").symlink_to("nowhere.jpg")
+    (folder / "passwd").symlink_to(outside / "passwd")
+    (folder / "more").symlink_to("../outside/more")
+    os.mkfifo(folder / "pipe")  # reading it would block the crawl for ever
+    return folder
+
+
+def test_folder_links_stay_inside_and_loops_are_walked_once(linked_folder, tmp_path):
+    manifest, summary = crawl("tank", [{"folder": str(linked_folder)}], tmp_path)
+    rows = {Path(origin).relative_to(linked_folder).as_posix(): row for origin, row in
+            zip(manifest.origin, manifest.itertuples())}
+    assert {name: row.status for name, row in rows.items()} == {
+        "a.jpg": "ok", "b_again.png": "ok", "dangling.jpg": "failed", "loop": "skipped", "more": "failed",
+        "passwd": "failed", "pipe": "failed", "sub/b.png": "ok", "sub/up": "skipped"}
+    assert list(rows) == sorted(rows)
+    assert rows["dangling.jpg"].reason == "dangling symbolic link: its target nowhere.jpg does not exist"
+    assert rows["passwd"].reason == (f"symbolic link to {tmp_path / 'outside' / 'passwd'}, outside the folder: not "
+                                     f"followed (set follow_outside_links: true on the folder source to import what "
+                                     f"such links point to)")
+    assert rows["loop"].reason == "a link to a folder already walked (the folder itself): its files are listed once"
+    assert rows["pipe"].reason == "not a regular file (a FIFO, socket or device): not read"
+    assert summary["images"] == 2 and (manifest.file[manifest.status != "ok"] == "").all()
+    secret = (tmp_path / "outside" / "passwd").read_bytes()
+    written = [path for folder in ("out", "store") for path in (tmp_path / folder).rglob("*") if path.is_file()]
+    assert written and not any(path.read_bytes() == secret for path in written)
+
+
+def test_folder_links_out_are_followed_when_asked_and_a_non_image_is_never_copied(linked_folder, tmp_path):
+    manifest, summary = crawl("tank", [{"folder": str(linked_folder), "follow_outside_links": True}], tmp_path)
+    status = dict(zip(manifest.origin.map(lambda origin: Path(origin).relative_to(linked_folder).as_posix()),
+                      manifest.status))
+    assert status["more/c.jpg"] == "ok" and status["passwd"] == "corrupt" and summary["images"] == 3
+    assert (manifest.reason[manifest.origin == str(linked_folder / "passwd")] == "not an image: text").all()
+    secret = (tmp_path / "outside" / "passwd").read_bytes()
+    written = [path for path in (tmp_path / "out").rglob("*")] + list((tmp_path / "store" / "files").iterdir())
+    assert written and not any(path.read_bytes() == secret for path in written if path.is_file())
+
+
+def test_a_url_list_saved_with_a_bom_keeps_its_first_url(tmp_path):
+    url_file = tmp_path / "urls.txt"
+    url_file.write_bytes(b"\xef\xbb\xbfhttp://example.org/a.jpg\r\nhttp://example.org/b.jpg\r\n")
+    assert read_url_list(url_file) == ["http://example.org/a.jpg", "http://example.org/b.jpg"]
+    url_file.write_bytes(b"http://example.org/caf\xe9.jpg\n")
+    with pytest.raises(ValueError, match=r"config key 'classes.tank.sources\[0\].urls': .*urls.txt is not UTF-8 text: "
+                                         r"byte 22 \(line 1\)"):
+        crawl("tank", [{"urls": str(url_file)}], tmp_path)
+
+
 def test_folder_manifest_is_reproducible_and_a_rerun_imports_nothing(image_folder, tmp_path):
     first, _ = crawl("tank", [{"folder": str(image_folder)}], tmp_path, "one")
     store_files = sorted(p.name for p in (tmp_path / "store" / "files").iterdir())
