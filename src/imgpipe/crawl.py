@@ -3,7 +3,8 @@
 Sources (one dict each, exactly one kind key; the config schema and ``imgpipe.config``
 validate them before any job runs):
 
-- ``{"folder": "dir"}``: every file below ``dir`` (recursive, sorted), imported.
+- ``{"folder": "dir"}``: every file below ``dir`` (recursive, sorted), imported; links that
+  leave the folder are not followed unless ``follow_outside_links`` (imgpipe.files.walk_folder).
 - ``{"digits": 3}``: scikit-learn's builtin 8x8 handwritten digits of that class, as PNG.
 - ``{"engine": "bing", "queries": [...], "query_suffixes": [...], "max_num": 100, ...}``:
   an icrawler search-engine crawl per query (bing, baidu, google, flickr).
@@ -19,9 +20,13 @@ new, valid, non-duplicate images are kept; otherwise the log, the summary and ML
 "exhausted at N of target".
 
 The manifest has one row per URL or file the sources named: kept files are hard-linked
-to ``out_dir/<seq>.<ext>``, rejected and corrupt ones to ``out_dir/rejected/``, and URLs
-that gave nothing (or were not tried, the target being reached) have no file. Nothing is
-dropped without a row saying why.
+to ``out_dir/<seq>.<ext>``, rejected and corrupt images to ``out_dir/rejected/``, and URLs
+that gave nothing (or were not tried, the target being reached) and files that are not
+images have no file. Nothing is dropped without a row saying why.
+
+Every request goes through :mod:`imgpipe.netguard`: http and https only, and no loopback,
+private or link-local address unless ``crawl.allow_private_hosts`` names it, checked at
+every redirect hop.
 """
 
 from __future__ import annotations
