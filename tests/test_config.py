@@ -361,6 +361,57 @@ def test_a_source_mistake_is_reported_for_the_kind_of_source_meant(tmp_path, sou
         validate_config(config, SCHEMA, tmp_path)
 
 
+def test_list_files_must_be_utf8_and_a_bom_is_dropped(tmp_path):
+    config = base_config(tmp_path)
+    (tmp_path / "exclude.txt").write_bytes(b"\xef\xbb\xbf" + b"a" * 64 + b"\n")
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbfhttp://example.com/a.jpg\n")
+    config["classes"]["cat"]["sources"] = [{"urls": "list.txt"}]
+    config["dedupe"] = {"exclude": "exclude.txt"}
+    validate_config(config, SCHEMA, tmp_path)
+
+    (tmp_path / "list.txt").write_bytes(b"http://example.com/a.jpg\nhttp://example.com/\xe9t\xe9.jpg\n")
+    with pytest.raises(ConfigError, match=r"config key 'classes.cat.sources\[0\].urls': .*list.txt is not UTF-8 text: "
+                                          r"byte 44 \(line 2\) is b'\\xe9'. Save the file as UTF-8"):
+        validate_config(config, SCHEMA, tmp_path)
+    (tmp_path / "list.txt").write_text("http://example.com/a.jpg\n")
+    (tmp_path / "exclude.txt").write_bytes(b"\xff\xfea\x00")  # UTF-16
+    with pytest.raises(ConfigError, match=r"config key 'dedupe.exclude': .*exclude.txt is not UTF-8 text: byte 0 "):
+        validate_config(config, SCHEMA, tmp_path)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("127.0.0.1:http", "'crawl.allow_private_hosts' entry '127.0.0.1:http': the port must be a number from 1 to 65535"),
+    ("10.0.0/8x", "'crawl.allow_private_hosts' entry '10.0.0/8x': not a network (e.g. 10.0.0.0/8)"),
+    ("[::1]8080", "'crawl.allow_private_hosts' entry '[::1]8080': write an IPv6 address with a port as [::1]:8080"),
+])
+def test_a_malformed_allowed_host_fails_at_dag_build(tmp_path, entry, message):
+    config = base_config(tmp_path)
+    config["crawl"] = {"min_size": 8, "allow_private_hosts": ["nas.local", "10.0.0.0/8", "[::1]:8080", entry]}
+    with pytest.raises(ConfigError, match=re.escape(f"config key {message}")):
+        validate_config(config, SCHEMA, tmp_path)
+
+
+def test_the_hostile_source_keys_leave_older_configs_params_as_they_were(tmp_path):
+    # no schema defaults: a config written before these keys existed gives its crawls the same params
+    config = validate_config(base_config(tmp_path), SCHEMA, tmp_path)
+    assert "allow_private_hosts" not in config["crawl"]
+    assert config["classes"]["cat"]["sources"] == [{"folder": str(tmp_path / "cats")}]
+
+
+def test_a_folder_with_link_loops_is_fingerprinted_as_the_crawl_walks_it(tmp_path):
+    folder = tmp_path / "cats"
+    (folder / "sub").mkdir(parents=True)
+    for number in range(13):
+        (folder / f"{number}.jpg").write_bytes(b"cat %d" % number)
+    (folder / "loop").symlink_to(".")
+    (folder / "sub" / "up").symlink_to("..")  # two loops: walked as os.walk does, 13 files become millions
+    fingerprint = source_fingerprints([{"folder": str(folder)}])[0]
+    assert fingerprint.startswith("files=13 ")
+    (folder / "gone.jpg").symlink_to("nowhere.jpg")  # the crawl lists a dangling link: its fingerprint changes
+    assert source_fingerprints([{"folder": str(folder)}])[0] not in (fingerprint, "")
+    assert source_fingerprints([{"folder": str(folder)}])[0].startswith("files=13 ")
+
+
 def test_an_empty_source_folder_fails_at_dag_build(tmp_path):
     config = base_config(tmp_path)
     (tmp_path / "empty" / "nested").mkdir(parents=True)  # folders only: still no image

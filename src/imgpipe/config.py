@@ -20,7 +20,7 @@ import jsonschema
 import yaml
 
 from imgpipe.boxes import BoxError, is_box_annotation, read_box_csv_header
-from imgpipe.files import error_text, walk_files
+from imgpipe.files import FOLLOW_KEY, error_text, read_list_entries, walk_files
 from imgpipe.fingerprints import FileHashCache, content_fingerprint
 from imgpipe.sweeps import SweepError, expand_sweeps
 
@@ -239,7 +239,7 @@ def _check_sources(config: dict, base_dir: Path, thorough: bool) -> None:
                     )
                 if not is_right_type(path):
                     raise ConfigError(f"config key '{key}': '{source[kind]}' is not {wanted}")
-                if kind == "folder" and not any(walk_files(path)):
+                if kind == "folder" and not walk_files(path, source.get(FOLLOW_KEY, False)):
                     raise ConfigError(f"config key '{key}': the folder '{source[kind]}' holds no files")
                 if kind == "urls" and thorough:
                     _check_url_list(key, path)
@@ -263,9 +263,11 @@ def _check_url_list(key: str, path: Path) -> None:
     from imgpipe.crawl import read_url_list  # icrawler and pandas: only configs with URL lists pay them
 
     try:
-        urls = read_url_list(path)
-    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+        urls = read_url_list(path, key)
+    except OSError as error:
         raise ConfigError(f"config key '{key}': cannot read '{path}': {error_text(error)}") from None
+    except ValueError as error:  # not UTF-8: the message names the key, the byte and its line
+        raise ConfigError(str(error)) from None
     if not urls:
         raise ConfigError(f"config key '{key}': '{path}' lists no URL (only blank lines and # comments); "
                           f"add image URLs, one a line, or remove the source")
@@ -425,20 +427,31 @@ def read_exclude_list(path: str | os.PathLike) -> dict[str, str]:
         raise FileNotFoundError(
             f"exclusion list {path} not found (config key dedupe.exclude): create it, or remove the key"
         )
-    entries = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        parts = re.split(r"(?:^|\s)#", line, maxsplit=1)
-        entry, comment = parts[0].strip(), (parts[1].strip() if len(parts) > 1 else "")
-        if entry:
-            entries[entry] = comment
-    return entries
+    try:
+        return {entry: comment for _, entry, comment in read_list_entries(path, "dedupe.exclude")}
+    except ValueError as error:  # not UTF-8
+        raise ConfigError(str(error)) from None
 
+
+def _check_crawl(config: dict) -> None:
+    # (no schema default: configs written before the key existed keep their crawl params)
+    allowed = config["crawl"].get("allow_private_hosts")
+    if allowed:
+        from imgpipe.netguard import parse_allowed  # imports requests: only configs that need it pay
+
+        for entry in allowed:
+            try:
+                parse_allowed(entry)
+            except ValueError as error:
+                raise ConfigError(f"config key {error}") from None
 
 
 def _check_dedupe(config: dict, base_dir: Path) -> None:
     exclude = config["dedupe"]["exclude"]
     if exclude and not (base_dir / exclude).is_file():
         raise ConfigError(f"config key 'dedupe.exclude': '{exclude}' is not a file")
+    if exclude:
+        read_exclude_list(base_dir / exclude)
 
 
 def _check_split(config: dict) -> None:
@@ -663,6 +676,7 @@ def validate_config(config: dict, schema: dict, base_dir: Path | str = ".", thor
     # the crawl's params then do not change with the spelling
     config["crawl"]["formats"] = list(dict.fromkeys(name.upper() for name in config["crawl"]["formats"]))
     _check_dedupe(config, base_dir)
+    _check_crawl(config)
     _check_split(config)
     _check_models(config, base_dir, swept, keys)
     _check_predict(config, base_dir, swept)
@@ -784,6 +798,7 @@ def source_fingerprints(sources: list[dict], base_dir: Path | str = ".",
         local = source.get("folder") or source.get("urls")
         # a folder's box annotations are preprocess's input, not images: editing one crawls nothing again
         skip = (lambda path, boxes=source.get("boxes"): is_box_annotation(path, boxes)) if "boxes" in source else None
-        fingerprints.append(content_fingerprint(Path(base_dir) / local, cache, skip) if local else "")
+        fingerprints.append(content_fingerprint(Path(base_dir) / local, cache, skip, source.get(FOLLOW_KEY, False))
+                            if local else "")
     cache.save()
     return fingerprints

@@ -3,7 +3,8 @@
 Sources (one dict each, exactly one kind key; the config schema and ``imgpipe.config``
 validate them before any job runs):
 
-- ``{"folder": "dir"}``: every file below ``dir`` (recursive, sorted), imported.
+- ``{"folder": "dir"}``: every file below ``dir`` (recursive, sorted), imported; links that
+  leave the folder are not followed unless ``follow_outside_links`` (imgpipe.files.walk_folder).
 - ``{"digits": 3}``: scikit-learn's builtin 8x8 handwritten digits of that class, as PNG.
 - ``{"engine": "bing", "queries": [...], "query_suffixes": [...], "max_num": 100, ...}``:
   an icrawler search-engine crawl per query (bing, baidu, google, flickr).
@@ -19,9 +20,13 @@ new, valid, non-duplicate images are kept; otherwise the log, the summary and ML
 "exhausted at N of target".
 
 The manifest has one row per URL or file the sources named: kept files are hard-linked
-to ``out_dir/<seq>.<ext>``, rejected and corrupt ones to ``out_dir/rejected/``, and URLs
-that gave nothing (or were not tried, the target being reached) have no file. Nothing is
-dropped without a row saying why.
+to ``out_dir/<seq>.<ext>``, rejected and corrupt images to ``out_dir/rejected/``, and URLs
+that gave nothing (or were not tried, the target being reached) and files that are not
+images have no file. Nothing is dropped without a row saying why.
+
+Every request goes through :mod:`imgpipe.netguard`: http and https only, and no loopback,
+private or link-local address unless ``crawl.allow_private_hosts`` names it, checked at
+every redirect hop.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from urllib.parse import urljoin
 
 import pandas as pd
 import requests
@@ -54,10 +60,11 @@ from icrawler.builtin.greedy import GreedyParser
 from PIL import Image
 
 from imgpipe.boxes import is_box_annotation
-from imgpipe.crawlstore import TOO_LARGE, ClassStore, CrawlLimits, TargetCounter, effective_status, link_or_copy
-from imgpipe.files import error_text, walk_files
+from imgpipe.crawlstore import ALWAYS, TOO_LARGE, ClassStore, CrawlLimits, TargetCounter, effective_status, link_or_copy
+from imgpipe.files import FOLLOW_KEY, error_text, read_text_lines, walk_folder
 from imgpipe.fingerprints import FileHashCache
 from imgpipe.manifests import RAW_COLUMNS
+from imgpipe.netguard import AddressPolicy, RefusedURL
 
 logger = logging.getLogger(__name__)
 # Sources that import files from this machine (the others fetch URLs).
@@ -66,6 +73,7 @@ LOCAL_SOURCES = ("folder", "digits", "synthetic")
 DEFAULT_MAX_NUM = 100
 DEFAULT_THREADS = 4
 DOWNLOAD_ATTEMPTS = 3
+MAX_REDIRECTS = 10  # a chain this long is a trap or a misconfigured site (browsers stop at about 20)
 PROGRESS_EVERY = 100
 # How deep into an engine's results a query looks for its images, as a multiple of the
 # images it still needs: results also hold dead links, duplicates and junk.
@@ -250,7 +258,7 @@ def crawl_class(
     started = time.monotonic()
     deadline = started + limits.time_budget_s if limits.time_budget_s else None
     counter = TargetCounter(target, near_distance if target else None)
-    with ClassStore(store_dir) as store:
+    with ClassStore(store_dir, limits) as store:
         if store.records:
             logger.info("class %r: resuming: %d URLs/files already tried", class_name, len(store.latest))
         crawl = _ClassCrawl(class_name, store, limits, counter, file_hashes or FileHashCache(), deadline, feeder_cls)
@@ -281,7 +289,11 @@ def _folder_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
     folder = Path(source["folder"])
     outcome = QueryOutcome(index, "folder", query=str(folder), urls_seen=0)
     rows = []
-    for path in walk_files(folder):
+    for found in walk_folder(folder, source.get(FOLLOW_KEY, False)):
+        path = found.path
+        if found.status:  # a dangling link, a link out of the folder, a loop: a row says why, nothing is read
+            rows.append({"origin": str(path), "status": found.status, "reason": found.reason})
+            continue
         if is_box_annotation(path, source.get("boxes")):
             continue
         sha = crawl.file_hashes.sha256(path)
@@ -338,7 +350,7 @@ def _local_item(crawl: _ClassCrawl, outcome: QueryOutcome, origin: str, sha: str
 
 
 def _url_list_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
-    urls = read_url_list(source["urls"])
+    urls = read_url_list(source["urls"], f"classes.{crawl.class_name}.sources[{index}].urls")
     outcome = QueryOutcome(index, "urls", query=str(source["urls"]), urls_seen=len(urls))
     rows = {url: crawl.replay(crawl.store.latest[url], outcome) for url in urls if crawl.store.is_final(url)}
     pending = [url for url in urls if url not in rows]  # never tried, or a failure worth trying again
@@ -459,9 +471,10 @@ def _run_crawler(crawler_cls, crawl: _ClassCrawl, outcome: QueryOutcome, threads
     return downloader
 
 
-def read_url_list(path: Path | str) -> list[str]:
-    """The URLs in a URL-list file: one per line, blank lines and ``#`` comments skipped, duplicates dropped."""
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+def read_url_list(path: Path | str, key: str = "urls") -> list[str]:
+    """The URLs in a URL-list file (config key ``key``): one per line, blank lines and ``#``
+    comments skipped, duplicates dropped; UTF-8, with or without a byte-order mark."""
+    lines = [line.strip() for line in read_text_lines(path, key)]
     listed = [line for line in lines if line and not line.startswith("#")]
     urls = list(dict.fromkeys(listed))
     if len(urls) < len(listed):
@@ -487,6 +500,11 @@ class StoreDownloader(ImageDownloader):
                  query_limit=(None, 0), idle_exit_s=None):
         super().__init__(thread_num, signal, session, storage)
         self.crawl: _ClassCrawl = crawl
+        # the crawler's feeder and parser share this session: result pages and a site's pages
+        # are guarded too
+        self.address_policy = AddressPolicy(crawl.limits.allow_private_hosts)
+        for scheme in ("http://", "https://"):
+            session.mount(scheme, self.address_policy.adapter())
         self.outcome: QueryOutcome = outcome
         self.label = label
         self.per_query, self.query_had = query_limit
@@ -589,11 +607,18 @@ class StoreDownloader(ImageDownloader):
                     self.signal.set(reach_max_num=True)
 
     def _fetch_and_store(self, url: str, provenance: dict, attempts: int) -> dict:
+        """One record for ``url``: its body, or why there is none.
+
+        Only what may pass on another try is tried again (``attempts`` times, and on the next
+        run): a connection refused or reset, a time-out, a 5xx. An answer that asking again
+        cannot change is recorded as final after one request: a refused address or scheme, a
+        redirect loop, a body too slow for crawl.timeout_s.
+        """
         limits = self.crawl.limits
         reason = ""
         for _ in range(attempts):
             try:
-                with self.session.get(url, timeout=limits.timeout_s, stream=True) as response:
+                with self._get_following_redirects(url, limits.timeout_s) as response:
                     provenance = {**provenance, "http_status": response.status_code,
                                   "content_type": response.headers.get("Content-Type", "")}
                     if response.status_code != 200:
@@ -605,9 +630,40 @@ class StoreDownloader(ImageDownloader):
                     if reason.startswith(TOO_LARGE):
                         # the same body again would be as large; its size makes the answer final
                         return self.crawl.store.add_failure({**provenance, "bytes": size}, reason)
+                    return self.crawl.store.add_failure(provenance, reason, final=limits.setting("timeout_s"))
+            except RefusedURL as refusal:
+                final = limits.setting(refusal.while_key) if refusal.while_key else ALWAYS
+                return self.crawl.store.add_failure(provenance, str(refusal), final=final)
             except (requests.RequestException, urllib3.exceptions.HTTPError) as error:  # read1 raises urllib3's own
                 reason = f"request failed after {attempts} attempts: {error_text(error)}"
         return self.crawl.store.add_failure(provenance, reason)
+
+    def _get_following_redirects(self, url: str, timeout: float) -> requests.Response:
+        """The streamed response at the end of ``url``'s redirects, each hop checked by the
+        address policy (requests' own redirects would reach any address, and any scheme).
+        RefusedURL for a refused hop, a loop, or more than MAX_REDIRECTS redirects."""
+        chain = [url]
+        while True:
+            try:
+                self.address_policy.check_url(url)
+            except RefusedURL as refusal:
+                if len(chain) == 1:
+                    raise
+                raise RefusedURL(f"redirected to {url[:200]}: {refusal}", refusal.while_key) from None
+            try:
+                response = self.session.get(url, timeout=timeout, stream=True, allow_redirects=False)
+            except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as error:
+                raise RefusedURL(f"malformed URL {url[:200]!r}: {error_text(error)}") from None
+            if not response.is_redirect:
+                return response
+            target = self.session.get_redirect_target(response)
+            response.close()
+            url = urljoin(url, target)
+            if url in chain:
+                raise RefusedURL(f"redirect loop: {' -> '.join(chain + [url])}")
+            if len(chain) > MAX_REDIRECTS:
+                raise RefusedURL(f"more than {MAX_REDIRECTS} redirects: {' -> '.join(chain[:3])} -> ...")
+            chain.append(url)
 
     @staticmethod
     def _read_capped(response, limits: CrawlLimits) -> tuple[bytes | None, str, int]:

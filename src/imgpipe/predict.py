@@ -127,13 +127,13 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[dict]
         if path.is_file():
             found = [path]
         elif path.is_dir():
-            found = walk_files(path)
+            found = walk_files(path, follow_outside_links=True)  # the user's own folder, named on the command line
             if not found:
                 failures.append({"path": item, "reason": "empty folder: no files below it"})
         elif glob.has_magic(item):
             found = []
             for match in sorted(glob.glob(item, recursive=True)):
-                found.extend(walk_files(match) if Path(match).is_dir() else [Path(match)])
+                found.extend(walk_files(match, follow_outside_links=True) if Path(match).is_dir() else [Path(match)])
             if not found:
                 failures.append({"path": item, "reason": "the pattern matches no file"})
         else:

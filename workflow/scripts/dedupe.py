@@ -8,14 +8,15 @@ configure_logging(snakemake.log[0])
 
 import pandas as pd
 
-from imgpipe.dedupe import dedupe_images, summarize_fates
+from imgpipe.dedupe import dedupe_images, located_exclusions, summarize_fates
 from imgpipe.manifests import read_raw_manifest
 from imgpipe.jobrecords import data_job_run
 from imgpipe.tracking import flatten
 
 with data_job_run("dedupe", tags={"imgpipe.stage": "dedupe"}) as run:
     raw = pd.concat([read_raw_manifest(path) for path in snakemake.input.manifests], ignore_index=True)
-    fates = dedupe_images(raw, snakemake.params.near_distance, snakemake.params.near_action, snakemake.params.exclude,
+    exclude = located_exclusions(snakemake.params.exclude, snakemake.config["dedupe"]["exclude"])
+    fates = dedupe_images(raw, snakemake.params.near_distance, snakemake.params.near_action, exclude,
                           threads=snakemake.threads)
     fates.to_csv(snakemake.output.manifest, index=False, lineterminator="\n")
     summary = summarize_fates(fates)
