@@ -55,7 +55,7 @@ from PIL import Image
 
 from imgpipe.boxes import is_box_annotation
 from imgpipe.crawlstore import TOO_LARGE, ClassStore, CrawlLimits, TargetCounter, effective_status, link_or_copy
-from imgpipe.files import error_text, walk_files
+from imgpipe.files import OutputWriteError, error_text, walk_files
 from imgpipe.fingerprints import FileHashCache
 from imgpipe.manifests import RAW_COLUMNS
 
@@ -449,6 +449,8 @@ def _run_crawler(crawler_cls, crawl: _ClassCrawl, outcome: QueryOutcome, threads
     )
     crawler.crawl(**arguments)
     downloader: StoreDownloader = crawler.downloader
+    if downloader.write_error is not None:
+        raise downloader.write_error
     outcome.urls_seen = downloader.seen
     outcome.new_images = downloader.counted
     outcome.images += downloader.counted
@@ -491,6 +493,7 @@ class StoreDownloader(ImageDownloader):
         self.idle_exit_s = idle_exit_s
         self.seen = 0
         self.counted = 0
+        self.write_error: OutputWriteError | None = None  # raised by _run_crawler in the crawl's own thread
         self._records: list[tuple[int, dict]] = []
 
     def records_in_rank_order(self) -> list[dict]:
@@ -538,6 +541,10 @@ class StoreDownloader(ImageDownloader):
                       "rank": rank}
         try:
             record = self._fetch_and_store(url, provenance, max_retry)
+        except OutputWriteError as error:  # the store's disk, not the URL: the job fails once the threads stop
+            self.write_error = self.write_error or error
+            self.signal.set(reach_max_num=True)
+            return False
         except Exception as error:  # an exception would end this worker thread and strand its queue
             logger.exception("%s: storing %s failed", self.label, url)
             record = self.crawl.store.add_failure(provenance, f"download error: {error_text(error)}")
