@@ -85,7 +85,9 @@ def write_failure(error: BaseException, path: Path | str, then: str = "", code: 
         code = errno.ENOSPC  # torch and others report a short write in their own words
     cause, advice = WRITE_FAILURES.get(code, ("cannot write", "see the error, then rerun"))
     where = f"; {_human_bytes(free)} free on {mount}" if free is not None else ""
-    original = error_text(error)
+    # the innermost error says it plainest: OSError's "No space left on device" rather than torch's
+    # "unexpected pos 29760 vs 29712", sqlite3's "database or disk is full" rather than SQLAlchemy's page
+    original = error_text(list(error_chain(error))[-1]).splitlines()[0]
     if len(original) > 300:
         original = original[:300] + "..."
     message = f"{cause} writing {path} ({original}{where}): {advice}"
