@@ -10,6 +10,7 @@ import logging
 import shutil
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -17,13 +18,17 @@ from mlflow.tracking import MlflowClient
 
 from conftest import model_settings, write_shape_images
 from crawl_server import LocalServer, Response, distinct_jpeg
+from test_review import raw_rows
 from imgpipe.checkpoints import save_atomically
 from imgpipe.crawl import crawl_class
 from imgpipe.crawlstore import JOURNAL, ClassStore, CrawlLimits
+from imgpipe.dedupe import decide_fates
 from imgpipe.evaluate import write_evaluation_outputs
 from imgpipe.files import OutputWriteError, writing
 from imgpipe.plots import plot_unavailable
+from imgpipe.predict import Predictions, write_predictions
 from imgpipe.preprocess import preprocess_class
+from imgpipe.review import write_contact_sheet
 from imgpipe.tracking import job_run
 from imgpipe.training.engine import TrainingJob, train_model
 
@@ -148,3 +153,22 @@ def test_a_plot_onto_a_full_disk_fails(small_disk):
     small_disk.fill()
     with pytest.raises(OutputWriteError, match="no space left on device writing .*roc.png"):
         plot_unavailable(small_disk.path / "eval" / "roc.png", "cnn: ROC (test)", "no test image")
+
+
+def test_a_contact_sheet_onto_a_read_only_disk_fails_while_an_undecodable_tile_does_not(small_disk, tmp_path):
+    fates = decide_fates(raw_rows(tmp_path), {"sha-a": 1, "sha-b": 2**40, "sha-d": 2**50 + 7}, near_distance=0)
+    (tmp_path / "cat_b.jpg").write_bytes(b"not a jpeg")  # a blank tile: the input's problem, not the job's
+    write_contact_sheet(fates, "cat", tmp_path / "cat.html", tmp_path / "cat.png")
+    small_disk.make_read_only()
+    with pytest.raises(OutputWriteError, match=f"read-only file system writing {small_disk.path}/cat.html"):
+        write_contact_sheet(fates, "cat", small_disk.path / "cat.html", small_disk.path / "cat.png")
+
+
+def test_predictions_onto_a_full_disk_fail_and_leave_no_partial_file(small_disk):
+    predictions = Predictions(["bright", "dark"], ["a.png"], np.array([[0.9, 0.1]]),
+                              [{"path": "cut.jpg", "reason": "truncated or corrupt image data"}])
+    small_disk.fill()
+    out = small_disk.path / "predictions.csv"
+    with pytest.raises(OutputWriteError, match=f"no space left on device writing {out}"):
+        write_predictions(None, predictions, 2, out)  # (a CSV needs no model header)
+    assert not list(small_disk.path.glob("*predictions*"))
