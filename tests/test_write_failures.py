@@ -172,3 +172,12 @@ def test_predictions_onto_a_full_disk_fail_and_leave_no_partial_file(small_disk)
     with pytest.raises(OutputWriteError, match=f"no space left on device writing {out}"):
         write_predictions(None, predictions, 2, out)  # (a CSV needs no model header)
     assert not list(small_disk.path.glob("*predictions*"))
+
+
+def test_an_error_without_an_errno_on_a_disk_with_room_is_named_but_not_called_full(tmp_path):
+    target = tmp_path / "model.pt"
+    with pytest.raises(OutputWriteError) as raised:
+        with writing(target):
+            raise TypeError("cannot pickle 'generator' object")
+    assert str(raised.value).startswith(f"failed writing {target} (TypeError: cannot pickle 'generator' object; ")
+    assert raised.value.errno is None

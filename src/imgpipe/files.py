@@ -83,15 +83,15 @@ def write_failure(error: BaseException, path: Path | str, then: str = "", code: 
     free, mount = free_space(path)
     if code not in WRITE_FAILURES and free is not None and free < FULL_BELOW_BYTES:
         code = errno.ENOSPC  # torch and others report a short write in their own words
-    cause, advice = WRITE_FAILURES.get(code, ("cannot write", "see the error, then rerun"))
+    cause, advice = WRITE_FAILURES.get(code, ("failed", "see the error, then rerun"))
     where = f"; {_human_bytes(free)} free on {mount}" if free is not None else ""
     # the innermost error says it plainest: OSError's "No space left on device" rather than torch's
     # "unexpected pos 29760 vs 29712", sqlite3's "database or disk is full" rather than SQLAlchemy's page
     original = error_text(list(error_chain(error))[-1]).splitlines()[0]
     if len(original) > 300:
         original = original[:300] + "..."
-    message = f"{cause} writing {path} ({original}{where}): {advice}"
-    return OutputWriteError(code, message + (f"; {then}" if then else ""))
+    message = f"{cause} writing {path} ({original}{where}): {advice}" + (f"; {then}" if then else "")
+    return OutputWriteError(code, message) if code is not None else OutputWriteError(message)
 
 
 def write_json(path: Path | str, value, then: str = "") -> None:
