@@ -58,4 +58,5 @@ onsuccess:
 
 onerror:
     write_report_after_failure()
+    mark_unrun_jobs_incomplete()
     end_tracking(success=False)

@@ -61,7 +61,7 @@ from PIL import Image
 
 from imgpipe.boxes import is_box_annotation
 from imgpipe.crawlstore import ALWAYS, TOO_LARGE, ClassStore, CrawlLimits, TargetCounter, effective_status, link_or_copy
-from imgpipe.files import FOLLOW_KEY, error_text, read_text_lines, walk_folder
+from imgpipe.files import FOLLOW_KEY, OutputWriteError, error_text, read_text_lines, walk_folder
 from imgpipe.fingerprints import FileHashCache
 from imgpipe.manifests import RAW_COLUMNS
 from imgpipe.netguard import AddressPolicy, RefusedURL
@@ -465,6 +465,8 @@ def _run_crawler(crawler_cls, crawl: _ClassCrawl, outcome: QueryOutcome, threads
     )
     crawler.crawl(**arguments)
     downloader: StoreDownloader = crawler.downloader
+    if downloader.write_error is not None:
+        raise downloader.write_error
     outcome.urls_seen = downloader.seen
     outcome.new_images = downloader.counted
     outcome.images += downloader.counted
@@ -520,6 +522,7 @@ class StoreDownloader(ImageDownloader):
         self._ranks_taken = 0
         self._finished: dict[int, dict] = {}  # answered ranks waiting for a lower one
         self._stopped = False
+        self.write_error: OutputWriteError | None = None  # raised by _run_crawler in the crawl's own thread
 
     def records_in_rank_order(self) -> list[dict]:
         return list(self._records)
@@ -579,6 +582,11 @@ class StoreDownloader(ImageDownloader):
                       "rank": rank}
         try:
             return self._fetch_and_store(url, provenance, attempts)
+        except OutputWriteError as error:  # the store's disk, not the URL: the job fails once the threads stop
+            self.write_error = self.write_error or error
+            self._stopped = True
+            self.signal.set(reach_max_num=True)
+            return None
         except Exception as error:  # an exception would end this worker thread and strand its queue
             logger.exception("%s: storing %s failed", self.label, url)
             return self.crawl.store.add_failure(provenance, f"download error: {error_text(error)}")

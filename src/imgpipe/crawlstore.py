@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgpipe.files import error_text
+from imgpipe.files import OutputWriteError, error_text, writing
 from imgpipe.fingerprints import file_sha256
 from imgpipe.hashing import format_hash, perceptual_hashes
 from imgpipe.images import IMAGE_EXTENSIONS, inspect_image
@@ -51,6 +51,8 @@ RECORD_FIELDS = (
 ALWAYS = "always"
 # The reason of a body refused for crawl.max_bytes starts so (the crawl writes it, the store reads it).
 TOO_LARGE = "larger than crawl.max_bytes"
+# What a rerun after a failed store write does: the store keeps what it has.
+STORE_RERUN = "the crawl resumes from what the store has"
 _STORED_NAME = re.compile(r"(\d{6,})(\.[a-z0-9]{1,5})?")
 
 
@@ -179,6 +181,7 @@ class ClassStore:
         self._remove_leftovers()
         self._next_seq = 1 + max((_seq_of(name) for name in self._first_record_of), default=-1)
         self._journal = self.journal_path.open("a", encoding="utf-8")
+        self._write_failed: OutputWriteError | None = None
 
     # -- reading what is there
 
@@ -291,10 +294,11 @@ class ClassStore:
 
     def _store_new(self, body: bytes | Path, provenance: dict, sha: str, size: int, seq: int) -> dict:
         part = self.files / f".{seq:06d}.part"
-        if isinstance(body, Path):
-            shutil.copyfile(body, part)
-        else:
-            part.write_bytes(body)
+        with writing(part, STORE_RERUN, partial=part):
+            if isinstance(body, Path):
+                shutil.copyfile(body, part)
+            else:
+                part.write_bytes(body)
         check = inspect_image(part)  # crawl.max_pixels is applied by CrawlLimits.rejection, not here
         described = {**provenance, "bytes": size, "sha256": sha, "status": "ok" if check.ok else "corrupt",
                      "reason": check.reason, "width": check.width, "height": check.height, "format": check.format or ""}
@@ -311,7 +315,8 @@ class ClassStore:
                 hashes = tuple(map(format_hash, perceptual_hashes(part)))
             except Exception as error:  # noqa: BLE001 - decodable but not hashable (odd EXIF): still an image
                 logger.warning("%s: no perceptual hash (%s)", provenance["origin"], error_text(error))
-        os.replace(part, self.files / name)
+        with writing(self.files / name, STORE_RERUN):
+            os.replace(part, self.files / name)
         return self._append({**described, "stored": name, "phash": hashes[0], "phash_center": hashes[1]})
 
     def add_failure(self, provenance: dict, reason: str, final: str = "") -> dict:
@@ -327,32 +332,50 @@ class ClassStore:
             record[key] = record[key] or ""
         line = json.dumps(record, sort_keys=True) + "\n"
         with self._lock:
-            self._journal.write(line)
-            self._journal.flush()
+            if self._write_failed is not None:
+                # a line may be half written: nothing is appended to it (the next run drops a torn last line)
+                raise self._write_failed
+            try:
+                with writing(self.journal_path, STORE_RERUN):
+                    self._journal.write(line)
+                    self._journal.flush()
+            except OutputWriteError as error:
+                self._write_failed = error
+                raise
             self.records.append(record)
             self._index(record)
         return record
 
     def close(self) -> None:
-        with self._lock:
-            self._journal.flush()
-            os.fsync(self._journal.fileno())
-            self._journal.close()
+        with self._lock, writing(self.journal_path, STORE_RERUN):
+            try:
+                if self._write_failed is None:
+                    self._journal.flush()
+                    os.fsync(self._journal.fileno())
+            finally:
+                self._journal.close()
 
     def __enter__(self) -> ClassStore:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except OSError as close_error:  # (a full disk fails the flush again) the error that ended the crawl is the news
+            logger.warning("%s: closing the journal failed too: %s", self.journal_path, error_text(close_error))
 
 
 def link_or_copy(source: Path, target: Path) -> None:
     """Hard-link ``source`` to ``target`` (no second copy on disk), copying where links fail."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
 
 
 def _seq_of(name: str) -> int:

@@ -31,7 +31,7 @@ from imgpipe.boxes import Box, box_on_upright_image, upright_size
 from imgpipe.checkpoints import checkpoint_task, load_trained_model
 from imgpipe.datasets import image_to_chw
 from imgpipe.evaluate import predict_probabilities
-from imgpipe.files import error_text, read_optional_json, walk_files
+from imgpipe.files import error_text, read_optional_json, walk_files, writing
 from imgpipe.images import inspect_image
 from imgpipe.modelcard import CARD_FILE
 from imgpipe.preprocess import prepare_image_with_geometry, resize_image, to_color
@@ -340,7 +340,8 @@ def write_predictions(classifier: Classifier, predictions: Predictions, top_k: i
     else:
         json.dump(prediction_document(classifier, predictions, top_k), buffer, indent=2)
         buffer.write("\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(buffer.getvalue())
-    os.replace(partial, out)
+    with writing(out, partial=partial):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(buffer.getvalue())
+        os.replace(partial, out)

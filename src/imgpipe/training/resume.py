@@ -34,6 +34,7 @@ import torch
 
 from imgpipe.checkpoints import CheckpointError, read_torch_file, save_atomically
 from imgpipe.config import training_settings
+from imgpipe.files import writing
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +137,19 @@ def load_resume_state(work_dir: Path | str, fingerprint: str) -> dict | None:
     return state
 
 
+def rerun_resumes(work_dir: Path | str) -> str:
+    """What a rerun after a failed write (a full disk) does, for the error's message."""
+    return f"training resumes from the last epoch saved in {work_dir}"
+
+
 def save_resume_state(work_dir: Path | str, state: dict) -> None:
-    save_atomically(state, Path(work_dir) / LAST)
+    save_atomically(state, Path(work_dir) / LAST, rerun_resumes(work_dir))
 
 
 def save_best(work_dir: Path | str, epoch: int, payload: dict) -> str:
     """Write the model checkpoint of a new best epoch; returns its file name (for the state)."""
     name = BEST_PATTERN.format(epoch=epoch)
-    save_atomically(payload, Path(work_dir) / name)
+    save_atomically(payload, Path(work_dir) / name, rerun_resumes(work_dir))
     return name
 
 
@@ -157,8 +163,9 @@ def remove_other_best_files(work_dir: Path | str, keep: str) -> None:
 def finish(work_dir: Path | str, best_file: str, checkpoint_path: Path | str) -> None:
     """Copy the best epoch to the job's output (atomically)."""
     partial = Path(checkpoint_path).with_name(f".{Path(checkpoint_path).name}.partial")
-    shutil.copyfile(Path(work_dir) / best_file, partial)
-    partial.replace(checkpoint_path)
+    with writing(checkpoint_path, rerun_resumes(work_dir), partial):
+        shutil.copyfile(Path(work_dir) / best_file, partial)
+        partial.replace(checkpoint_path)
 
 
 def clear(work_dir: Path | str) -> None:
