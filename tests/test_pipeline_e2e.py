@@ -376,4 +376,6 @@ def test_a_crawl_killed_with_its_snakemake_resumes_without_downloading_twice(wor
     assert sorted(server.served) == sorted(bodies), "every image served exactly once, across both runs"
     raw = pd.read_csv(workdir / "results/killed/raw/a.csv", keep_default_na=False)
     assert (raw["status"] == "ok").all() and len(raw) == 6
-    assert sorted(Path(file).name for file in raw["file"]) == [f"{n:06d}.jpg" for n in range(6)]
+    assert [Path(file).name for file in raw["file"]] == [sha[:16] + ".jpg" for sha in raw["sha256"]]
+    store = workdir / "results/killed/crawl-store/a/files"
+    assert sorted(path.name for path in store.iterdir()) == [f"{n:06d}.jpg" for n in range(6)]
