@@ -19,6 +19,18 @@ from imgpipe.hamming import (
     owner_pairs,
 )
 from imgpipe.hashing import format_hash, hash_distance, perceptual_hashes
+from imgpipe.nearmatch import PixelCheck
+
+
+class PixelsAgree(PixelCheck):
+    """For rules tested on made-up hashes of files that do not exist: every candidate's pixels
+    agree, so the hashes alone decide (the pixel test has tests of its own)."""
+
+    def differences(self, first_files, first_regions, second_files, second_regions):
+        return np.zeros(len(first_files), dtype=np.float32)
+
+
+AGREE = PixelsAgree()
 
 
 def distance(a: int, b: int) -> int:
@@ -269,7 +281,7 @@ def test_fast_search_equals_brute_force_on_planted_pairs(seed):
 
 def test_unusable_rows_are_carried_through_with_their_reason():
     raw = manifest(("a.jpg", "cat", "s1"), ("b.jpg", "cat", "", "corrupt"), ("c.jpg", "dog", "", "failed"))
-    fates = decide_fates(raw, {"s1": 1}, near_distance=4)
+    fates = decide_fates(raw, {"s1": 1}, near_distance=4, check=AGREE)
 
     assert fates["file"].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
     assert fates["status"].tolist() == ["kept", "dropped", "dropped"]
@@ -291,10 +303,10 @@ def test_exclude_by_sha_path_and_origin_drops_every_copy():
     phashes = {sha_a: 1, sha_b: 2**40, "s3": 2**50, "s4": 2**60}
     fates = decide_fates(
         raw, phashes, 0, exclude={sha_a.upper(), "./data/y.jpg", "https://bad.example/z.jpg#frag"}
-    )
+    , check=AGREE)
 
     assert fates["reason"].tolist() == ["excluded"] * 4 + [""]
-    assert decide_fates(raw, phashes, 0, exclude={"data/x_copy.jpg"})["reason"].tolist()[:2] == [
+    assert decide_fates(raw, phashes, 0, exclude={"data/x_copy.jpg"}, check=AGREE)["reason"].tolist()[:2] == [
         "excluded",
         "excluded",
     ]
@@ -312,9 +324,9 @@ def test_cross_class_exact_copy_is_dropped_from_both_classes():
 def test_cross_class_near_copy_is_dropped_from_both_classes():
     raw = manifest(("cat1", "cat", "s1"), ("dog1", "dog", "s2"), ("dog2", "dog", "s3"), ("cat2", "cat", "s4"))
     phashes = {"s1": 0b0000, "s2": 0b0111, "s3": 0b1111 << 20, "s4": 0xFF << 40}
-    near = decide_fates(raw, phashes, near_distance=3)
+    near = decide_fates(raw, phashes, near_distance=3, check=AGREE)
     exact_only = decide_fates(raw, phashes, near_distance=0)
-    below = decide_fates(raw, phashes, near_distance=2)
+    below = decide_fates(raw, phashes, near_distance=2, check=AGREE)
 
     assert near["reason"].tolist() == ["cross_class_near", "cross_class_near", "", ""]
     assert near["duplicate_of"].tolist() == ["dog1", "cat1", "", ""]
@@ -325,7 +337,7 @@ def test_cross_class_near_copy_is_dropped_from_both_classes():
 
 def test_exact_duplicates_within_a_class_keep_the_first():
     raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "cat", "s1"), ("d", "cat", "S1"))
-    fates = decide_fates(raw, {"s1": 0, "s2": 2**64 - 1}, near_distance=4)
+    fates = decide_fates(raw, {"s1": 0, "s2": 2**64 - 1}, near_distance=4, check=AGREE)
 
     assert fates["reason"].tolist() == ["", "", "exact_duplicate", "exact_duplicate"]
     assert fates["duplicate_of"].tolist() == ["", "", "a", "a"]
@@ -336,7 +348,7 @@ def test_near_drop_is_greedy_in_manifest_order():
     # a-b and b-c are within 2 bits, a-c is not: b goes, so c has no kept neighbour.
     raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "cat", "s3"), ("d", "cat", "s4"))
     phashes = {"s1": 0b0000, "s2": 0b0011, "s3": 0b1111, "s4": 0b0001}
-    fates = decide_fates(raw, phashes, near_distance=2, near_action="drop")
+    fates = decide_fates(raw, phashes, near_distance=2, near_action="drop", check=AGREE)
 
     assert fates["reason"].tolist() == ["", "near_duplicate", "", "near_duplicate"]
     assert fates["duplicate_of"].tolist() == ["", "a", "", "a"]
@@ -350,7 +362,7 @@ def test_images_with_several_hashes_are_as_near_as_their_nearest_hashes():
     raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "cat", "s3"), ("d", "dog", "s4"))
     phashes = {"s1": (0xFF << 8, 0xF), "s2": (0b0111, 0xFF << 40), "s3": (0xFF << 20, 0xFF << 30),
                "s4": (0xFF << 50, 0xFF << 31)}
-    fates = decide_fates(raw, phashes, near_distance=2)
+    fates = decide_fates(raw, phashes, near_distance=2, check=AGREE)
 
     assert fates["reason"].tolist() == ["", "near_duplicate", "cross_class_near", "cross_class_near"]
     assert fates["duplicate_of"].tolist() == ["", "a", "d", "c"]
@@ -362,7 +374,7 @@ def test_near_drop_leaves_kept_images_pairwise_apart():
     hashes = planted_hashes(seed=5, n_random=60, n_planted=120)
     rows = [(f"f{i}", "cls", f"s{i}") for i in range(len(hashes))]
     phashes = {f"s{i}": int(h) for i, h in enumerate(hashes)}
-    fates = decide_fates(manifest(*rows), phashes, near_distance=6)
+    fates = decide_fates(manifest(*rows), phashes, near_distance=6, check=AGREE)
     kept = [int(hashes[i]) for i in np.nonzero(fates["status"] == "kept")[0]]
 
     assert 0 < fates["reason"].eq("near_duplicate").sum() < len(hashes) - 60
@@ -376,7 +388,7 @@ def test_near_group_keeps_all_and_links_components():
         ("a", "cat", "s1"), ("x", "cat", "s5"), ("b", "cat", "s2"), ("c", "cat", "s3"), ("dog", "dog", "s6")
     )
     phashes = {"s1": 0b0000, "s2": 0b0011, "s3": 0b1111, "s5": 0xFF << 30, "s6": 0b1111 << 50}
-    fates = decide_fates(raw, phashes, near_distance=2, near_action="group")
+    fates = decide_fates(raw, phashes, near_distance=2, near_action="group", check=AGREE)
 
     assert (fates["status"] == "kept").all()
     assert fates["group"].tolist() == ["a", "x", "a", "a", "dog"]
@@ -394,16 +406,16 @@ def test_near_distance_zero_disables_near_checks():
 def test_bad_options_and_inputs_fail_with_the_key():
     raw = manifest(("a", "cat", "s1"))
     with pytest.raises(ValueError, match="near_action"):
-        decide_fates(raw, {"s1": 1}, 2, near_action="merge")
+        decide_fates(raw, {"s1": 1}, 2, near_action="merge", check=AGREE)
     with pytest.raises(ValueError, match="no perceptual hash"):
-        decide_fates(raw, {}, 2)
+        decide_fates(raw, {}, 2, check=AGREE)
     with pytest.raises(ValueError, match="origin"):
-        decide_fates(raw.drop(columns="origin"), {"s1": 1}, 2)
+        decide_fates(raw.drop(columns="origin"), {"s1": 1}, 2, check=AGREE)
 
 
 def test_summary_counts_every_class_and_reason():
     raw = manifest(("a", "cat", "s1"), ("b", "cat", "s1"), ("c", "dog", "", "failed"), ("d", "dog", "s1"))
-    summary = summarize_fates(decide_fates(raw, {"s1": 1}, 0))
+    summary = summarize_fates(decide_fates(raw, {"s1": 1}, 0, check=AGREE))
 
     assert summary["n_images"] == 4 and summary["n_kept"] == 0 and summary["n_dropped"] == 4
     assert summary["kept_cat"] == 0 and summary["kept_dog"] == 0
@@ -527,8 +539,8 @@ def test_read_exclude_list(tmp_path):
 
 def test_a_hash_given_as_a_signed_integer_is_the_same_bits():
     raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"))
-    signed = decide_fates(raw, {"s1": np.int64(-1), "s2": (np.int64(-2), 5)}, near_distance=1)
-    unsigned = decide_fates(raw, {"s1": 2**64 - 1, "s2": (2**64 - 2, 5)}, near_distance=1)
+    signed = decide_fates(raw, {"s1": np.int64(-1), "s2": (np.int64(-2), 5)}, near_distance=1, check=AGREE)
+    unsigned = decide_fates(raw, {"s1": 2**64 - 1, "s2": (2**64 - 2, 5)}, near_distance=1, check=AGREE)
 
     pd.testing.assert_frame_equal(signed, unsigned)
     assert signed["reason"].tolist() == ["", "near_duplicate"] and signed["phash"][0] == "ffffffffffffffff"

@@ -228,6 +228,7 @@ def crawl_class(
     limits: CrawlLimits | None = None,
     target: int | None = None,
     near_distance: int | None = None,
+    near_pixel_difference: float | None = None,
     file_hashes: FileHashCache | None = None,
     feeder_cls=None,
 ) -> tuple[pd.DataFrame, dict]:
@@ -249,8 +250,8 @@ def crawl_class(
 
     started = time.monotonic()
     deadline = started + limits.time_budget_s if limits.time_budget_s else None
-    counter = TargetCounter(target, near_distance if target else None)
     with ClassStore(store_dir) as store:
+        counter = TargetCounter(target, near_distance if target else None, store.files, near_pixel_difference)
         if store.records:
             logger.info("class %r: resuming: %d URLs/files already tried", class_name, len(store.latest))
         crawl = _ClassCrawl(class_name, store, limits, counter, file_hashes or FileHashCache(), deadline, feeder_cls)
@@ -263,7 +264,7 @@ def crawl_class(
             rows.extend({**row, "source": kind, "source_index": index} for row in source_rows)
             logger.info("class %r: sources[%d] done: %s", class_name, index, _count_statuses(rows, limits, index))
         _fail_if_every_engine_is_dead(crawl)
-        rows, final = _capped_at_target(rows, target, near_distance, limits)
+        rows, final = _capped_at_target(rows, counter.fresh(), limits)
         manifest = _materialise(rows, class_name, out_dir, store, limits)
     summary = summarize_crawl(crawl, final, manifest)
     log = logger.info if target is None or final.reached else logger.warning
@@ -607,15 +608,13 @@ def _not_tried(origin: str, crawl: _ClassCrawl) -> dict:
     return {"origin": origin, "status": "skipped", "reason": crawl.not_tried_reason()}
 
 
-def _capped_at_target(rows: list[dict], target: int | None, near_distance: int | None,
-                      limits: CrawlLimits) -> tuple[list[dict], TargetCounter]:
+def _capped_at_target(rows: list[dict], counter: TargetCounter, limits: CrawlLimits) -> tuple[list[dict], TargetCounter]:
     """The rows as the manifest lists them: each URL once (the first time a source named it),
     and everything after the target-th new image ``skipped``.
 
     Downloads run in parallel, so a crawl can end a few images past its target; counting again
     here, in the manifest's order, gives the data a rerun from the store would give.
     """
-    counter = TargetCounter(target, near_distance if target else None)
     listed, capped = set(), []
     for row in rows:
         if row["origin"] in listed:
@@ -623,7 +622,7 @@ def _capped_at_target(rows: list[dict], target: int | None, near_distance: int |
         listed.add(row["origin"])
         if row["status"] != "skipped":
             if counter.reached:
-                row = {**row, "status": "skipped", "reason": f"beyond target {target}"}
+                row = {**row, "status": "skipped", "reason": f"beyond target {counter.target}"}
             else:
                 counter.offer(row, limits)
         capped.append(row)
