@@ -2,24 +2,31 @@
 
 import itertools
 import logging
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 from sklearn.datasets import load_sample_images
 
-from imgpipe.config import read_exclude_list
-from imgpipe.dedupe import decide_fates, dedupe_images, summarize_fates
+from imgpipe.config import load_schema, read_exclude_list
+from imgpipe.crawlstore import CrawlLimits, TargetCounter
+from imgpipe.dedupe import decide_fates, dedupe_images, near_duplicate_warnings, summarize_fates
 from imgpipe.hamming import (
+    group_pairs,
     choose_hamming_method,
     hamming_pairs,
     hamming_pairs_brute_force,
     hamming_pairs_multi_index,
     owner_pairs,
 )
-from imgpipe.hashing import format_hash, hash_distance, perceptual_hashes
-from imgpipe.nearmatch import PixelCheck
+from imgpipe.hashing import format_hash, hash_distance, hash_images, perceptual_hashes
+from imgpipe.lowtexture import SHAPES, distinct, low_texture_set, write_images, write_low_texture_set
+from imgpipe.nearmatch import DEFAULT_PIXEL_DIFFERENCE, PixelCheck, confirm
+
+SCHEMA = Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
 
 class PixelsAgree(PixelCheck):
@@ -303,7 +310,7 @@ def test_exclude_by_sha_path_and_origin_drops_every_copy():
     phashes = {sha_a: 1, sha_b: 2**40, "s3": 2**50, "s4": 2**60}
     fates = decide_fates(
         raw, phashes, 0, exclude={sha_a.upper(), "./data/y.jpg", "https://bad.example/z.jpg#frag"}
-    , check=AGREE)
+    )
 
     assert fates["reason"].tolist() == ["excluded"] * 4 + [""]
     assert decide_fates(raw, phashes, 0, exclude={"data/x_copy.jpg"}, check=AGREE)["reason"].tolist()[:2] == [
@@ -544,3 +551,143 @@ def test_a_hash_given_as_a_signed_integer_is_the_same_bits():
 
     pd.testing.assert_frame_equal(signed, unsigned)
     assert signed["reason"].tolist() == ["", "near_duplicate"] and signed["phash"][0] == "ffffffffffffffff"
+
+
+# ----------------------------------------------- near duplicates confirmed on pixels
+
+
+def default_near_settings() -> tuple[int, float]:
+    """dedupe.near_distance and dedupe.near_pixel_difference as the schema's defaults give them."""
+    dedupe = load_schema(SCHEMA)["properties"]["dedupe"]["properties"]
+    return dedupe["near_distance"]["default"], dedupe["near_pixel_difference"]["default"]
+
+
+@pytest.fixture(scope="module")
+def low_texture(tmp_path_factory):
+    """The generated set of distinct low-texture images (imgpipe.lowtexture) as a crawl manifest."""
+    written = write_low_texture_set(tmp_path_factory.mktemp("low_texture"))
+    return manifest(*[(path, label, f"{k:064x}") for k, (path, label) in enumerate(written)])
+
+
+def test_default_pixel_difference_is_the_schemas():
+    assert default_near_settings()[1] == DEFAULT_PIXEL_DIFFERENCE
+
+
+def test_generated_low_texture_images_are_distinct_by_construction():
+    images = low_texture_set(per_class=40, per_other=10)
+    shapes = [image for image in images if image.family == "shape"]
+
+    assert len(images) == 3 * 40 + 4 * 10 and {image.label for image in images} >= set(SHAPES)
+    assert all(distinct(a, b) for a, b in itertools.combinations(images, 2))
+    first = shapes[0]
+    assert not distinct(first, replace(first, numbers={**first.numbers, "x": first.numbers["x"] + 0.5}))
+    assert distinct(first, replace(first, numbers={**first.numbers, "x": first.numbers["x"] + 1}))
+
+
+def test_no_distinct_low_texture_image_is_dropped_at_the_defaults(low_texture):
+    near_distance, pixel_difference = default_near_settings()
+    fates = dedupe_images(low_texture, near_distance, near_pixel_difference=pixel_difference, threads=2)
+
+    assert len(fates) >= 900
+    assert (fates["status"] == "kept").all(), fates.loc[fates["status"] != "kept", ["file", "reason", "detail"]]
+    # the hashes alone (the old rule) would have dropped many, across the shape classes too
+    by_hashes = summarize_fates(dedupe_images(low_texture, near_distance, near_pixel_difference=255, threads=2))
+    assert by_hashes["dropped_cross_class_near"] > 50 and by_hashes["dropped_near_duplicate"] > 20
+
+
+def test_whole_vs_center_matches_of_distinct_images_are_rejected(low_texture):
+    near_distance, pixel_difference = default_near_settings()
+    files = low_texture["file"].tolist()
+    hashes = np.array(hash_images(files, 2), dtype=np.uint64)
+    pairs = group_pairs(hashes, near_distance)
+    whole = np.bitwise_count(hashes[pairs[:, 0], 0] ^ hashes[pairs[:, 1], 0])
+    through_center = pairs[whole > 2 * near_distance]  # whole pictures far apart: matched via a center hash
+    verdict = confirm(hashes[through_center[:, 0]], hashes[through_center[:, 1]],
+                      [files[a] for a in through_center[:, 0]], [files[b] for b in through_center[:, 1]],
+                      near_distance, PixelCheck(pixel_difference))
+
+    assert len(through_center) >= 20
+    assert not verdict["confirmed"].any()
+    assert (verdict["difference"] > pixel_difference).all()
+
+
+def edited_copies(photo: Image.Image, folder, stem: str) -> list[str]:
+    """The photo as a JPEG and edited copies of it a person calls the same picture."""
+    paths = []
+
+    def save(name, image, **options):
+        paths.append(str(folder / f"{stem}_{name}.jpg"))
+        image.save(paths[-1], **({"quality": 85} | options))
+
+    save("original", photo, quality=90)
+    save("reencode_q50", photo, quality=50)
+    save("resize_half", photo.resize((photo.width // 2, photo.height // 2), Image.Resampling.BICUBIC))
+    save("darker_20pct", ImageEnhance.Brightness(photo).enhance(0.8))
+    save("brighter_20pct", ImageEnhance.Brightness(photo).enhance(1.2))
+    save("crop_5pct", cropped(photo, 0.05))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned; viewers (and imgpipe) turn it back upright
+    save("exif_rotation", photo.transpose(Image.Transpose.ROTATE_90), exif=exif)
+    return paths
+
+
+def test_edited_copies_are_still_near_duplicates_at_the_defaults(tmp_path, photos):
+    near_distance, pixel_difference = default_near_settings()
+    paths = [p for k, photo in enumerate(photos) for p in edited_copies(photo, tmp_path, f"photo{k}")]
+    raw = manifest(*[(path, "cat", f"{k:064x}") for k, path in enumerate(paths)])
+    fates = dedupe_images(raw, near_distance, near_pixel_difference=pixel_difference)
+
+    originals = [p for p in paths if p.endswith("_original.jpg")]
+    assert fates.loc[fates["status"] == "kept", "file"].tolist() == originals
+    copies = fates[fates["status"] == "dropped"]
+    assert (copies["reason"] == "near_duplicate").all()
+    assert [Path(p).name.split("_")[0] for p in copies["duplicate_of"]] == \
+        [Path(p).name.split("_")[0] for p in copies["file"]]
+    assert copies["detail"].str.contains("pixels differ by").all()
+    crop = copies[copies["file"].str.endswith("crop_5pct.jpg")]
+    assert crop["detail"].str.contains("vs center|center vs").all()
+
+
+def test_near_duplicate_warnings_name_the_keys_and_the_contact_sheet():
+    rows = [("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "cat", "s3"), ("d", "dog", "s4"), ("e", "dog", "s5"),
+            ("f", "bird", "s6")] + [(f"g{k}", "bird", f"t{k}") for k in range(10)]
+    # b and c near a (cat loses 2 of 3); e near f across classes; the birds are far apart
+    phashes = {"s1": 0, "s2": 1, "s3": 3, "s4": 2**40 - 1, "s5": 0xFF << 20, "s6": (0xFF << 20) | 1}
+    phashes |= {f"t{k}": (2**64 - 1) >> (6 * k) << (6 * k) for k in range(10)}
+    fates = decide_fates(manifest(*rows), phashes, near_distance=2, check=AGREE)
+    warnings = near_duplicate_warnings(fates)
+
+    assert sorted(warnings) == ["bird", "cat", "dog"]
+    assert "2 of 3 images (67%) dropped as near duplicates" in warnings["cat"]
+    assert "cross_class_near" in warnings["dog"] and "near duplicates of images in another class" in warnings["bird"]
+    for warning in warnings.values():
+        assert "dedupe.near_distance" in warning and "dedupe.near_pixel_difference" in warning
+    assert "review/cat.html" in warnings["cat"]
+    assert near_duplicate_warnings(decide_fates(manifest(*rows), phashes, near_distance=0)) == {}
+
+
+def test_target_counter_counts_distinct_low_texture_images_and_not_edited_copies(tmp_path, photos):
+    near_distance, pixel_difference = default_near_settings()
+    store = tmp_path / "files"
+    store.mkdir()
+    # two distinct shapes whose hashes match (a candidate the pixels reject), and a photo's copies
+    images = {image.name: image for image in low_texture_set(per_class=300, per_other=0)}
+    written = write_images(list(images.values()), tmp_path / "set")
+    hashes = np.array(hash_images([path for path, _ in written], 2), dtype=np.uint64)
+    a, b, _ = group_pairs(hashes, near_distance)[0]
+    copies = edited_copies(photos[0], tmp_path, "photo")
+    offered = [written[a][0], written[b][0], copies[0], copies[2], copies[5]]
+    counter = TargetCounter(target=10, near_distance=near_distance, files=store,
+                            near_pixel_difference=pixel_difference)
+    counted = []
+    for k, path in enumerate(offered):
+        stored = f"{k:06d}{Path(path).suffix}"
+        (store / stored).write_bytes(Path(path).read_bytes())
+        whole, center = perceptual_hashes(store / stored)
+        record = {"status": "ok", "reason": "", "sha256": f"{k:064x}", "stored": stored, "width": 100, "height": 100,
+                  "format": "PNG" if path.endswith(".png") else "JPEG", "bytes": 1,
+                  "phash": format_hash(whole), "phash_center": format_hash(center)}
+        counted.append(counter.offer(record, CrawlLimits()))
+
+    assert counted == [True, True, True, False, False]
+    assert counter.count == 3

@@ -159,6 +159,8 @@ class TargetCounter:
 
     def _near_a_counted_one(self, hashes: np.ndarray, file: str) -> bool:
         known = self._hashes[:len(self._stored)]
+        if not len(known):
+            return False
         bits = np.bitwise_count(known[:, :, None] ^ hashes[None, None, :]).reshape(len(known), -1).min(axis=1)
         candidates = np.flatnonzero(bits <= self.near_distance)
         if not len(candidates):

@@ -43,7 +43,6 @@ MIN_CONTRAST = 64  # gray levels between a foreground and its background
 PLACE_STEP = 0.06  # of the side
 SIZE_STEP = np.log(1.5)
 OTHER_FAMILIES = ("stripes", "gradient_shape", "icons", "scan")
-_LUMA = np.array([0.299, 0.587, 0.114])  # Pillow's convert("L") weights
 
 
 @dataclass(frozen=True)
@@ -76,13 +75,14 @@ def distinct(a: LowTextureImage, b: LowTextureImage) -> bool:
 
 
 def _luma(rgb) -> float:
-    return float(np.dot(rgb, _LUMA))
+    return 0.299 * float(rgb[0]) + 0.587 * float(rgb[1]) + 0.114 * float(rgb[2])
 
 
 def _colour_pair(rng) -> tuple[np.ndarray, np.ndarray]:
     """Two random colours whose gray levels differ by at least MIN_CONTRAST."""
     while True:
-        a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        both = np.floor(rng.random(6) * 256)
+        a, b = both[:3], both[3:]
         if abs(_luma(a) - _luma(b)) >= MIN_CONTRAST:
             return a, b
 
