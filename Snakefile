@@ -3,7 +3,12 @@
 #     snakemake --cores 8 --resources gpu=1
 #     snakemake --cores 8 --resources gpu=1 --configfile config/examples/<experiment>.yaml
 
+import os
+
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
+
+from imgpipe.config import ConfigError, check_config_files
 
 min_version("9.0")
 
@@ -11,6 +16,12 @@ min_version("9.0")
 # A --configfile replaces the default experiment instead of being merged into it
 # (merging would mix the default's classes and models into the other experiment).
 if not workflow.overwrite_configfiles:
+    # Snakemake's loader says only "not valid JSON or YAML": this names the line and column.
+    # (A --configfile is read by Snakemake's command line before this file runs: see README.)
+    try:
+        check_config_files([path for path in ["config/config.yaml"] if os.path.exists(path)])
+    except ConfigError as error:
+        raise WorkflowError(str(error)) from None
 
     configfile: "config/config.yaml"
 
@@ -47,4 +58,5 @@ onsuccess:
 
 onerror:
     write_report_after_failure()
+    mark_unrun_jobs_incomplete()
     end_tracking(success=False)

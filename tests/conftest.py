@@ -121,7 +121,7 @@ def model_settings(**overrides) -> dict:
     from imgpipe.config import load_schema, validate_config
 
     config = {"experiment": "x", "classes": {"a": {"sources": [{"digits": 1}]}, "b": {"sources": [{"digits": 2}]}},
-              "images": {"size": 32}, "models": {"m": {"arch": "simple_cnn", "seed": 5, "device": "cpu", **overrides}}}
+              "images": {"size": 32}, "crawl": {"min_size": 8}, "models": {"m": {"arch": "simple_cnn", "seed": 5, "device": "cpu", **overrides}}}
     return validate_config(config, load_schema(REPO / "workflow/schemas/config.schema.yaml"))["models"]["m"]
 
 
@@ -143,3 +143,48 @@ def chromium() -> str:
         if result.returncode != 0:
             pytest.fail(f"{' '.join(command)} failed: {result.stderr[-2000:]}")
     return shutil.which("chromium")
+
+
+class SmallDisk:
+    """A real, small file system (tmpfs) mounted on a folder, to run out of space or be made
+    read-only for real: what a full or failing disk does to a job cannot be faked by a mock."""
+
+    def __init__(self, path: Path, size: str):
+        import os
+        import subprocess
+
+        if os.geteuid() != 0:
+            pytest.fail("mounting a small tmpfs to fill up needs root: run the tests as root (as CI does)")
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True,
+                       capture_output=True)
+        self.path = path
+
+    def fill(self) -> None:
+        """Write a file until the disk refuses another byte."""
+        import errno
+
+        with open(self.path / "filler", "ab", buffering=0) as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 4096)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC, error
+        assert shutil.disk_usage(self.path).free == 0
+
+    def make_read_only(self) -> None:
+        import subprocess
+
+        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True, capture_output=True)
+
+    def unmount(self) -> None:
+        import subprocess
+
+        subprocess.run(["umount", "-l", str(self.path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> SmallDisk:
+    disk = SmallDisk(tmp_path / "small-disk", "4m")  # room for an MLflow store (about 1 MB)
+    yield disk
+    disk.unmount()

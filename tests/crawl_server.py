@@ -6,6 +6,7 @@ Tests point icrawler's real crawlers at it, so nothing reaches the internet.
 from __future__ import annotations
 
 import io
+import random
 import struct
 import threading
 import time
@@ -31,8 +32,11 @@ class Response:
 class LocalServer:
     """``with LocalServer(routes) as server:`` serves ``routes`` (path -> Response) on 127.0.0.1."""
 
-    def __init__(self, routes: dict[str, Response]):
+    def __init__(self, routes: dict[str, Response], latency_s: float = 0.0):
+        """``latency_s``: each request waits a random time up to that long before its answer
+        (so that parallel downloads finish in another order every run)."""
         self.routes = routes
+        self.latency_s = latency_s
         self.requests: list[str] = []  # every request, in arrival order
         self.served: list[str] = []  # requests whose whole response was written
         server = self
@@ -43,7 +47,7 @@ class LocalServer:
                 response = server.routes.get(self.path.split("?", 1)[0])
                 if response is None:
                     response = Response(b"<html><body>not found</body></html>", "text/html", 404)
-                time.sleep(response.delay_s)
+                time.sleep(response.delay_s + random.uniform(0, server.latency_s))
                 self.send_response(response.status)
                 self.send_header("Content-Type", response.content_type)
                 for name, value in response.headers:

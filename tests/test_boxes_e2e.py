@@ -62,18 +62,19 @@ def test_boxes_follow_the_images_into_the_split_manifest(tmp_path, mlflow_templa
 
     raw = pd.concat(pd.read_csv(workdir / f"results/boxes/raw/{c}.csv") for c in ("csv", "voc"))
     assert len(raw) == 9, "the box CSV and the VOC files are annotations, not images"
-    images = pd.read_csv(workdir / "results/boxes/images/csv.csv").set_index("source_file")
-    boxes = images.set_index(images["path"].str.rsplit("/", n=1).str[-1])
+    images = pd.read_csv(workdir / "results/boxes/images/csv.csv")
+    origin_of = dict(zip(raw["file"], raw["origin"].str.rsplit("/", n=1).str[-1]))
+    boxes = images.set_index(images["source_file"].map(origin_of))  # by the name in the user's folder
     # 100x60 -> center crop 60x60 from x = 20 -> 48x48: the box (20, 10)-(60, 30) -> (0, 10/60)-(40/60, 30/60)
-    assert boxes.loc["000001.png", ["box_x0", "box_y0", "box_x1", "box_y1"]].tolist() == pytest.approx(
+    assert boxes.loc["r1.png", ["box_x0", "box_y0", "box_x1", "box_y1"]].tolist() == pytest.approx(
         [0, 1 / 6, 2 / 3, 0.5], abs=1e-6)
     # r0 is stored 100x60 with EXIF orientation 6 (turned clockwise): upright 60x100, box (30, 20)-(50, 60),
     # crop y 20..80 -> (30, 0)-(50, 40) of 60
-    assert boxes.loc["000000.png", ["box_x0", "box_y0", "box_x1", "box_y1"]].tolist() == pytest.approx(
+    assert boxes.loc["r0.png", ["box_x0", "box_y0", "box_x1", "box_y1"]].tolist() == pytest.approx(
         [0.5, 0, 5 / 6, 2 / 3], abs=1e-6)
-    assert boxes.loc["000004.png", "box_status"] == "invalid"
+    assert boxes.loc["r4.png", "box_status"] == "invalid"
     assert "data/csv/boxes.csv:6: box (20.0, 10.0, 160.0, 30.0) is outside the 100x60 image" in \
-        boxes.loc["000004.png", "box_reason"]
+        boxes.loc["r4.png", "box_reason"]
     log = (workdir / "logs/boxes/preprocess/csv.log").read_text()
     assert "data/csv/boxes.csv:8: expected 5 fields" in log
     assert re.search(r"data/csv/boxes.csv:7: a box for \S*/data/csv/ghost.png, which is not among the class's", log)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,7 +44,14 @@ BLUE_PNG = image_bytes("PNG", (40, 40), (30, 30, 200))
 GREEN_JPEG = image_bytes("JPEG", (64, 48), (30, 200, 30))
 TINY_PNG = image_bytes("PNG", (8, 8), (90, 90, 90))
 TRUNCATED_JPEG = truncated_jpeg()
-FAST = CrawlLimits(timeout_s=2)
+# Every test server listens on 127.0.0.1, which the crawl refuses unless allowed
+LOOPBACK = ("127.0.0.1",)
+FAST = CrawlLimits(timeout_s=2, allow_private_hosts=LOOPBACK)
+
+
+def truncated_jpeg_of(seed: int) -> bytes:
+    whole = distinct_jpeg(seed)
+    return whole[: len(whole) // 2]
 
 
 def sha256(data: bytes) -> str:
@@ -92,8 +100,10 @@ def test_folder_source_imports_verifies_and_rejects(image_folder, tmp_path):
     assert [Path(origin).relative_to(image_folder).as_posix() for origin in manifest.origin] == [
         "a.jpg", "b_nested/blue.PNG", "b_nested/deeper/cut.jpg", "b_nested/icon.png", "b_nested/notes.txt", "c.bmp"]
     assert list(manifest.status) == ["ok", "ok", "corrupt", "rejected", "corrupt", "ok"]
-    assert names(manifest, out_dir) == [
-        "000000.jpg", "000001.png", "rejected/000002.jpg", "rejected/000003.png", "rejected/000004.txt", "000005.bmp"]
+    # named after their content, so thread timing or the store's numbering never reaches a name
+    suffixes = [".jpg", ".png", ".jpg", ".png", None, ".bmp"]  # text is not stored
+    assert names(manifest, out_dir) == [("" if status == "ok" else "rejected/") + sha[:16] + suffix if suffix else ""
+                                        for status, sha, suffix in zip(manifest.status, manifest.sha256, suffixes)]
     assert manifest.reason[2].startswith("truncated or corrupt image data")
     assert manifest.reason[3] == "too small: 8x8 px, below crawl.min_size 32"
     assert manifest.reason[4] == "not an image: text"
@@ -103,11 +113,73 @@ def test_folder_source_imports_verifies_and_rejects(image_folder, tmp_path):
     assert (manifest["class"] == "tank").all() and (manifest.source == "folder").all()
     assert manifest["rank"].tolist() == [1, 2, 3, 4, 5, 6] and (manifest.phash.str.len()[[0, 1, 5]] == 16).all()
     for row in manifest.itertuples():
-        assert sha256(Path(row.file).read_bytes()) == sha256(Path(row.origin).read_bytes()) == row.sha256
+        assert sha256(Path(row.file or row.origin).read_bytes()) == sha256(Path(row.origin).read_bytes()) == row.sha256
         assert row.bytes == Path(row.origin).stat().st_size
+    assert not (out_dir / "rejected" / "000004.txt").exists(), "a file that is not an image is not copied"
     assert (image_folder / "a.jpg").exists()  # imported, not moved
     assert summary["statuses"] == {"ok": 3, "rejected": 1, "corrupt": 2, "failed": 0, "skipped": 0}
     assert summary["outcome"] == "3 new images (no target)"
+
+
+@pytest.fixture
+def linked_folder(tmp_path):
+    """A folder with every kind of link: loops, a link out to a secret, out to images, dangling."""
+    folder, outside = tmp_path / "photos", tmp_path / "outside"
+    (folder / "sub").mkdir(parents=True)
+    (outside / "more").mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(RED_JPEG)
+    (folder / "sub" / "b.png").write_bytes(BLUE_PNG)
+    (outside / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (outside / "more" / "c.jpg").write_bytes(GREEN_JPEG)
+    (folder / "loop").symlink_to(".")
+    (folder / "sub" / "up").symlink_to("..")
+    (folder / "b_again.png").symlink_to("sub/b.png")  # a link that stays inside: followed
+    (folder / "dangling.jpg").symlink_to("nowhere.jpg")
+    (folder / "passwd").symlink_to(outside / "passwd")
+    (folder / "more").symlink_to("../outside/more")
+    os.mkfifo(folder / "pipe")  # reading it would block the crawl for ever
+    return folder
+
+
+def test_folder_links_stay_inside_and_loops_are_walked_once(linked_folder, tmp_path):
+    manifest, summary = crawl("tank", [{"folder": str(linked_folder)}], tmp_path)
+    rows = {Path(origin).relative_to(linked_folder).as_posix(): row for origin, row in
+            zip(manifest.origin, manifest.itertuples())}
+    assert {name: row.status for name, row in rows.items()} == {
+        "a.jpg": "ok", "b_again.png": "ok", "dangling.jpg": "failed", "loop": "skipped", "more": "failed",
+        "passwd": "failed", "pipe": "failed", "sub/b.png": "ok", "sub/up": "skipped"}
+    assert list(rows) == sorted(rows)
+    assert rows["dangling.jpg"].reason == "dangling symbolic link: its target nowhere.jpg does not exist"
+    assert rows["passwd"].reason == (f"symbolic link to {tmp_path / 'outside' / 'passwd'}, outside the folder: not "
+                                     f"followed (set follow_outside_links: true on the folder source to import what "
+                                     f"such links point to)")
+    assert rows["loop"].reason == "a link to a folder already walked (the folder itself): its files are listed once"
+    assert rows["pipe"].reason == "not a regular file (a FIFO, socket or device): not read"
+    assert summary["images"] == 2 and (manifest.file[manifest.status != "ok"] == "").all()
+    secret = (tmp_path / "outside" / "passwd").read_bytes()
+    written = [path for folder in ("out", "store") for path in (tmp_path / folder).rglob("*") if path.is_file()]
+    assert written and not any(path.read_bytes() == secret for path in written)
+
+
+def test_folder_links_out_are_followed_when_asked_and_a_non_image_is_never_copied(linked_folder, tmp_path):
+    manifest, summary = crawl("tank", [{"folder": str(linked_folder), "follow_outside_links": True}], tmp_path)
+    status = dict(zip(manifest.origin.map(lambda origin: Path(origin).relative_to(linked_folder).as_posix()),
+                      manifest.status))
+    assert status["more/c.jpg"] == "ok" and status["passwd"] == "corrupt" and summary["images"] == 3
+    assert (manifest.reason[manifest.origin == str(linked_folder / "passwd")] == "not an image: text").all()
+    secret = (tmp_path / "outside" / "passwd").read_bytes()
+    written = [path for path in (tmp_path / "out").rglob("*")] + list((tmp_path / "store" / "files").iterdir())
+    assert written and not any(path.read_bytes() == secret for path in written if path.is_file())
+
+
+def test_a_url_list_saved_with_a_bom_keeps_its_first_url(tmp_path):
+    url_file = tmp_path / "urls.txt"
+    url_file.write_bytes(b"\xef\xbb\xbfhttp://example.org/a.jpg\r\nhttp://example.org/b.jpg\r\n")
+    assert read_url_list(url_file) == ["http://example.org/a.jpg", "http://example.org/b.jpg"]
+    url_file.write_bytes(b"http://example.org/caf\xe9.jpg\n")
+    with pytest.raises(ValueError, match=r"config key 'classes.tank.sources\[0\].urls': .*urls.txt is not UTF-8 text: "
+                                         r"byte 22 \(line 1\)"):
+        crawl("tank", [{"urls": str(url_file)}], tmp_path)
 
 
 def test_folder_manifest_is_reproducible_and_a_rerun_imports_nothing(image_folder, tmp_path):
@@ -118,10 +190,12 @@ def test_folder_manifest_is_reproducible_and_a_rerun_imports_nothing(image_folde
     assert sorted(p.name for p in (tmp_path / "store" / "files").iterdir()) == store_files
     assert len((tmp_path / "store" / "journal.jsonl").read_text().splitlines()) == 6
 
-    # an edited file is imported again under a new number; the others are not touched
+    # an edited file is imported again (the store's next number) and named after its new content;
+    # the others are not touched
     (image_folder / "a.jpg").write_bytes(GREEN_JPEG)
     third, _ = crawl("tank", [{"folder": str(image_folder)}], tmp_path, "three")
-    assert third.sha256[0] == sha256(GREEN_JPEG) and Path(third.file[0]).name == "000006.jpg"
+    assert third.sha256[0] == sha256(GREEN_JPEG) and Path(third.file[0]).name == sha256(GREEN_JPEG)[:16] + ".jpg"
+    assert "000006.jpg" in {p.name for p in (tmp_path / "store" / "files").iterdir()}
     assert (third.drop(columns=["file", "fetched_at"]).iloc[1:].equals(first.drop(columns=["file", "fetched_at"]).iloc[1:]))
 
 
@@ -252,7 +326,7 @@ def test_urls_source_records_every_url(hostile_server, image_folder, tmp_path, c
                         + "\n".join(listed[5:]) + "\n")
     assert read_url_list(url_file) == listed
 
-    limits = CrawlLimits(timeout_s=1, max_bytes=10**6)
+    limits = CrawlLimits(timeout_s=1, max_bytes=10**6, allow_private_hosts=LOOPBACK)
     with caplog.at_level(logging.INFO, logger="imgpipe.crawl"):
         manifest, summary = crawl("tank", [{"folder": str(image_folder)}, {"urls": str(url_file), "threads": 4}],
                                   tmp_path, limits=limits)
@@ -279,7 +353,7 @@ def test_urls_source_records_every_url(hostile_server, image_folder, tmp_path, c
     assert reasons["/error.jpg"] == "HTTP 500 Internal Server Error"
     assert "timed out" in reasons["/hang.jpg"].lower()
     assert reasons["/drip.jpg"].startswith("too slow: body not complete within crawl.timeout_s (1 s)")
-    assert "TooManyRedirects" in reasons["/loop.jpg"]
+    assert reasons["/loop.jpg"] == f"redirect loop: {server.url('/loop.jpg')} -> {server.url('/loop.jpg')}"
     # provenance of a good one
     red = by_path["/red.jpg"]
     assert (red.http_status, red.bytes, red.content_type, red.sha256) == (200, len(RED_JPEG), "image/jpeg",
@@ -299,12 +373,13 @@ def test_urls_source_records_every_url(hostile_server, image_folder, tmp_path, c
     assert summary["statuses"]["failed"] == 8 and summary["images"] == 3 + 2
 
     # A rerun fetches only what failed for reasons that may pass (5xx, network, time-outs): not the
-    # good ones, not the 404, not the corrupt ones, not the one too large for crawl.max_bytes.
+    # good ones, not the 404, not the corrupt ones, not the one too large for crawl.max_bytes, not
+    # the redirect loop, not the body too slow for crawl.timeout_s.
     before = list(server.requests)
     crawl("tank", [{"folder": str(image_folder)}, {"urls": str(url_file), "threads": 4}], tmp_path, "again",
           limits=limits)
     again = {path.split("?")[0] for path in server.requests[len(before):]}
-    assert again == {"/short-body.jpg", "/error.jpg", "/hang.jpg", "/drip.jpg", "/loop.jpg"}
+    assert again == {"/short-body.jpg", "/error.jpg", "/hang.jpg"}
 
 
 def test_url_list_without_urls_gives_an_empty_manifest(tmp_path):
@@ -321,7 +396,7 @@ from pathlib import Path
 from imgpipe.crawl import crawl_class
 from imgpipe.crawlstore import CrawlLimits
 crawl_class("tank", [{"urls": sys.argv[1], "threads": 1}], Path(sys.argv[2]), sys.argv[3],
-            limits=CrawlLimits(timeout_s=60))
+            limits=CrawlLimits(timeout_s=60, allow_private_hosts=("127.0.0.1",)))
 """
 
 
@@ -356,7 +431,7 @@ def test_a_crawl_killed_with_sigkill_resumes_without_fetching_anything_twice(tmp
     assert server.requests.count("/img5.jpg") == 2  # the one cut off, then whole
     assert (manifest.status == "ok").all() and len(manifest) == 10
     assert [sha256(Path(file).read_bytes()) for file in manifest.file] == [sha256(b) for b in bodies.values()]
-    assert sorted(Path(file).name for file in manifest.file) == [f"{n:06d}.jpg" for n in range(10)]
+    assert sorted(p.name for p in (store / "files").iterdir()) == [f"{n:06d}.jpg" for n in range(10)]
     assert not list((store / "files").glob("*.part")), "no half-written file is left"
     assert summary["images"] == 10
 
@@ -480,6 +555,45 @@ def test_target_goes_through_queries_in_order_and_resumes(tmp_path, caplog):
     assert (manifest.status == "ok").sum() == 10  # the duplicate is there, for dedupe to name
 
 
+def test_a_fresh_crawl_gives_the_same_rows_and_names_whatever_the_thread_timing(tmp_path):
+    # Four threads per source against a server that answers each request after a random wait:
+    # downloads finish in another order every run. Ranks, the stop at a query's max_num and at
+    # the class's target, the rows and the file names must not follow that order.
+    images = [f"/img/{n}.jpg" for n in range(40)]
+    routes = {path: Response(distinct_jpeg(seed)) for seed, path in enumerate(images)}
+    routes["/img/7.jpg"] = Response(routes["/img/3.jpg"].body)  # the same bytes at two URLs
+    del routes["/img/5.jpg"]  # a dead link
+    listed = [f"/img/{n}.jpg" for n in range(25, 40)]
+    url_file = tmp_path / "urls.txt"
+    sources = [{"engine": "bing", "queries": ["tank"], "query_suffixes": ["museum"], "max_num": 8, "threads": 4},
+               {"urls": str(url_file), "threads": 4}]
+    runs = []
+    with LocalServer(routes, latency_s=0.03) as server:
+        server.routes["/search/tank"] = Response(bing_page([server.url(p) for p in images[:14]]), "text/html")
+        server.routes["/search/tank-museum"] = Response(bing_page([server.url(p) for p in images[14:25]]),
+                                                        "text/html")
+        url_file.write_text("".join(server.url(p) + "\n" for p in listed))
+        for run in range(3):
+            manifest, summary = crawl_class("tank", sources, tmp_path / f"out{run}", tmp_path / f"store{run}",
+                                            limits=FAST, target=20, feeder_cls=local_search(server))
+            runs.append((manifest, summary, names(manifest, tmp_path / f"out{run}")))
+    first, first_summary, first_names = runs[0]
+    assert first_summary["outcome"] == "target 20 reached"
+    # each query up to its 8th new image (the dead link and the second copy do not count), the URL
+    # list up to the class's 20th, the rest of the list skipped; ranks are result and line numbers
+    ok = first[first.status != "skipped"]
+    assert ok.groupby(["source_index", "query"], sort=False)["rank"].apply(list).tolist() == [
+        list(range(1, 11)), list(range(1, 9)), [1, 2, 3, 4]]
+    assert list(first.status[:10]).count("failed") == 1
+    assert list(first["rank"][-15:]) == list(range(1, 16)) and (first.status[-11:] == "skipped").all()
+    assert set(first.reason[-11:]) == {"beyond target 20"}
+    for manifest, summary, file_names in runs[1:]:
+        pd.testing.assert_frame_equal(manifest.drop(columns=["file", "fetched_at"]),
+                                      first.drop(columns=["file", "fetched_at"]))
+        assert file_names == first_names
+        assert summary == first_summary
+
+
 def test_a_dead_engine_warns_and_a_class_of_dead_engines_fails(tmp_path, caplog):
     with LocalServer({}) as server:
         server.routes["/search/tank"] = Response(bing_page([]), "text/html")
@@ -506,7 +620,8 @@ def test_greedy_source_crawls_a_site(tmp_path):
         server.routes["/img/a.jpg"] = Response(RED_JPEG)
         server.routes["/img/b.png"] = Response(BLUE_PNG, "image/png")
         server.routes["/img/tiny.png"] = Response(TINY_PNG, "image/png")
-        manifest, summary = crawl("tank", [{"greedy": server.url("/")}], tmp_path, limits=CrawlLimits(timeout_s=1))
+        manifest, summary = crawl("tank", [{"greedy": server.url("/")}], tmp_path,
+                                  limits=CrawlLimits(timeout_s=1, allow_private_hosts=LOOPBACK))
     status = dict(zip(manifest.origin.map(lambda url: url.rsplit("/", 1)[1]), manifest.status))
     assert status == {"a.jpg": "ok", "b.png": "ok", "tiny.png": "rejected"}
     assert (manifest.engine == "greedy").all() and summary["images"] == 2
@@ -519,7 +634,7 @@ def test_time_budget_stops_the_class_and_says_so(tmp_path, caplog):
     with LocalServer(routes) as server:
         url_file = tmp_path / "urls.txt"
         url_file.write_text("\n".join(server.url(path) for path in paths) + "\n")
-        limits = CrawlLimits(timeout_s=5, time_budget_s=1.0)
+        limits = CrawlLimits(timeout_s=5, time_budget_s=1.0, allow_private_hosts=LOOPBACK)
         with caplog.at_level(logging.WARNING, logger="imgpipe.crawl"):
             manifest, summary = crawl("tank", [{"urls": str(url_file), "threads": 1}], tmp_path, limits=limits,
                                       target=8)
@@ -582,8 +697,185 @@ def test_a_greedy_rerun_replays_what_it_fetched(tmp_path):
                                       "text/html")
         server.routes["/a.jpg"] = Response(RED_JPEG)
         server.routes["/b.png"] = Response(BLUE_PNG, "image/png")
-        limits = CrawlLimits(timeout_s=1)
+        limits = CrawlLimits(timeout_s=1, allow_private_hosts=LOOPBACK)
         first, _ = crawl("tank", [{"greedy": server.url("/")}], tmp_path, limits=limits)
         again, summary = crawl("tank", [{"greedy": server.url("/")}], tmp_path, "again", limits=limits)
     assert list(first.status) == list(again.status) == ["ok", "ok"] and summary["images"] == 2
     assert server.requests.count("/a.jpg") == 1
+
+
+# --- hostile sources: what the crawl will not fetch ---------------------------------
+
+
+def test_a_url_list_naming_this_machine_is_refused_unless_allowed(tmp_path):
+    with LocalServer({"/a.jpg": Response(RED_JPEG)}) as server:
+        port = server.httpd.server_port
+        listed = [server.url("/a.jpg"), f"http://localhost:{port}/a.jpg", f"http://2130706433:{port}/a.jpg",
+                  f"http://0x7f.0.0.1:{port}/a.jpg", f"http://[::ffff:127.0.0.1]:{port}/a.jpg",
+                  "file:///etc/passwd", "gopher://127.0.0.1:70/", "ftp://example.test/a.jpg", "not a url"]
+        url_file = tmp_path / "urls.txt"
+        url_file.write_text("\n".join(listed) + "\n")
+        refused, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path, limits=CrawlLimits(timeout_s=2))
+        assert server.requests == [], "nothing reached the server"
+        assert (refused.status == "failed").all() and list(refused.origin) == listed
+        reasons = list(refused.reason)
+        assert reasons[0] == (f"refused: 127.0.0.1 is a loopback address, and the crawl fetches only public addresses "
+                              f"unless crawl.allow_private_hosts names the host (now []); add '127.0.0.1:{port}' "
+                              f"there if this source is yours")
+        for spelling, reason in zip(listed[1:5], reasons[1:5]):
+            host = spelling.split("//")[1].rsplit(":", 1)[0].strip("[]")
+            assert reason.startswith(f"refused: {host} (") and "loopback address" in reason, spelling
+        assert reasons[5] == "unsupported URL scheme 'file': the crawl fetches http and https URLs only"
+        assert reasons[6].startswith("unsupported URL scheme 'gopher'") and reasons[7].startswith(
+            "unsupported URL scheme 'ftp'")
+        assert reasons[8] == "not a URL (no http:// or https://): 'not a url'"
+
+        # final: a rerun asks nothing again, until the key that refused them changes
+        crawl("tank", [{"urls": str(url_file)}], tmp_path, "again", limits=CrawlLimits(timeout_s=2))
+        assert server.requests == []
+        allowed, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path, "allowed",
+                           limits=CrawlLimits(timeout_s=2, allow_private_hosts=(f"127.0.0.1:{port}",)))
+    assert list(allowed.status[:5]) == ["ok"] * 5 and len(server.requests) == 5
+    assert list(allowed.status[5:]) == ["failed"] * 4, "schemes stay refused whatever is allowed"
+
+
+def test_redirects_are_checked_at_every_hop(tmp_path):
+    """A 'public' server (allowed by its port) that redirects to an internal one, to file://, in
+    circles or too often: one request each, recorded as final, the internal server never asked."""
+    with LocalServer({"/secret.jpg": Response(RED_JPEG)}) as internal, LocalServer({}) as public:
+        public.routes.update({
+            "/to-internal.jpg": Response(b"", status=302, headers=(("Location", internal.url("/secret.jpg")),)),
+            "/to-localhost.jpg": Response(b"", status=301, headers=(
+                ("Location", f"http://localhost:{internal.httpd.server_port}/secret.jpg"),)),
+            "/to-file.jpg": Response(b"", status=302, headers=(("Location", "file:///etc/passwd"),)),
+            "/moved.jpg": Response(b"", status=307, headers=(("Location", "/blue.png"),)),
+            "/blue.png": Response(BLUE_PNG, "image/png"),
+            "/ping.jpg": Response(b"", status=302, headers=(("Location", "/pong.jpg"),)),
+            "/pong.jpg": Response(b"", status=302, headers=(("Location", "/ping.jpg"),)),
+            **{f"/hop{n}.jpg": Response(b"", status=302, headers=(("Location", f"/hop{n + 1}.jpg"),))
+               for n in range(12)},
+        })
+        paths = ["/to-internal.jpg", "/to-localhost.jpg", "/to-file.jpg", "/moved.jpg", "/ping.jpg", "/hop0.jpg"]
+        url_file = tmp_path / "urls.txt"
+        url_file.write_text("\n".join(public.url(path) for path in paths) + "\n")
+        limits = CrawlLimits(timeout_s=2, allow_private_hosts=(f"127.0.0.1:{public.httpd.server_port}",))
+        manifest, _ = crawl("tank", [{"urls": str(url_file), "threads": 2}], tmp_path, limits=limits)
+        first = list(public.requests)
+        crawl("tank", [{"urls": str(url_file)}], tmp_path, "again", limits=limits)
+        assert public.requests == first, "every one of them is final"
+    assert internal.requests == []
+    reasons = dict(zip(paths, manifest.reason))
+    assert list(manifest.status) == ["failed", "failed", "failed", "ok", "failed", "failed"]
+    assert reasons["/to-internal.jpg"].startswith(
+        f"redirected to {internal.url('/secret.jpg')}: refused: 127.0.0.1 is a loopback address")
+    assert reasons["/to-localhost.jpg"].startswith("redirected to http://localhost:")
+    assert "refused: localhost (127.0.0.1) is a loopback address" in reasons["/to-localhost.jpg"]
+    assert reasons["/to-file.jpg"] == ("redirected to file:///etc/passwd: unsupported URL scheme 'file': the crawl "
+                                       "fetches http and https URLs only")
+    assert reasons["/ping.jpg"] == "redirect loop: " + " -> ".join(
+        public.url(path) for path in ("/ping.jpg", "/pong.jpg", "/ping.jpg"))
+    assert reasons["/hop0.jpg"].startswith("more than 10 redirects: ")
+    assert manifest.sha256[3] == sha256(BLUE_PNG)
+    assert [first.count(path) for path in paths[:3]] == [1, 1, 1]
+    assert first.count("/ping.jpg") == first.count("/pong.jpg") == 1
+    assert sum(path.startswith("/hop") for path in first) == 11
+
+
+def test_engine_results_and_site_links_to_internal_addresses_are_refused(tmp_path):
+    with LocalServer({"/secret.jpg": Response(RED_JPEG)}) as internal, LocalServer({}) as public:
+        secret = internal.url("/secret.jpg")
+        public.routes["/search/tank"] = Response(bing_page([public.url("/a.jpg"), secret]), "text/html")
+        public.routes["/a.jpg"] = Response(GREEN_JPEG)
+        public.routes["/"] = Response(f'<html><img src="/a.jpg"><img src="{secret}"></html>'.encode(), "text/html")
+        limits = CrawlLimits(timeout_s=1, allow_private_hosts=(f"127.0.0.1:{public.httpd.server_port}",))
+        engine, _ = crawl("tank", [{"engine": "bing"}], tmp_path, feeder_cls=local_search(public), limits=limits)
+        greedy, _ = crawl("tank", [{"greedy": public.url("/")}], tmp_path, "greedy", limits=limits)
+    assert internal.requests == []
+    for manifest in (engine, greedy):
+        assert list(manifest.origin) == [public.url("/a.jpg"), secret]
+        assert list(manifest.status) == ["ok", "failed"]
+        assert manifest.reason[1].startswith("refused: 127.0.0.1 is a loopback address")
+
+
+def test_a_name_that_resolves_elsewhere_when_connecting_is_refused_there(monkeypatch):
+    """DNS rebinding: the name passes the check before the request, then resolves to this
+    machine; the connection checks the address it connects to, so it never gets there."""
+    import socket as socket_module
+
+    import requests
+
+    from imgpipe.netguard import AddressPolicy, RefusedURL
+
+    real_getaddrinfo = socket_module.getaddrinfo
+    answers = iter(["93.184.216.34", "127.0.0.1"])  # public first, then this machine
+
+    def rebinding(host, port, *args, **kwargs):
+        if host == "rebind.test":
+            host = next(answers)
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket_module, "getaddrinfo", rebinding)
+    with LocalServer({"/a.jpg": Response(RED_JPEG)}) as server:
+        policy = AddressPolicy()
+        url = f"http://rebind.test:{server.httpd.server_port}/a.jpg"
+        policy.check_url(url)  # looks public
+        session = requests.Session()
+        session.mount("http://", policy.adapter())
+        with pytest.raises(RefusedURL, match=r"refused: rebind.test \(127.0.0.1\) is a loopback address"):
+            session.get(url, timeout=2)
+    assert server.requests == []
+
+
+def test_deterministic_failures_take_one_request_and_transient_ones_are_tried_again(tmp_path):
+    routes = {
+        "/loop.jpg": Response(b"", status=302, headers=(("Location", "/loop.jpg"),)),
+        "/drip.jpg": Response(distinct_jpeg(7), drip_s=0.2),
+        "/gone.jpg": Response(b"", status=404),
+        "/busy.jpg": Response(b"", status=429),
+        "/error.jpg": Response(b"oops", "text/plain", 500),
+        "/cut.jpg": Response(GREEN_JPEG, declared_length=len(GREEN_JPEG) + 1000),
+    }
+    with LocalServer(routes) as server:
+        url_file = tmp_path / "urls.txt"
+        url_file.write_text("\n".join(server.url(path) for path in routes) + "\n")
+        limits = CrawlLimits(timeout_s=1, allow_private_hosts=LOOPBACK)
+        manifest, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path, limits=limits)
+        first = Counter(server.requests)
+        assert (manifest.status == "failed").all()
+        assert first == {"/loop.jpg": 1, "/drip.jpg": 1, "/gone.jpg": 1, "/busy.jpg": 1, "/error.jpg": 1,
+                         "/cut.jpg": 3}, "5xx and 429 are answers (tried again next run), a cut body is retried"
+
+        crawl("tank", [{"urls": str(url_file)}], tmp_path, "again", limits=limits)
+        again = Counter(server.requests) - first
+        assert again == {"/busy.jpg": 1, "/error.jpg": 1, "/cut.jpg": 3}
+
+        # a body too slow for crawl.timeout_s is final while the limit stays; raised, it is tried again
+        before = Counter(server.requests)
+        crawl("tank", [{"urls": str(url_file)}], tmp_path, "patient",
+              limits=CrawlLimits(timeout_s=5, allow_private_hosts=LOOPBACK))
+        assert (Counter(server.requests) - before)["/drip.jpg"] == 1
+
+
+def test_nothing_from_a_url_reaches_a_file_name(tmp_path):
+    """Stored names are a number and the extension of the format Pillow found; a body that is
+    not an image is not kept at all, whatever its URL calls it."""
+    hostile = ["/..%2F..%2Fevil.sh", "/a/..%2F..%2F..%2Fetc/cron.d/x.jpg", "/" + "n" * 250 + ".jpeg",
+               "/odd%00name%0A.p;ng?file=../../x.png", "/dots.../.htaccess", "/q.php?name=../../../x.jpg"]
+    with LocalServer({}) as server:
+        for number, path in enumerate(hostile):
+            route = path.split("?", 1)[0]
+            server.routes[route] = Response(HTML_PAGE + path.encode(), "text/html")
+            server.routes[route + ".cut"] = Response(truncated_jpeg_of(number))  # an image, broken
+        server.routes["/img.jpg"] = Response(RED_JPEG)
+        urls = [server.url(path) for path in hostile] + [server.url(path.split("?", 1)[0] + ".cut") for path in hostile]
+        url_file = tmp_path / "urls.txt"
+        url_file.write_text("\n".join([*urls, server.url("/img.jpg")]) + "\n")
+        manifest, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path)
+    assert list(manifest.status) == ["corrupt"] * 12 + ["ok"]
+    assert (manifest.file[:6] == "").all() and (manifest.reason[:6] == "not an image: an HTML page").all()
+    written = sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*") if path.is_file())
+    results = {path for path in written if path.startswith("out/")}
+    assert results == {Path(file).relative_to(tmp_path).as_posix() for file in manifest.file[6:]}
+    assert all(re.fullmatch(r"out/(rejected/)?[0-9a-f]{16}\.jpg", path) for path in results)
+    stored = set(written) - results - {"urls.txt", "store/journal.jsonl"}
+    assert len(stored) == 7 and all(re.fullmatch(r"store/files/\d{6}\.jpg", path) for path in stored)

@@ -13,7 +13,7 @@ from sklearn.datasets import load_sample_images
 
 from imgpipe.config import load_schema, read_exclude_list
 from imgpipe.crawlstore import CrawlLimits, TargetCounter
-from imgpipe.dedupe import decide_fates, dedupe_images, near_duplicate_warnings, summarize_fates
+from imgpipe.dedupe import decide_fates, dedupe_images, located_exclusions, near_duplicate_warnings, summarize_fates
 from imgpipe.hamming import (
     group_pairs,
     choose_hamming_method,
@@ -542,6 +542,38 @@ def test_read_exclude_list(tmp_path):
     }
     with pytest.raises(FileNotFoundError, match="missing.txt.*dedupe.exclude"):
         read_exclude_list(tmp_path / "missing.txt")
+
+
+def test_an_exclusion_list_saved_with_a_bom_keeps_its_first_entry(tmp_path):
+    path = tmp_path / "exclude.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{'ab' * 32}  # watermark\n".encode())
+    assert read_exclude_list(path) == {"ab" * 32: "watermark"}
+
+
+def test_an_exclusion_list_that_is_not_utf8_names_key_file_and_byte(tmp_path):
+    path = tmp_path / "exclude.txt"
+    path.write_bytes(f"{'ab' * 32}\n".encode() + "https://example.org/caf\u00e9.jpg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"config key 'dedupe.exclude': .*exclude.txt is not UTF-8 text: byte 88 "
+                                         r"\(line 2\) is b'\\xe9'. Save the file as UTF-8"):
+        read_exclude_list(path)
+
+
+def test_exclusion_entries_that_name_nothing_are_warned_about_with_their_line(tmp_path, caplog):
+    sha_a = "a" * 64
+    raw = manifest(("data/x.jpg", "cat", sha_a), ("data/gone.jpg", "cat", "", "failed", "https://example.org/gone"))
+    path = tmp_path / "exclude.txt"
+    path.write_text(f"# why\n{sha_a}\ndata/typo.jpg  # a stray letter\n\nhttps://example.org/gone\n{'c' * 64}\n")
+    exclude = located_exclusions(sorted(read_exclude_list(path)), str(path))
+    with caplog.at_level(logging.WARNING, logger="imgpipe.dedupe"):
+        fates = decide_fates(raw, {sha_a: 1}, 0, exclude=exclude)
+    assert fates["reason"].tolist() == ["excluded", "failed"]
+    warned = [record.getMessage() for record in caplog.records]
+    assert warned == [
+        f"exclusion entry {'c' * 64!r} (dedupe.exclude {path} line 6) names no row of the crawl manifests (neither a "
+        f"sha256, a file nor a URL or path the crawl got): check it for a typo, or remove it",
+        f"exclusion entry 'data/typo.jpg' (dedupe.exclude {path} line 3) names no row of the crawl manifests (neither "
+        f"a sha256, a file nor a URL or path the crawl got): check it for a typo, or remove it",
+    ]  # the URL that failed is named by a row: not warned about
 
 
 def test_a_hash_given_as_a_signed_integer_is_the_same_bits():

@@ -114,7 +114,7 @@ def test_boxes_required_says_which_classes_it_leaves_out(shapes_manifest, tmp_pa
     manifest.to_csv(path, index=False)
     config = {"experiment": "e", "classes": {"bright": {"sources": [{"synthetic": {"digit": 1}}]},
                                              "dark": {"sources": [{"digits": 2}]}},
-              "models": {"m": {"arch": "simple_cnn", "task": "localize", "boxes_required": True, "epochs": 1}}}
+              "crawl": {"min_size": 8}, "models": {"m": {"arch": "simple_cnn", "task": "localize", "boxes_required": True, "epochs": 1}}}
     settings = validate_config(config, load_schema(REPO / "workflow/schemas/config.schema.yaml"))["models"]["m"]
     image = {"size": 32, "color": "grayscale", "resize": "stretch", "pad_color": "black"}
     job = TrainingJob("m", settings, image, path, tmp_path / "m" / "resume", tmp_path / "m" / "model.pt",

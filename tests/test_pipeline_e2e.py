@@ -243,6 +243,7 @@ def test_urls_experiment_downloads_through_icrawler(workdir):
             "classes": {"bright": {"sources": [{"urls": "bright.txt"}]},
                         "dark": {"sources": [{"urls": "dark.txt"}]}},
             "images": {"size": 32},
+            "crawl": {"allow_private_hosts": ["127.0.0.1"]},  # the test's server
             "dedupe": {"near_distance": 10, "near_action": "group"},
             "models": {"cnn": {"arch": "simple_cnn", "epochs": 1}},
         })
@@ -350,6 +351,7 @@ def test_a_crawl_killed_with_its_snakemake_resumes_without_downloading_twice(wor
         write_config(workdir, {
             "experiment": "killed",
             "classes": {kind: {"sources": [{"urls": f"{kind}.txt", "threads": 1}]} for kind in ("a", "b")},
+            "crawl": {"allow_private_hosts": ["127.0.0.1"]},  # the test's server
             "models": {"cnn": {"arch": "simple_cnn", "epochs": 1}},
         })
         command = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile",

@@ -219,6 +219,7 @@ def predict_config(tmp_path, predict: dict | None = None, models: dict | None = 
     (tmp_path / "new").mkdir(exist_ok=True)
     config = {"experiment": "pets",
               "classes": {"cat": {"sources": [{"digits": 1}]}, "dog": {"sources": [{"digits": 2}]}},
+              "crawl": {"min_size": 8},  # the digits are 8x8
               "models": models or {"cnn": {"arch": "simple_cnn"}, "cnn2": {"arch": "simple_cnn", "lr": 0.01}}}
     if predict is not None:
         config["predict"] = predict

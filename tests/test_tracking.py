@@ -189,6 +189,36 @@ def test_only_runs_of_ended_owners_on_this_host_are_marked(mlflow_uri, ended_pro
     assert mark_abandoned_runs(client, experiment_id) == []  # nothing twice
 
 
+def test_a_failed_model_job_leaves_its_error_on_its_run(mlflow_uri):
+    with pytest.raises(ValueError):
+        with job_run("cnn", tags={"imgpipe.stage": "model"}) as run:
+            raise ValueError("no space for the checkpoint")
+    run = MlflowClient().get_run(run.info.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["imgpipe.error"] == "ValueError: no space for the checkpoint"
+
+
+def test_a_failed_invocation_marks_failed_the_runs_its_failed_jobs_left_open(mlflow_uri, ended_process):
+    # A train job on a full disk cannot close its run (the store is on that disk too); Snakemake
+    # saw the job fail, so its invocation, ending, closes the run FAILED, not the next one KILLED.
+    parent_id = start_invocation(None, "pets", {"experiment": "pets"})
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    ended_pid, ended_started = ended_process
+    owner = owner_tags(ended_pid) | {"imgpipe.pid_started": ended_started}
+    this_invocation = create_owned_run(client, experiment_id, "cnn", owner | {"imgpipe.invocation": parent_id})
+    resumed_by_it = create_owned_run(client, experiment_id, "resnet", owner | {
+        "imgpipe.invocation": "an earlier one", "imgpipe.last_invocation": parent_id})
+    another_invocation = create_owned_run(client, experiment_id, "vit", owner | {"imgpipe.invocation": "another"})
+    end_invocation(success=False)
+    assert client.get_run(parent_id).info.status == "FAILED"
+    for run_id in (this_invocation, resumed_by_it):
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED"
+        assert run.data.tags["imgpipe.abandoned"].startswith(f"process {ended_pid} ")
+    assert client.get_run(another_invocation).info.status == "RUNNING"  # the next invocation marks it KILLED
+
+
 def test_a_reused_pid_is_not_mistaken_for_the_owner(mlflow_uri):
     client = MlflowClient()
     experiment_id = client.create_experiment("pets")

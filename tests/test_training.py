@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -304,3 +305,40 @@ def test_learning_rate_schedules():
     assert restart(0) == restart(20) == pytest.approx(1.0)  # the schedule restarts when the backbone unfreezes
     assert restart(19) < 0.01
     assert plan_phases(staged) == [Phase(1, 2, True), Phase(3, 2, False)]
+
+
+def test_the_resume_guard_covers_every_imgpipe_module_that_training_imports():
+    """A change to any module training runs (the localiser's loss in localize.py, too) discards a
+    resume state rather than mixing two versions of the code in one run."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    entry_points = ", ".join(resume.TRAINING_ENTRY_POINTS)
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"import sys, {entry_points}\n"
+                               "print('\\n'.join(m.__file__ for n, m in sorted(sys.modules.items())"
+                               " if n.split('.')[0] == 'imgpipe' and getattr(m, '__file__', None)))"],
+        capture_output=True, text=True, check=True).stdout.split()
+    covered = set(resume.training_code_files())
+    assert loaded and {Path(path).resolve() for path in loaded} <= covered
+    package = REPO / "src" / "imgpipe"
+    assert {package / "localize.py", package / "training" / "loop.py", package / "models.py"} <= covered
+
+
+def test_the_resume_guard_follows_imports_inside_functions_and_relative_ones(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "entry.py").write_text("import os\nfrom pkg.sub import helper\n\ndef run():\n    from . import lazy\n")
+    (package / "sub" / "helper.py").write_text("from .. import shared\nfrom pkg.shared import NAME\n")
+    (package / "lazy.py").write_text("import pkg.deep.er\n")
+    (package / "shared.py").write_text("NAME = 1\n")
+    (package / "unused.py").write_text("")
+    (package / "deep").mkdir()
+    (package / "deep" / "er.py").write_text("")  # a namespace folder without __init__.py
+    files = resume.imported_package_files(["pkg.entry"], package)
+    assert [path.relative_to(package).as_posix() for path in files] == [
+        "__init__.py", "deep/er.py", "entry.py", "lazy.py", "shared.py", "sub/__init__.py", "sub/helper.py"]

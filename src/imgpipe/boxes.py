@@ -238,7 +238,7 @@ class SourceBoxes:
 def source_boxes(sources: list[dict]) -> SourceBoxes:
     """The boxes a class's sources give: folder sources that declare them (`boxes`: a CSV or
     'voc'; a CSV's `file` is relative to the folder, or absolute) and synthetic ones (exact)."""
-    from imgpipe.files import walk_files
+    from imgpipe.files import FOLLOW_KEY, walk_files
 
     found = SourceBoxes({}, {}, [])
     for source in sources:
@@ -252,7 +252,7 @@ def source_boxes(sources: list[dict]) -> SourceBoxes:
             continue
         folder = Path(source["folder"])
         if declared == VOC:
-            for path in walk_files(folder):
+            for path in walk_files(folder, source.get(FOLLOW_KEY, False)):
                 annotation = path.with_suffix(".xml")
                 if path.suffix.lower() == ".xml" or not annotation.is_file():
                     continue  # an image without an XML file is reported as missing when preprocessed

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from imgpipe.config import model_setting
-from imgpipe.files import error_text
+from imgpipe.files import error_text, writing
 
 # The keys of an imgpipe model.pt that rebuild the network (see `model_build_spec`).
 BUILD_KEYS = ("arch", "truncate", "head_hidden", "head_dropout")
@@ -108,13 +108,18 @@ def load_trained_model(checkpoint_path: Path | str, device: torch.device | str =
     return model.to(device).eval(), checkpoint
 
 
-def save_atomically(payload: Any, path: Path | str) -> None:
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`."""
+def save_atomically(payload: Any, path: Path | str, then: str = "") -> None:
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`.
+
+    A failed write (torch says "unexpected pos 29760 vs 29712" on a full disk) raises an
+    OutputWriteError that names the cause and `path`, and what to do (`then`: what a rerun does).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    partial.replace(path)
+    with writing(path, then, partial):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        partial.replace(path)

@@ -20,7 +20,7 @@ import jsonschema
 import yaml
 
 from imgpipe.boxes import BoxError, is_box_annotation, read_box_csv_header
-from imgpipe.files import error_text, walk_files
+from imgpipe.files import FOLLOW_KEY, error_text, read_list_entries, walk_files
 from imgpipe.fingerprints import FileHashCache, content_fingerprint
 from imgpipe.sweeps import SweepError, expand_sweeps
 
@@ -102,7 +102,33 @@ def _schema_error_message(error: jsonschema.ValidationError) -> str:
     best = jsonschema.exceptions.best_match([error])
     if best.context:
         best = _intended_branch_error(best)
+    if best.validator == "additionalProperties" and best.validator_value is False and isinstance(best.instance, dict):
+        return _unknown_keys_message(best)
     return f"config key '{key_path(best.absolute_path)}': {best.message}{_number_as_text_hint(best)}"
+
+
+def _unknown_keys_message(error: jsonschema.ValidationError) -> str:
+    """"unknown key 'model'; did you mean 'models'?" instead of jsonschema's "does not match any
+    of the regexes: '^x-'" or "Additional properties are not allowed", at every level."""
+    known = list(error.schema.get("properties", {}))
+    patterns = list(error.schema.get("patternProperties", {}))
+    unknown = [key for key in error.instance
+               if key not in known and not any(re.search(pattern, str(key)) for pattern in patterns)]
+    anchors = " (or an x-... key for YAML anchors)" if "^x-" in patterns else ""
+    return "; ".join(
+        f"config key '{key_path([*error.absolute_path, key])}': unknown key '{key}'"
+        + (did_you_mean(str(key), known) or f"; the keys here are {', '.join(sorted(known))}{anchors}")
+        for key in unknown)
+
+
+def did_you_mean(name: str, choices) -> str:
+    """"; did you mean 'x'?" for the closest of `choices` (a typo, or a part of the name: 'uri' for
+    'tracking_uri'), or "" when none is close."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if not close and len(name) >= 3:
+        close = [choice for choice in choices if name.lower() in choice.lower()][:2]
+    return f"; did you mean {' or '.join(repr(choice) for choice in close)}?" if close else ""
 
 
 def _intended_branch_error(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
@@ -128,7 +154,9 @@ def _intended_branch_error(error: jsonschema.ValidationError) -> jsonschema.Vali
     if not meant and isinstance(error.instance, dict):
         # Each branch's first required key names its kind (folder, digits, engine, urls).
         required = sorted({e.schema["required"][0] for e in error.context if e.validator == "required"})
-        error.message = f"needs one of the keys {', '.join(required)} (got {', '.join(error.instance) or 'none'})"
+        hint = next(filter(None, (did_you_mean(str(key), required) for key in error.instance)), "")
+        got = ", ".join(map(str, error.instance)) or "none"
+        error.message = f"needs one of the keys {', '.join(required)} (got {got}){hint}"
         return error
     return jsonschema.exceptions.best_match(error.context)
 
@@ -168,7 +196,7 @@ def find_duplicate_keys(yaml_path: Path | str) -> list[str]:
         return loader.construct_mapping(node, deep=deep)
 
     StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    with open(yaml_path) as handle:
+    with open(yaml_path, encoding="utf-8") as handle:  # as Snakemake reads it (PyYAML skips a BOM)
         yaml.load(handle, Loader=StrictLoader)
     return duplicates
 
@@ -196,7 +224,7 @@ def torchvision_classification_models() -> set[str]:
     return names
 
 
-def _check_sources(config: dict, base_dir: Path) -> None:
+def _check_sources(config: dict, base_dir: Path, thorough: bool) -> None:
     for class_name, spec in config["classes"].items():
         for index, source in enumerate(spec["sources"]):
             for kind, is_right_type, wanted in (("folder", Path.is_dir, "a folder"), ("urls", Path.is_file, "a file")):
@@ -211,8 +239,10 @@ def _check_sources(config: dict, base_dir: Path) -> None:
                     )
                 if not is_right_type(path):
                     raise ConfigError(f"config key '{key}': '{source[kind]}' is not {wanted}")
-                if kind == "folder" and not any(walk_files(path)):
+                if kind == "folder" and not walk_files(path, source.get(FOLLOW_KEY, False)):
                     raise ConfigError(f"config key '{key}': the folder '{source[kind]}' holds no files")
+                if kind == "urls" and thorough:
+                    _check_url_list(key, path)
             if source.get("boxes") not in (None, "voc"):
                 boxes = base_dir / source["boxes"]
                 if not boxes.is_file():
@@ -224,8 +254,142 @@ def _check_sources(config: dict, base_dir: Path) -> None:
                     f"config key 'classes.{class_name}.sources[{index}].api_key': flickr needs an API key "
                     f"(in the source, or in the FLICKR_API_KEY environment variable)"
                 )
-            if source.get("engine") in ("bing", "baidu", "google") and source.get("filters"):
+            if source.get("engine") in ("bing", "baidu", "google") and source.get("filters") and thorough:
                 _check_engine_filters(f"classes.{class_name}.sources[{index}].filters", source)
+
+
+def _check_url_list(key: str, path: Path) -> None:
+    """A URL list that lists nothing would crawl nothing and fail only at the split, a stage later."""
+    from imgpipe.crawl import read_url_list  # icrawler and pandas: only configs with URL lists pay them
+
+    try:
+        urls = read_url_list(path, key)
+    except OSError as error:
+        raise ConfigError(f"config key '{key}': cannot read '{path}': {error_text(error)}") from None
+    except ValueError as error:  # not UTF-8: the message names the key, the byte and its line
+        raise ConfigError(str(error)) from None
+    if not urls:
+        raise ConfigError(f"config key '{key}': '{path}' lists no URL (only blank lines and # comments); "
+                          f"add image URLs, one a line, or remove the source")
+
+
+def _source_identities(class_name: str, source: dict, base_dir: Path) -> list[tuple[tuple, str, str]]:
+    """(identity, key, what) for each thing a source takes its images from: two sources of different
+    classes with one identity would label the same images twice."""
+    from urllib.parse import urlsplit
+
+    from imgpipe import synthetic
+
+    if "folder" in source or "urls" in source:
+        kind = "folder" if "folder" in source else "urls"
+        path = (base_dir / source[kind]).resolve()
+        return [((kind, path), kind, f"the {'folder' if kind == 'folder' else 'URL list'} {path}")]
+    if "digits" in source:
+        return [(("digits", source["digits"]), "digits", f"scikit-learn's digit {source['digits']}")]
+    if "synthetic" in source:
+        chosen = synthetic.settings(source)
+        return [(("synthetic", tuple(sorted(chosen.items()))), "synthetic", f"the synthetic images {chosen}")]
+    if "greedy" in source:
+        site = urlsplit(source["greedy"]).netloc.lower()  # the crawler follows every link inside the site
+        return [(("greedy", site), "greedy", f"the site {site}")]
+    if "engine" in source:
+        from imgpipe.crawl import engine_queries
+
+        return [(("engine", source["engine"], " ".join(query.lower().split())), "queries",
+                 f"the {source['engine']} query '{query}'") for query in engine_queries(class_name, source)]
+    return []
+
+
+def _check_sources_belong_to_one_class(config: dict, base_dir: Path) -> None:
+    """One folder, URL list, digit, synthetic set, engine query or site in two classes gives the
+    same images two labels (dedupe then drops them as cross_class); a folder inside another's too."""
+    seen: dict[tuple, tuple[str, str]] = {}
+    folders: list[tuple[Path, str, str]] = []
+    for class_name, spec in config["classes"].items():
+        for index, source in enumerate(spec["sources"]):
+            for identity, kind, what in _source_identities(class_name, source, base_dir):
+                key = f"classes.{class_name}.sources[{index}].{kind}"
+                earlier_class, earlier_key = seen.setdefault(identity, (class_name, key))
+                if earlier_class != class_name:
+                    raise ConfigError(f"config keys '{earlier_key}' and '{key}' both name {what}: its images would "
+                                      f"be labelled both {earlier_class} and {class_name}; keep it in one class")
+                if kind == "folder":
+                    folder = identity[1]
+                    for other, other_class, other_key in folders:
+                        if other_class != class_name and (folder.is_relative_to(other) or other.is_relative_to(folder)):
+                            inner, outer = (key, other_key) if folder.is_relative_to(other) else (other_key, key)
+                            raise ConfigError(f"config key '{inner}' is a folder inside the folder of '{outer}': its "
+                                              f"images would be labelled both {other_class} and {class_name}; "
+                                              f"keep them in one class")
+                    folders.append((folder, class_name, key))
+
+
+def _check_names_differ_beyond_case(config: dict, keys: ModelKeys) -> None:
+    """Class, model and predict-folder names become folder names: 'Cat' and 'cat' are one folder on
+    case-insensitive file systems (macOS, Windows) and read as one name in a report."""
+    sections = {"classes": config["classes"], "models": config["models"],
+                "predict.folders": config["predict"]["folders"]}
+    for section, entries in sections.items():
+        by_folded: dict[str, str] = {}
+        for name in entries:
+            other = by_folded.setdefault(name.casefold(), name)
+            if other != name:
+                where = keys.quoted if section == "models" else (lambda entry: f"'{section}.{entry}'")
+                raise ConfigError(f"config keys {where(other)} and {where(name)} differ only in case: they "
+                                  f"would share one folder on case-insensitive file systems (macOS, Windows) "
+                                  f"and read as one in reports; rename one")
+
+
+def _check_crawl_format_names(config: dict) -> None:
+    """crawl.formats are Pillow's names, in any case ('jpeg' is JPEG, as CrawlLimits reads them); a
+    name Pillow never reports (JPG, TIF) would reject every image of that kind: refused with the
+    name meant."""
+    from PIL import Image
+
+    Image.init()
+    # The format names Pillow reports for the files it opens; MPO (phone JPEGs holding several
+    # pictures) comes from the JPEG opener, so it has no opener of its own.
+    readable = set(Image.OPEN) | {"MPO"}
+    by_extension = Image.registered_extensions()  # '.jpg' -> 'JPEG'
+    formats = config["crawl"]["formats"]
+    for index, name in enumerate(formats):
+        if name.upper() in readable:
+            continue
+        meant = by_extension.get(f".{name.lower()}")
+        hint = f"; did you mean '{meant}'? (.{name.lower()} files are {meant})" if meant else did_you_mean(
+            name.upper(), readable)
+        raise ConfigError(f"config key 'crawl.formats[{index}]': '{name}' is not a format name of Pillow, which "
+                          f"names the format it reads in a file{hint}; known: {', '.join(sorted(readable))}")
+
+
+DIGITS_SIDE = 8  # scikit-learn's handwritten digits are 8x8 pixels
+
+
+def _check_builtin_sources_pass_crawl_limits(config: dict) -> None:
+    """Digits (8x8) and synthetic images (canvas x canvas) are PNGs of a known size: a crawl limit
+    that refuses them all would only show at the split, after crawl, dedupe and preprocess ran."""
+    from imgpipe.crawlstore import CrawlLimits
+
+    limits = CrawlLimits.from_config(config["crawl"])
+    for class_name, spec in config["classes"].items():
+        for index, source in enumerate(spec["sources"]):
+            if "digits" in source:
+                side, what = DIGITS_SIDE, "scikit-learn's digits"
+            elif "synthetic" in source:
+                from imgpipe import synthetic
+
+                side, what = synthetic.settings(source)["canvas"], "its synthetic canvas"
+            else:
+                continue
+            reason = limits.rejection({"width": side, "height": side, "format": "PNG"})
+            if not reason:
+                continue
+            limit = re.search(r"crawl\.(\w+)", reason).group(1)
+            fix = {"min_size": f"set crawl.min_size: {side} (or less; config/config.yaml sets 8 for its digits)",
+                   "max_pixels": f"set crawl.max_pixels: {side * side} (or more)",
+                   "formats": "add PNG to crawl.formats"}.get(limit, f"change crawl.{limit}")
+            raise ConfigError(f"config key 'crawl.{limit}': rejects every image of classes.{class_name}.sources"
+                              f"[{index}] ({what}: {side}x{side} px PNG; {reason}); {fix}")
 
 
 def check_box_csv_header(path: Path) -> None:
@@ -263,20 +427,31 @@ def read_exclude_list(path: str | os.PathLike) -> dict[str, str]:
         raise FileNotFoundError(
             f"exclusion list {path} not found (config key dedupe.exclude): create it, or remove the key"
         )
-    entries = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        parts = re.split(r"(?:^|\s)#", line, maxsplit=1)
-        entry, comment = parts[0].strip(), (parts[1].strip() if len(parts) > 1 else "")
-        if entry:
-            entries[entry] = comment
-    return entries
+    try:
+        return {entry: comment for _, entry, comment in read_list_entries(path, "dedupe.exclude")}
+    except ValueError as error:  # not UTF-8
+        raise ConfigError(str(error)) from None
 
+
+def _check_crawl(config: dict) -> None:
+    # (no schema default: configs written before the key existed keep their crawl params)
+    allowed = config["crawl"].get("allow_private_hosts")
+    if allowed:
+        from imgpipe.netguard import parse_allowed  # imports requests: only configs that need it pay
+
+        for entry in allowed:
+            try:
+                parse_allowed(entry)
+            except ValueError as error:
+                raise ConfigError(f"config key {error}") from None
 
 
 def _check_dedupe(config: dict, base_dir: Path) -> None:
     exclude = config["dedupe"]["exclude"]
     if exclude and not (base_dir / exclude).is_file():
         raise ConfigError(f"config key 'dedupe.exclude': '{exclude}' is not a file")
+    if exclude:
+        read_exclude_list(base_dir / exclude)
 
 
 def _check_split(config: dict) -> None:
@@ -297,9 +472,11 @@ class ModelKeys:
         self.origins = origins
 
     def __call__(self, model_name: str, key: str | None = None) -> str:
+        return f"config key {self.quoted(model_name, key)}"
+
+    def quoted(self, model_name: str, key: str | None = None) -> str:
         path = f"models.{self.origins.get(model_name, model_name)}" + (f".{key}" if key else "")
-        where = f" (sweep model '{model_name}')" if model_name in self.origins else ""
-        return f"config key '{path}'{where}"
+        return f"'{path}'" + (f" (sweep model '{model_name}')" if model_name in self.origins else "")
 
 
 # Set without the strategy or schedule that reads them, these keys would be ignored.
@@ -462,14 +639,19 @@ def _check_predict(config: dict, base_dir: Path, swept: dict[str, list[str]]) ->
         raise ConfigError(f"config key 'predict.top_k': {predict['top_k']} is more than the {n_classes} classes")
 
 
-def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> dict:
+def validate_config(config: dict, schema: dict, base_dir: Path | str = ".", thorough: bool = True) -> dict:
     """Validate against the schema, expand sweeps, fill defaults, run the cross-key checks.
 
     Returns a new, canonical dict (the input is not modified): mapping keys sorted at every
     level and whole-number floats as ints, so a config re-saved with its keys in another
     order, or with `epochs: 10.0`, gives Snakemake the same params and reruns nothing.
-    Top-level `x-...` keys (a home for YAML anchors) are dropped. Raises ConfigError naming
-    the key.
+    Top-level `x-...` keys (a home for YAML anchors) are dropped, crawl.formats are written
+    as Pillow names them (upper case). Raises ConfigError naming the key.
+
+    thorough=False leaves out the checks that read URL lists or import the crawl code (~1 s:
+    pandas, icrawler), icrawler's filters, Pillow or numpy: for a job's own Snakemake process,
+    which parses the workflow again after the main process has checked the same config; the
+    result is the same.
     """
     config = copy.deepcopy(config)
     errors = sorted(
@@ -485,8 +667,16 @@ def validate_config(config: dict, schema: dict, base_dir: Path | str = ".") -> d
     _check_keys_have_effect(config["models"], keys)
     fill_defaults(config, schema, schema)
     base_dir = Path(base_dir)
-    _check_sources(config, base_dir)
+    _check_names_differ_beyond_case(config, keys)
+    _check_sources(config, base_dir, thorough)
+    if thorough:
+        _check_sources_belong_to_one_class(config, base_dir)
+        _check_crawl_format_names(config)
+        _check_builtin_sources_pass_crawl_limits(config)
+    # the crawl's params then do not change with the spelling
+    config["crawl"]["formats"] = list(dict.fromkeys(name.upper() for name in config["crawl"]["formats"]))
     _check_dedupe(config, base_dir)
+    _check_crawl(config)
     _check_split(config)
     _check_models(config, base_dir, swept, keys)
     _check_predict(config, base_dir, swept)
@@ -535,7 +725,8 @@ def _expanded_models(models: dict, schema: dict) -> dict:
     for base_name, settings in models.items():
         for key, values in settings.get("sweep", {}).items():
             if key not in model_schema["properties"]:
-                raise ConfigError(f"config key 'models.{base_name}.sweep.{key}': not a model setting")
+                raise ConfigError(f"config key 'models.{base_name}.sweep.{key}': not a model setting"
+                                  f"{did_you_mean(key, model_schema['properties'])}")
             for index, value in enumerate(values):
                 error = jsonschema.exceptions.best_match(validator.iter_errors({"arch": "x", key: value}))
                 if error is not None:
@@ -545,9 +736,19 @@ def _expanded_models(models: dict, schema: dict) -> dict:
 
 
 def check_config_files(paths) -> None:
-    """Fail on keys given twice in a config file (two classes or models with one name)."""
+    """Fail on a YAML syntax error (with its line and column: Snakemake's own loader names neither)
+    and on keys given twice in a config file (two classes or models with one name)."""
     for path in paths:
-        duplicates = find_duplicate_keys(path)
+        try:
+            duplicates = find_duplicate_keys(path)
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark or error.context_mark
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            context = f" ({error.context}" if error.context else ""
+            if context and error.context_mark:
+                context += f" that starts at line {error.context_mark.line + 1}, column {error.context_mark.column + 1}"
+            raise ConfigError(f"config file '{path}'{where}: not valid YAML: {error.problem or error}"
+                              f"{context + ')' if context else ''}; fix the file there") from None
         if duplicates:
             raise ConfigError(f"config file '{path}': key given twice: {', '.join(duplicates)}")
 
@@ -598,6 +799,7 @@ def source_fingerprints(sources: list[dict], base_dir: Path | str = ".",
         local = source.get("folder") or source.get("urls")
         # a folder's box annotations are preprocess's input, not images: editing one crawls nothing again
         skip = (lambda path, boxes=source.get("boxes"): is_box_annotation(path, boxes)) if "boxes" in source else None
-        fingerprints.append(content_fingerprint(Path(base_dir) / local, cache, skip) if local else "")
+        fingerprints.append(content_fingerprint(Path(base_dir) / local, cache, skip, source.get(FOLLOW_KEY, False))
+                            if local else "")
     cache.save()
     return fingerprints

@@ -27,11 +27,11 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
-from imgpipe.files import error_text
+from imgpipe.files import OutputWriteError, error_text, writing
 from imgpipe.fingerprints import file_sha256
 from imgpipe.hashing import format_hash, perceptual_hashes
 from imgpipe.images import IMAGE_EXTENSIONS, inspect_image
@@ -45,11 +45,15 @@ FILES = "files"
 # none (failed); limits turn ok into rejected only when a manifest is made.
 RECORD_FIELDS = (
     "origin", "source", "engine", "query", "rank", "fetched_at", "http_status", "bytes", "content_type",
-    "sha256", "stored", "status", "reason", "width", "height", "format", "phash", "phash_center",
+    "sha256", "stored", "status", "reason", "width", "height", "format", "phash", "phash_center", "final",
 )
+# "final" of a failure that asking again cannot change: for ever, or (CrawlLimits.setting) while
+# the config key that caused it keeps its value.
+ALWAYS = "always"
 # The reason of a body refused for crawl.max_bytes starts so (the crawl writes it, the store reads it).
 TOO_LARGE = "larger than crawl.max_bytes"
-_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
+# What a rerun after a failed store write does: the store keeps what it has.
+STORE_RERUN = "the crawl resumes from what the store has"
 _STORED_NAME = re.compile(r"(\d{6,})(\.[a-z0-9]{1,5})?")
 
 
@@ -64,14 +68,26 @@ class CrawlLimits:
     formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
     timeout_s: float = 10.0
     time_budget_s: float | None = None
+    # hosts (names, addresses, networks; perhaps with :port) fetched although they resolve to
+    # loopback, private, link-local... addresses: see imgpipe.netguard
+    allow_private_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, settings: dict | None) -> CrawlLimits:
         settings = dict(settings or {})
         if "formats" in settings:
             settings["formats"] = tuple(name.upper() for name in settings["formats"])
+        if "allow_private_hosts" in settings:
+            settings["allow_private_hosts"] = tuple(settings["allow_private_hosts"])
         known = {name for name in cls.__dataclass_fields__}
         return cls(**{key: value for key, value in settings.items() if key in known})
+
+    def setting(self, key: str) -> str:
+        """``crawl.<name>=<value>`` of a key in force: a failure it caused stays final while this is the same."""
+        name = key.removeprefix("crawl.")
+        value = getattr(self, name)
+        shown = ",".join(value) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else value
+        return f"crawl.{name}={shown}"
 
     def rejection(self, record: dict) -> str:
         """Why a decodable image breaks a limit ("" when it is within all of them)."""
@@ -174,9 +190,9 @@ class TargetCounter:
 class ClassStore:
     """One class's downloads and journal (see the module docstring). Thread-safe."""
 
-    def __init__(self, root: Path | str, max_bytes: int = CrawlLimits.max_bytes):
+    def __init__(self, root: Path | str, limits: CrawlLimits | None = None):
         self.root = Path(root)
-        self.max_bytes = max_bytes  # a body refused as larger than this is not requested again
+        self.limits = limits or CrawlLimits()  # what decides whether a failure is worth trying again
         self.files = self.root / FILES
         self.files.mkdir(parents=True, exist_ok=True)
         self.journal_path = self.root / JOURNAL
@@ -193,6 +209,7 @@ class ClassStore:
         self._remove_leftovers()
         self._next_seq = 1 + max((_seq_of(name) for name in self._first_record_of), default=-1)
         self._journal = self.journal_path.open("a", encoding="utf-8")
+        self._write_failed: OutputWriteError | None = None
 
     # -- reading what is there
 
@@ -234,18 +251,23 @@ class ClassStore:
     def is_final(self, origin: str) -> bool:
         """True if ``origin`` was tried and trying again cannot change the answer.
 
-        A body that arrived (good or not) and an HTTP 4xx are final; network errors, time-outs
-        and 5xx are tried again on the next run.
+        A body that arrived (good or not), an HTTP 4xx (but 408 and 429, which say "later") and
+        a failure the crawl marked final (a redirect loop, a refused address or scheme, a body too
+        slow for crawl.timeout_s) are final; network errors, time-outs and 5xx are tried again on
+        the next run. A failure caused by a limit is tried again once that limit changes.
         """
         record = self.latest.get(origin)
         if record is None:
             return False
         if record["status"] != "failed":
             return True
+        final = record.get("final") or ""
+        if final:
+            return final == ALWAYS or final == self.limits.setting(final.split("=", 1)[0])
         status = record.get("http_status")
         if record["reason"].startswith(TOO_LARGE):
-            return (record.get("bytes") or 0) > self.max_bytes  # tried again once the limit is raised
-        return isinstance(status, int) and 400 <= status < 500
+            return (record.get("bytes") or 0) > self.limits.max_bytes  # tried again once the limit is raised
+        return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
 
     def claim(self, origin: str) -> bool:
         """Reserve ``origin`` for this thread: False if it is final or another thread has it."""
@@ -300,73 +322,91 @@ class ClassStore:
 
     def _store_new(self, body: bytes | Path, provenance: dict, sha: str, size: int, seq: int) -> dict:
         part = self.files / f".{seq:06d}.part"
-        if isinstance(body, Path):
-            shutil.copyfile(body, part)
-        else:
-            part.write_bytes(body)
+        with writing(part, STORE_RERUN, partial=part):
+            if isinstance(body, Path):
+                shutil.copyfile(body, part)
+            else:
+                part.write_bytes(body)
         check = inspect_image(part)  # crawl.max_pixels is applied by CrawlLimits.rejection, not here
-        suffix = IMAGE_EXTENSIONS.get(check.format or "") if check.ok else None
-        name = f"{seq:06d}{suffix or _kept_suffix(provenance['origin'])}"
+        described = {**provenance, "bytes": size, "sha256": sha, "status": "ok" if check.ok else "corrupt",
+                     "reason": check.reason, "width": check.width, "height": check.height, "format": check.format or ""}
+        if check.format is None:
+            # Not an image at all (an HTML page, a text file, a script): its record says so, and
+            # nothing of it is kept, here or in the results.
+            part.unlink()
+            return self._append(described)
+        # named by what Pillow found, never by the URL or file name it came under
+        name = f"{seq:06d}{IMAGE_EXTENSIONS.get(check.format, '.bin')}"
         hashes = ("", "")
         if check.ok:
             try:
                 hashes = tuple(map(format_hash, perceptual_hashes(part)))
             except Exception as error:  # noqa: BLE001 - decodable but not hashable (odd EXIF): still an image
                 logger.warning("%s: no perceptual hash (%s)", provenance["origin"], error_text(error))
-        os.replace(part, self.files / name)
-        record = {
-            **provenance, "bytes": size, "sha256": sha, "stored": name,
-            "status": "ok" if check.ok else "corrupt", "reason": check.reason,
-            "width": check.width, "height": check.height, "format": check.format or "",
-            "phash": hashes[0], "phash_center": hashes[1],
-        }
-        return self._append(record)
+        with writing(self.files / name, STORE_RERUN):
+            os.replace(part, self.files / name)
+        return self._append({**described, "stored": name, "phash": hashes[0], "phash_center": hashes[1]})
 
-    def add_failure(self, provenance: dict, reason: str) -> dict:
-        """Journal an origin that gave no body (HTTP error, network error, too large)."""
-        return self._append({**provenance, "status": "failed", "reason": reason})
+    def add_failure(self, provenance: dict, reason: str, final: str = "") -> dict:
+        """Journal an origin that gave no body (HTTP error, network error, too large); ``final``:
+        :data:`ALWAYS` or a :meth:`CrawlLimits.setting` for a failure that asking again cannot change."""
+        return self._append({**provenance, "status": "failed", "reason": reason, "final": final})
 
     def _append(self, record: dict) -> dict:
         record = {key: record.get(key) for key in RECORD_FIELDS}
         record["fetched_at"] = record["fetched_at"] or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for key in ("query", "engine", "content_type", "sha256", "stored", "reason", "format", "phash",
-                    "phash_center"):
+                    "phash_center", "final"):
             record[key] = record[key] or ""
         line = json.dumps(record, sort_keys=True) + "\n"
         with self._lock:
-            self._journal.write(line)
-            self._journal.flush()
+            if self._write_failed is not None:
+                # a line may be half written: nothing is appended to it (the next run drops a torn last line)
+                raise self._write_failed
+            try:
+                with writing(self.journal_path, STORE_RERUN):
+                    self._journal.write(line)
+                    self._journal.flush()
+            except OutputWriteError as error:
+                self._write_failed = error
+                raise
             self.records.append(record)
             self._index(record)
         return record
 
     def close(self) -> None:
-        with self._lock:
-            self._journal.flush()
-            os.fsync(self._journal.fileno())
-            self._journal.close()
+        with self._lock, writing(self.journal_path, STORE_RERUN):
+            try:
+                if self._write_failed is None:
+                    self._journal.flush()
+                    os.fsync(self._journal.fileno())
+            finally:
+                self._journal.close()
 
     def __enter__(self) -> ClassStore:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except OSError as close_error:  # (a full disk fails the flush again) the error that ended the crawl is the news
+            logger.warning("%s: closing the journal failed too: %s", self.journal_path, error_text(close_error))
 
 
 def link_or_copy(source: Path, target: Path) -> None:
     """Hard-link ``source`` to ``target`` (no second copy on disk), copying where links fail."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
 
 
 def _seq_of(name: str) -> int:
     match = _STORED_NAME.fullmatch(name)
     return int(match.group(1)) if match else -1
 
-
-def _kept_suffix(origin: str) -> str:
-    suffix = PurePosixPath(origin.split("?", 1)[0]).suffix.lower()
-    return suffix if _SUFFIX.fullmatch(suffix) else ".bin"

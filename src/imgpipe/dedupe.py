@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from imgpipe.files import read_list_entries
 from imgpipe.hashing import ImageHashes, format_hash, hash_images
 from imgpipe.manifests import CRAWL_STATUSES, FATE_COLUMNS
 from imgpipe.nearmatch import DEFAULT_PIXEL_DIFFERENCE, PixelCheck, hypothesis_name, near_pairs
@@ -79,7 +80,9 @@ def _exclusions(raw: pd.DataFrame, sha: np.ndarray, exclude: Iterable[str]) -> n
     """Per row, the exclusion entry (sha256, file path or origin) that drops it, "" for none.
 
     Excluding is about content: a person who lists one file wants that picture gone,
-    so byte-identical copies elsewhere in the crawl go too (with the same entry).
+    so byte-identical copies elsewhere in the crawl go too (with the same entry). An entry
+    that names no row at all (a typo, a stray character) is a warning naming it, and where it
+    is written when ``exclude`` maps entries to that (see :func:`located_exclusions`).
     """
     entries = [e.strip() for e in exclude if e.strip()]
     lookup: dict[str, str] = {}
@@ -89,16 +92,29 @@ def _exclusions(raw: pd.DataFrame, sha: np.ndarray, exclude: Iterable[str]) -> n
             lookup.setdefault(os.path.normpath(entry), entry)
     ok = (raw["status"] == "ok").to_numpy()
     by_sha: dict[str, str] = {}
+    named: set[str] = set()
     for digest, file, origin, usable in zip(sha, _column(raw, "file"), _column(raw, "origin"), ok):
-        if not usable or digest in by_sha:
-            continue
-        for key in (digest, file, os.path.normpath(file) if file else "", origin):
-            if key and key in lookup:
-                by_sha[digest] = lookup[key]
-                break
-    if entries and not by_sha:
-        log.warning("no image matches any of the %d exclusion entries", len(entries))
+        hits = [lookup[key] for key in (digest, file, os.path.normpath(file) if file else "", origin)
+                if key and key in lookup]
+        named.update(hits)
+        if usable and hits:
+            by_sha.setdefault(digest, hits[0])
+    where = exclude if isinstance(exclude, Mapping) else {}
+    for entry in dict.fromkeys(entry for entry in entries if entry not in named):
+        written = f" ({where[entry]})" if where.get(entry) else ""
+        log.warning("exclusion entry %r%s names no row of the crawl manifests (neither a sha256, a file nor a URL "
+                    "or path the crawl got): check it for a typo, or remove it", entry, written)
     return np.array([by_sha.get(digest, "") if usable else "" for digest, usable in zip(sha, ok)], dtype=object)
+
+
+def located_exclusions(entries: Iterable[str], path: str | os.PathLike | None) -> dict[str, str]:
+    """The exclusion entries, each mapped to where it is written (config key, file and line):
+    what the warning about an entry that names nothing shows."""
+    lines = {}
+    if path and os.path.isfile(path):
+        for number, entry, _ in reversed(read_list_entries(path, "dedupe.exclude")):
+            lines[entry] = number  # an entry listed twice: its first line
+    return {entry: f"dedupe.exclude {path} line {lines[entry]}" if entry in lines else "" for entry in entries}
 
 
 def _column(raw: pd.DataFrame, name: str) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from sklearn import metrics as skm
 from imgpipe import stats
 from imgpipe.checkpoints import checkpoint_task, load_trained_model
 from imgpipe.datasets import Normalizer, load_split
+from imgpipe.files import write_json
 from imgpipe.manifests import SPEED_KEYS, read_split_manifest
 from imgpipe.localize import box_iou, split_outputs
 from imgpipe.training.devices import pick_device
@@ -291,6 +291,6 @@ def write_evaluation_outputs(metrics: dict, metrics_paths: list[Path | str], spe
     results = {key: value for key, value in metrics.items() if key not in SPEED_KEYS}
     speed = {key: metrics[key] for key in SPEED_KEYS if key in metrics} | {"train_seconds": train_seconds}
     for path in metrics_paths:
-        Path(path).write_text(json.dumps(results, indent=2), encoding="utf-8")
-    Path(speed_path).write_text(json.dumps(speed, indent=2), encoding="utf-8")
+        write_json(path, results)
+    write_json(speed_path, speed)
 

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from imgpipe.files import walk_files
+from imgpipe.files import Found, walk_folder
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,17 @@ class FileHashCache:
         self.changed = False
 
 
-def content_fingerprint(path: Path, cache: FileHashCache, skip=None) -> str:
+def content_fingerprint(path: Path, cache: FileHashCache, skip=None, follow_outside_links: bool = False) -> str:
     """'files=N sha256=...' over a file, or every file below a folder (but those `skip` says
     True of): relative paths and contents, so adding, removing, renaming or editing a file
-    changes it and touching none does."""
-    files = [path] if path.is_file() else sorted(file for file in walk_files(path) if skip is None or not skip(file))
+    changes it and touching none does. The folder is walked as the crawl walks it
+    (imgpipe.files.walk_folder), so a new dangling link, which the crawl lists, changes it too."""
+    found = [Found(path)] if path.is_file() else walk_folder(path, follow_outside_links)
+    found = [item for item in found if item.status or skip is None or not skip(item.path)]
     digest = hashlib.sha256()
-    for file_path in files:
-        relative = file_path.name if file_path == path else file_path.relative_to(path).as_posix()
-        digest.update(f"{relative}\0{cache.sha256(file_path)}\n".encode("utf-8"))
-    return f"files={len(files)} sha256={digest.hexdigest()[:16]}"
+    for item in found:
+        relative = item.path.name if item.path == path else item.path.relative_to(path).as_posix()
+        content = f"{item.status}: {item.reason}" if item.status else cache.sha256(item.path)
+        digest.update(f"{relative}\0{content}\n".encode("utf-8"))
+    files = sum(not item.status for item in found)
+    return f"files={files} sha256={digest.hexdigest()[:16]}"

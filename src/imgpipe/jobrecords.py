@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Iterator
 
 from imgpipe.files import error_text
-from imgpipe.tracking import (ABANDONED_TAG, INVOCATION_TAGS_ENV, PARENT_RUN_ENV, PID_TAG,
-                              PID_STARTED_TAG, HOST_TAG, TAG_PREFIX, job_tags, owner_tags, process_is_running,
+from imgpipe.tracking import (ABANDONED_TAG, ERROR_TAG, ERROR_TAG_CHARS, INVOCATION_TAGS_ENV, PARENT_RUN_ENV,
+                              PID_TAG, PID_STARTED_TAG, HOST_TAG, TAG_PREFIX, job_tags, owner_tags, process_is_running,
                               record_counts_on_invocation)
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ RECORDS_ROOT = ".snakemake/imgpipe/mlflow-records"
 INVOCATION_FILE = "invocation.json"
 LOCK_FILE = ".lock"
 RECORD_POLL_S = 2.0
-ERROR_TAG = f"{TAG_PREFIX}error"
 MISSING_ARTIFACTS_TAG = f"{TAG_PREFIX}missing_artifacts"
 # MLflow's log_batch limits per call.
 PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000
@@ -196,7 +195,7 @@ def publish_record(record: dict, experiment_id: str, invocation_id: str | None, 
     owner = record["owner"]
     tags = job_tags(record["run_name"], record["tags"], invocation_id, invocation_tags, owner)
     if record.get("error"):
-        tags[ERROR_TAG] = record["error"][:5000]
+        tags[ERROR_TAG] = record["error"][:ERROR_TAG_CHARS]
     if record["status"] == "KILLED":
         tags[ABANDONED_TAG] = (f"process {owner.get(PID_TAG)} on host {owner.get(HOST_TAG)} ended without finishing "
                                f"this job; marked KILLED by the snakemake invocation that published its record")

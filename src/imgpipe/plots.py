@@ -18,6 +18,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from imgpipe.files import writing
+
 DPI = 120
 LABEL_CHARS = 18
 # PIL modes with one channel: drawn with a grey colour map rather than converted to RGB
@@ -443,5 +445,6 @@ def _short(name: str) -> str:
 
 def _save(fig: Figure, path: Path | str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=DPI, format="png")

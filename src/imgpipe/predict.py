@@ -31,7 +31,7 @@ from imgpipe.boxes import Box, box_on_upright_image, upright_size
 from imgpipe.checkpoints import checkpoint_task, load_trained_model
 from imgpipe.datasets import image_to_chw
 from imgpipe.evaluate import predict_probabilities
-from imgpipe.files import error_text, read_optional_json, walk_files
+from imgpipe.files import error_text, read_optional_json, walk_files, writing
 from imgpipe.images import inspect_image
 from imgpipe.modelcard import CARD_FILE
 from imgpipe.preprocess import prepare_image_with_geometry, resize_image, to_color
@@ -127,13 +127,13 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[dict]
         if path.is_file():
             found = [path]
         elif path.is_dir():
-            found = walk_files(path)
+            found = walk_files(path, follow_outside_links=True)  # the user's own folder, named on the command line
             if not found:
                 failures.append({"path": item, "reason": "empty folder: no files below it"})
         elif glob.has_magic(item):
             found = []
             for match in sorted(glob.glob(item, recursive=True)):
-                found.extend(walk_files(match) if Path(match).is_dir() else [Path(match)])
+                found.extend(walk_files(match, follow_outside_links=True) if Path(match).is_dir() else [Path(match)])
             if not found:
                 failures.append({"path": item, "reason": "the pattern matches no file"})
         else:
@@ -340,7 +340,8 @@ def write_predictions(classifier: Classifier, predictions: Predictions, top_k: i
     else:
         json.dump(prediction_document(classifier, predictions, top_k), buffer, indent=2)
         buffer.write("\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(buffer.getvalue())
-    os.replace(partial, out)
+    with writing(out, partial=partial):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(buffer.getvalue())
+        os.replace(partial, out)

@@ -1,8 +1,9 @@
 """Preprocess: decoded, oriented, colour-converted and resized images, ready to train on.
 
 Every kept image of a class is written as PNG (lossless, so the training input is
-exactly what was computed here). A file that fails now despite having passed the crawl
-check is recorded, never passed on.
+exactly what was computed here). A file that fails to decode now despite having passed the
+crawl check is recorded, never passed on; a failure to write the result (a full disk) fails
+the job instead, since the image itself is fine.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from imgpipe.boxes import BOX_COLUMNS, ORIENTATION_TAG, BoxError, SourceBoxes, box_key, upright_resized_box
-from imgpipe.files import error_text
+from imgpipe.files import error_text, writing
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,13 @@ def preprocess_class(
         target = out_dir / (Path(record.file).stem + ".png")
         try:
             image, stored = prepare_image_with_geometry(record.file, size, color, resize, pad_color)
-            image.save(target)
-            row = {"path": str(target), "status": "ok", "reason": ""}
         except Exception as error:  # one bad file must not stop the class; it is recorded
             log.warning("could not preprocess %s: %s", record.file, error)
             row = {"path": "", "status": "failed", "reason": error_text(error)}
+        else:
+            with writing(target):  # a full disk fails the job: the image is fine, and a rerun needs it
+                image.save(target)
+            row = {"path": str(target), "status": "ok", "reason": ""}
         row |= {"label": class_name, "group": record.group, "source_file": record.file}
         if boxes is not None:
             row |= box_fields(record.origin, stored, boxes, size, resize) if row["status"] == "ok" else {}

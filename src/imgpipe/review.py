@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
 
 from imgpipe.dedupe import REASONS
+from imgpipe.files import writing
 from imgpipe.preprocess import to_color
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,8 @@ def write_contact_sheet(fates: pd.DataFrame, class_name: str, html_path: Path | 
            f"<th>why</th></tr>{failures}</table>" if untiled else "")
         + "</body></html>\n"
     )
-    Path(html_path).write_text(page, encoding="utf-8")
+    with writing(html_path):  # (thumbnails that do not decode are blank tiles; a full disk fails the job)
+        Path(html_path).write_text(page, encoding="utf-8")
     _write_grid(with_file.head(MAX_GRID_TILES), class_name, Path(png_path), left_out=len(with_file) - MAX_GRID_TILES)
     log.info("%s: contact sheet of %d images (%s), %d without an image", class_name, len(with_file), summary,
              len(without_file))
@@ -177,7 +179,8 @@ def _write_grid(rows: pd.DataFrame, class_name: str, path: Path, left_out: int) 
         image = thumbnail(row.file, GRID_THUMB_PX)
         if image is not None:
             grid.paste(image, (x + (cell - image.width) // 2, y + (cell - image.height) // 2))
-    grid.save(path)
+    with writing(path):
+        grid.save(path)
 
 
 _CSS = """

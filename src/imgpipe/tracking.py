@@ -32,6 +32,7 @@ gone KILLED instead of leaving them RUNNING forever.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -44,7 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from imgpipe.files import error_text
+from imgpipe.files import OutputWriteError, error_chain, error_text, write_failure, writing
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,16 @@ HOST_TAG = f"{TAG_PREFIX}host"
 PID_TAG = f"{TAG_PREFIX}pid"
 PID_STARTED_TAG = f"{TAG_PREFIX}pid_started"
 ABANDONED_TAG = f"{TAG_PREFIX}abandoned"
+ERROR_TAG = f"{TAG_PREFIX}error"  # a failed job's error (MLflow's tag values hold 5000 characters)
+ERROR_TAG_CHARS = 5000
+SQLITE_FULL = "database or disk is full"  # SQLite's message for SQLITE_FULL, through SQLAlchemy and MLflow
 KIND_TAG = f"{TAG_PREFIX}kind"
 STAGE_TAG = f"{TAG_PREFIX}stage"
 MODEL_TAG = f"{TAG_PREFIX}model"
 CLASS_TAG = f"{TAG_PREFIX}class"
 EXPERIMENT_TAG = f"{TAG_PREFIX}experiment"
 INVOCATION_TAG = f"{TAG_PREFIX}invocation"
+LAST_INVOCATION_TAG = f"{TAG_PREFIX}last_invocation"  # of a run resumed by a later invocation
 CONFIG_HASH_TAG = f"{TAG_PREFIX}config_hash"
 VERSION_TAG = f"{TAG_PREFIX}version"
 GIT_DIRTY_TAG = f"{TAG_PREFIX}git_dirty"
@@ -159,7 +164,8 @@ def process_is_running(pid: int, started: str) -> bool:
     return not started or start_time == started
 
 
-def mark_abandoned_runs(client, experiment_id: str, marked_by: str | None = None) -> list[str]:
+def mark_abandoned_runs(client, experiment_id: str, marked_by: str | None = None,
+                        failed_invocation: str | None = None) -> list[str]:
     """Mark KILLED the RUNNING runs of this host whose owner process has ended; return their ids.
 
     Their owner was killed (SIGKILL, the OOM killer, a lost terminal) before it could close
@@ -167,7 +173,12 @@ def mark_abandoned_runs(client, experiment_id: str, marked_by: str | None = None
     node whose processes we cannot see) are left alone. One query, then one update per run
     marked: this runs at the start of every invocation. `marked_by` describes the caller
     for the tag on each marked run.
+
+    With `failed_invocation` (a run id), only the runs of that invocation's jobs, marked
+    FAILED: Snakemake saw each of its jobs end, so a run still open failed with its job, which
+    could not close it (the store was on the disk that filled up).
     """
+    status = "FAILED" if failed_invocation else "KILLED"
     this_host = socket.gethostname()
     marked_by = marked_by or f"process {os.getpid()}"
     abandoned = []
@@ -185,12 +196,14 @@ def mark_abandoned_runs(client, experiment_id: str, marked_by: str | None = None
                 continue
             if owner_pid <= 0 or process_is_running(owner_pid, tags.get(PID_STARTED_TAG, "")):
                 continue
+            if failed_invocation and failed_invocation not in (tags.get(INVOCATION_TAG), tags.get(LAST_INVOCATION_TAG)):
+                continue
             reason = (f"process {owner_pid} on host {this_host} ended without closing this run; "
-                      f"marked KILLED by {marked_by}")
+                      f"marked {status} by {marked_by}")
             client.set_tag(run.info.run_id, ABANDONED_TAG, reason)
-            client.set_terminated(run.info.run_id, "KILLED")
-            log.info("MLflow: run '%s' (%s) was left RUNNING by process %d, which has ended; marked KILLED",
-                     run.info.run_name, run.info.run_id, owner_pid)
+            client.set_terminated(run.info.run_id, status)
+            log.info("MLflow: run '%s' (%s) was left RUNNING by process %d, which has ended; marked %s",
+                     run.info.run_name, run.info.run_id, owner_pid, status)
             abandoned.append(run.info.run_id)
         page_token = page.token
         if not page_token:
@@ -398,12 +411,22 @@ def start_invocation(tracking_uri: str | None, experiment: str, config: dict,
 
 def end_invocation(success: bool) -> None:
     """Publish the data jobs' last records, then mark the invocation's parent run FINISHED or
-    FAILED (onsuccess / onerror)."""
+    FAILED (onsuccess / onerror); after a failure, also the runs its failed jobs could not
+    close (see `mark_abandoned_runs`).
+
+    Each step is tried even when the one before failed: a store on a full disk must not leave
+    the invocation's run RUNNING (the next invocation would mark it KILLED) because publishing
+    a record failed first. A store that cannot be written at all is logged as an error saying
+    what to do; after a success, the error is raised too."""
     global _record_publisher
     if _record_publisher is not None:
         from imgpipe.jobrecords import RECORDS_ENV
 
-        _record_publisher.stop()
+        try:
+            _record_publisher.stop()
+        except Exception as error:  # noqa: BLE001 - the records stay for the next invocation
+            log.error("MLflow: the job records could not be published (%s); the next invocation publishes them",
+                      error_text(error))
         _record_publisher = None
         os.environ.pop(RECORDS_ENV, None)
     run_id = os.environ.get(PARENT_RUN_ENV)
@@ -411,7 +434,22 @@ def end_invocation(success: bool) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    MlflowClient().set_terminated(run_id, "FINISHED" if success else "FAILED")
+    status = "FINISHED" if success else "FAILED"
+    client = MlflowClient()
+    if not success:
+        try:
+            mark_abandoned_runs(client, client.get_run(run_id).info.experiment_id, failed_invocation=run_id,
+                                marked_by=f"the failed snakemake invocation {run_id}")
+        except Exception as error:  # noqa: BLE001 - the invocation's own run is still to be closed
+            log.error("MLflow: runs its failed jobs left RUNNING could not be marked FAILED (%s); the next "
+                      "invocation marks them KILLED", error_text(error))
+    try:
+        client.set_terminated(run_id, status)
+    except Exception as error:
+        log.error("MLflow: the invocation's run %s could not be marked %s (%s); if the store's disk is full, free "
+                  "space: the next invocation marks the run KILLED", run_id, status, error_text(error))
+        if success:
+            raise
 
 
 def job_source_name(run_name: str, tags: dict) -> str:
@@ -468,15 +506,44 @@ def new_job_run(run_name: str, tags: dict) -> tuple:
     return mlflow.start_run(run_id=created.info.run_id), all_tags.get(MLFLOW_PARENT_RUN_ID)
 
 
+def store_write_failure(error: BaseException, then: str = "") -> OutputWriteError | None:
+    """`error` as a failure to write the SQLite tracking store where it is one (MLflow says
+    "database or disk is full" and names neither the file nor what to do); None otherwise."""
+    import mlflow
+
+    database = _sqlite_path(mlflow.get_tracking_uri())
+    if database is None or isinstance(error, OutputWriteError) or not isinstance(error, Exception):
+        return None
+    if not any(SQLITE_FULL in str(link) for link in error_chain(error)):
+        return None
+    return write_failure(error, database, then, code=errno.ENOSPC)
+
+
 @contextlib.contextmanager
-def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None = None) -> Iterator:
+def artifact_writes(then: str = "") -> Iterator[None]:
+    """Logging artifacts to the active run: a failure is an OutputWriteError naming the run's
+    artifact folder, where that is a local folder (a remote store's errors stay as they are)."""
+    import mlflow
+
+    location = urllib.parse.urlparse(mlflow.get_artifact_uri())
+    if location.scheme not in ("", "file"):
+        yield
+        return
+    with writing(urllib.parse.unquote(location.path), then):
+        yield
+
+
+@contextlib.contextmanager
+def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None = None, then: str = "") -> Iterator:
     """An MLflow run for one job, or `resume_run_id` resumed.
 
     A model's run (tag imgpipe.stage 'model') is a top-level run; any other job's run is a
     child of the invocation's run and, when it finishes, records its counts there (see
     `record_counts_on_invocation`). New runs carry the invocation's tags (see `invocation_tags`) and its
     run id (imgpipe.invocation), and a source name that says the stage and the model or class.
-    A job that raises leaves its run FAILED. A run to resume that the store no longer has
+    A job that raises leaves its run FAILED, its error in tag imgpipe.error; a store on a full
+    disk fails the job with an error that says so and names the database (`then`: what a rerun
+    does), and never hides the job's own error when the run cannot be closed. A run to resume that the store no longer has
     (the database was deleted or moved) is replaced by a new one, with a warning. The run
     is tagged with this process as its owner, also when resumed (a run marked KILLED
     after its process was killed can be resumed).
@@ -495,7 +562,7 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
         # if mlflow.experiment changed since.
         resume_tags = owner_tags()
         if os.environ.get(PARENT_RUN_ENV):
-            resume_tags[f"{TAG_PREFIX}last_invocation"] = os.environ[PARENT_RUN_ENV]
+            resume_tags[LAST_INVOCATION_TAG] = os.environ[PARENT_RUN_ENV]
         try:
             # Owner first, then RUNNING: an invocation starting meanwhile never sees the run
             # RUNNING under its previous, ended owner and marks it KILLED under our feet.
@@ -515,10 +582,30 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
         if parent_id:
             record_counts_on_invocation(MlflowClient().get_run(run.info.run_id).data.metrics, parent_id,
                                         prefix=run_name.replace(" ", "/"))
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as error:
+        explained = store_write_failure(error, then)
+        _end_failed_run(explained or error)
+        if explained is not None:
+            raise explained from error
         raise
     mlflow.end_run("FINISHED")
+
+
+def _end_failed_run(error: BaseException) -> None:
+    """Mark the active run FAILED with the job's error in tag imgpipe.error. The store may be
+    failing too (on the disk that just filled up): then that is logged, and the job's own error
+    stays the one it ends with, instead of MLflow's hiding it."""
+    import mlflow
+
+    try:
+        mlflow.set_tag(ERROR_TAG, error_text(error)[:ERROR_TAG_CHARS])
+    except Exception as tag_error:  # noqa: BLE001 - see the docstring
+        log.error("MLflow: the job's error could not be recorded on its run (%s)", error_text(tag_error))
+    try:
+        mlflow.end_run("FAILED")
+    except Exception as end_error:  # noqa: BLE001
+        log.error("MLflow: the run could not be marked FAILED (%s); the next invocation marks it KILLED",
+                  error_text(end_error))
 
 
 def record_counts_on_invocation(counts: dict, parent_id: str, prefix: str, client=None) -> None:

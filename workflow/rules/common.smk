@@ -31,7 +31,10 @@ if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
 try:
     check_config_files(workflow.configfiles)
     _validated = validate_config(
-        config, load_schema(workflow.source_path("../schemas/config.schema.yaml"))
+        config,
+        load_schema(workflow.source_path("../schemas/config.schema.yaml")),
+        # a job's own Snakemake parses this again: the slow checks ran once, in the main process
+        thorough=workflow.is_main_process,
     )
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
@@ -171,6 +174,34 @@ def model_logs():
         model: [f"{LOGS}/train/{model}.log", f"{LOGS}/evaluate/{model}.log"]
         for model in MODELS
     }
+
+
+def mark_unrun_jobs_incomplete():
+    """Mark incomplete the outputs an earlier run left for the jobs this run meant to redo but
+    never ran (a job before them failed), so that the next run (--rerun-incomplete, the default
+    profile) redoes them instead of taking them as current. Snakemake deletes a failed job's
+    outputs, and with them what showed that the jobs after it are out of date: a preprocess
+    that failed on a full disk after images.size changed would otherwise leave the old split,
+    and the next run would say "Nothing to be done". (Snakemake's own DAG and incomplete
+    markers; tests/test_pipeline_e2e.py checks it still works this way.)"""
+    try:
+        unrun = [
+            job
+            for job in workflow.dag.needrun_jobs()
+            if any(os.path.exists(path) for path in job.output)
+        ]
+        for job in unrun:
+            workflow.persistence.started(job)
+        if unrun:
+            logger.warning(
+                f"imgpipe: {len(unrun)} job(s) did not run after the failure; their earlier outputs are "
+                f"marked incomplete, so the next run redoes them: "
+                + ", ".join(sorted({str(job) for job in unrun}))
+            )
+    except Exception as error:  # the handler must not hide the failure it follows
+        logger.error(
+            f"imgpipe: the outputs of jobs that did not run could not be marked incomplete: {error!r}"
+        )
 
 
 def write_report_after_failure():

@@ -9,14 +9,15 @@ configure_logging(snakemake.log[0])
 
 import pandas as pd
 
-from imgpipe.dedupe import dedupe_images, near_duplicate_warnings, summarize_fates
+from imgpipe.dedupe import dedupe_images, located_exclusions, near_duplicate_warnings, summarize_fates
 from imgpipe.manifests import read_raw_manifest
 from imgpipe.jobrecords import data_job_run
 from imgpipe.tracking import flatten
 
 with data_job_run("dedupe", tags={"imgpipe.stage": "dedupe"}) as run:
     raw = pd.concat([read_raw_manifest(path) for path in snakemake.input.manifests], ignore_index=True)
-    fates = dedupe_images(raw, snakemake.params.near_distance, snakemake.params.near_action, snakemake.params.exclude,
+    exclude = located_exclusions(snakemake.params.exclude, snakemake.config["dedupe"]["exclude"])
+    fates = dedupe_images(raw, snakemake.params.near_distance, snakemake.params.near_action, exclude,
                           threads=snakemake.threads, near_pixel_difference=snakemake.params.near_pixel_difference)
     for warning in near_duplicate_warnings(fates).values():
         logging.getLogger("imgpipe.dedupe").warning(warning)

@@ -13,9 +13,10 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 import mlflow
 
 from imgpipe.evaluate import evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
+from imgpipe.files import writing
 from imgpipe.plots import (plot_confident_errors, plot_confusion_matrix, plot_embedding, plot_localization_grid,
                            plot_reliability_diagram, plot_roc_curves, plot_unavailable)
-from imgpipe.tracking import job_run, log_split_dataset, read_run_reference
+from imgpipe.tracking import artifact_writes, job_run, log_split_dataset, read_run_reference
 
 model_name = snakemake.wildcards.evaluated
 output = snakemake.output
@@ -35,7 +36,8 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
     metrics = {"model": model_name, **evaluation.metrics,
                **{k: training[k] for k in ("arch", "best_epoch", "epochs", "best_val_accuracy", "device")}}
     write_evaluation_outputs(metrics, [output.metrics, output.model_metrics], output.speed, train_seconds)
-    evaluation.predictions.to_csv(output.predictions, index=False, lineterminator="\n")
+    with writing(output.predictions):
+        evaluation.predictions.to_csv(output.predictions, index=False, lineterminator="\n")
 
     classes, predictions = metrics["classes"], evaluation.predictions
     plot_confusion_matrix(metrics["confusion_matrix"], classes, output.confusion_matrix,
@@ -61,7 +63,8 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
                           f"{model_name}: most confidently wrong test images")
 
     mlflow.log_metrics(mlflow_test_metrics(metrics))
-    mlflow.log_dict(embedding, "evaluation/embedding.json")
-    for path in (output.metrics, output.speed, output.predictions, output.confusion_matrix, output.roc,
-                 output.reliability, output.embedding, output.confident_errors, output.localization):
-        mlflow.log_artifact(path, artifact_path="evaluation")
+    with artifact_writes():
+        mlflow.log_dict(embedding, "evaluation/embedding.json")
+        for path in (output.metrics, output.speed, output.predictions, output.confusion_matrix, output.roc,
+                     output.reliability, output.embedding, output.confident_errors, output.localization):
+            mlflow.log_artifact(path, artifact_path="evaluation")

@@ -15,8 +15,8 @@ import mlflow
 from imgpipe.config import model_setting
 from imgpipe.modelcard import write_model_card
 from imgpipe.pyfunc import log_classifier_model
-from imgpipe.tracking import (RunLogger, flatten, job_run, log_missing_epochs, log_params_once, log_split_dataset,
-                              write_run_reference)
+from imgpipe.tracking import (RunLogger, artifact_writes, flatten, job_run, log_missing_epochs, log_params_once,
+                              log_split_dataset, write_run_reference)
 from imgpipe.training import resume
 from imgpipe.training.devices import pick_device
 from imgpipe.training.distributed import train_data_parallel
@@ -39,7 +39,7 @@ job = TrainingJob(
 state = resume.load_resume_state(job.work_dir, job.fingerprint())
 resumed_run = state["metadata"].get("mlflow_run_id") if state else None
 with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_name},
-             resume_run_id=resumed_run) as run:
+             resume_run_id=resumed_run, then=resume.rerun_resumes(job.work_dir)) as run:
     job.metadata = {"mlflow_run_id": run.info.run_id}
     write_run_reference(run, snakemake.output.mlflow_run)
     log_split_dataset(snakemake.input.manifest, context="training")
@@ -68,9 +68,10 @@ with job_run(model_name, tags={"imgpipe.stage": "model", "imgpipe.model": model_
                                                         "best_val_miou") if k in summary})
     write_model_card(snakemake.output.checkpoint, settings, summary, snakemake.config,
                      workflow_dir=Path(snakemake.scriptdir))
-    for path in (snakemake.output.checkpoint, snakemake.output.history, snakemake.output.model_card):
-        mlflow.log_artifact(path)
     # Not a param: registering changes where the model is listed, not what it learns.
     registered_name = model_name if snakemake.config["mlflow"]["register_models"] else None
-    log_classifier_model(snakemake.output.checkpoint, model_name, registered_model_name=registered_name)
+    with artifact_writes(then=resume.rerun_resumes(job.work_dir)):
+        for path in (snakemake.output.checkpoint, snakemake.output.history, snakemake.output.model_card):
+            mlflow.log_artifact(path)
+        log_classifier_model(snakemake.output.checkpoint, model_name, registered_model_name=registered_name)
 resume.clear(job.work_dir)

@@ -9,7 +9,6 @@ settings and the normalisation.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -27,6 +26,7 @@ from imgpipe import __version__
 from imgpipe.checkpoints import model_build_spec, read_model_checkpoint, read_torch_file
 from imgpipe.config import model_setting
 from imgpipe.datasets import Normalizer, SplitTensors, class_names, load_split, normalization_for
+from imgpipe.files import write_json, writing
 from imgpipe.localize import LocalizationLoss
 from imgpipe.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN, LOCALIZE_HISTORY_COLUMNS, read_split_manifest
 from imgpipe.models import WeightsLoad, build_model, count_parameters, load_matching_weights, load_start_weights
@@ -500,9 +500,11 @@ def write_training_outputs(history: pd.DataFrame, summary: dict, history_path: P
         "train_seconds": summary["train_seconds"],
         "epoch_seconds": history[HISTORY_TIMING_COLUMN].tolist(),
     }
-    history.drop(columns=HISTORY_TIMING_COLUMN).to_csv(history_path, index=False, lineterminator="\n")
     results = {key: value for key, value in summary.items() if key != "train_seconds"}
-    Path(summary_path).write_text(json.dumps(results, indent=2), encoding="utf-8")
-    Path(timing_path).write_text(json.dumps(timing, indent=2), encoding="utf-8")
+    # (training is done: a rerun after a full disk resumes at its last epoch and writes these again)
+    with writing(history_path):
+        history.drop(columns=HISTORY_TIMING_COLUMN).to_csv(history_path, index=False, lineterminator="\n")
+    write_json(summary_path, results)
+    write_json(timing_path, timing)
     return timing
 

@@ -19,8 +19,10 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import random
@@ -32,6 +34,7 @@ import torch
 
 from imgpipe.checkpoints import CheckpointError, read_torch_file, save_atomically
 from imgpipe.config import training_settings
+from imgpipe.files import writing
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +52,52 @@ def file_digest(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-# The code a resumed run must share with the interrupted one, or its epochs would mix two loops.
-TRAINING_CODE = ("training/*.py", "models.py", "datasets.py", "checkpoints.py")
+# Where training starts (the train job's and each data-parallel process's). A resumed run must
+# share every imgpipe module these import with the interrupted one, or its epochs would mix
+# two versions of the loop, the loss (localize.py) or the data.
+TRAINING_ENTRY_POINTS = ("imgpipe.training.engine", "imgpipe.training.distributed")
+
+
+def imported_package_files(entry_points, root: Path | str) -> list[Path]:
+    """The source files of the package at `root` that the modules `entry_points` import, directly
+    or through each other, at the top or inside a function (read from the source, so a module
+    that imports lazily counts too, and nothing is imported); package __init__ files included."""
+    root = Path(root)
+    package = root.name
+    found: set[Path] = set()
+    todo = list(entry_points)
+    while todo:
+        parts = todo.pop().split(".")
+        if parts[0] != package:
+            continue
+        for depth in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b too
+            folder = root.joinpath(*parts[1:depth])
+            path = folder / "__init__.py" if folder.is_dir() else folder.with_suffix(".py")
+            if not path.is_file() or path in found:
+                continue  # an attribute (`from imgpipe.config import model_setting`), or done
+            found.add(path)
+            module = ".".join(parts[:depth])
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    todo.extend(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom):
+                    anchor = module if path.name == "__init__.py" else module.rpartition(".")[0]
+                    base = (importlib.util.resolve_name("." * node.level + (node.module or ""), anchor)
+                            if node.level else node.module)
+                    todo.extend([base, *(f"{base}.{alias.name}" for alias in node.names)])
+    return sorted(found)
+
+
+def training_code_files() -> list[Path]:
+    return imported_package_files(TRAINING_ENTRY_POINTS, Path(__file__).resolve().parents[1])
 
 
 @functools.lru_cache(maxsize=1)
 def training_code_digest() -> str:
     package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for pattern in TRAINING_CODE:
-        for path in sorted(package.glob(pattern)):
-            digest.update(path.name.encode() + path.read_bytes())
+    for path in training_code_files():
+        digest.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -99,14 +137,19 @@ def load_resume_state(work_dir: Path | str, fingerprint: str) -> dict | None:
     return state
 
 
+def rerun_resumes(work_dir: Path | str) -> str:
+    """What a rerun after a failed write (a full disk) does, for the error's message."""
+    return f"training resumes from the last epoch saved in {work_dir}"
+
+
 def save_resume_state(work_dir: Path | str, state: dict) -> None:
-    save_atomically(state, Path(work_dir) / LAST)
+    save_atomically(state, Path(work_dir) / LAST, rerun_resumes(work_dir))
 
 
 def save_best(work_dir: Path | str, epoch: int, payload: dict) -> str:
     """Write the model checkpoint of a new best epoch; returns its file name (for the state)."""
     name = BEST_PATTERN.format(epoch=epoch)
-    save_atomically(payload, Path(work_dir) / name)
+    save_atomically(payload, Path(work_dir) / name, rerun_resumes(work_dir))
     return name
 
 
@@ -120,8 +163,9 @@ def remove_other_best_files(work_dir: Path | str, keep: str) -> None:
 def finish(work_dir: Path | str, best_file: str, checkpoint_path: Path | str) -> None:
     """Copy the best epoch to the job's output (atomically)."""
     partial = Path(checkpoint_path).with_name(f".{Path(checkpoint_path).name}.partial")
-    shutil.copyfile(Path(work_dir) / best_file, partial)
-    partial.replace(checkpoint_path)
+    with writing(checkpoint_path, rerun_resumes(work_dir), partial):
+        shutil.copyfile(Path(work_dir) / best_file, partial)
+        partial.replace(checkpoint_path)
 
 
 def clear(work_dir: Path | str) -> None:
