@@ -9,7 +9,8 @@ a) A generated corpus of JPEG photos (default 3,000) in groups: a distinct base 
    images/s hashed on 1 and 2 workers, search seconds, precision and recall of the found
    pairs, and recall by kind of copy (base against copy).
    - imgpipe: hashing.hash_images (threads; two hashes per image, whole and center) +
-     hamming.owner_pairs (images as near as their nearest hashes);
+     nearmatch.near_pairs (hash candidates by multi-index search, each confirmed on the
+     pixels of the matched regions at the default dedupe.near_pixel_difference);
    - imagededup: PHash with its defaults (encode_images with num_enc_workers processes,
      find_duplicates with max_distance_threshold=10);
    - imagehash: a plain loop of imagehash.phash(Image.open(path)) (a process pool for 2
@@ -18,6 +19,12 @@ b) Hamming search alone: 100,000 and 1,000,000 uniformly random 64-bit hashes wi
    planted pairs at distances 0..10: seconds, peak memory (a fresh process per size),
    recall of the planted pairs, and that every pair found is within the distance; at
    100,000 also that the result equals brute force.
+d) Distinct low-texture images (imgpipe.lowtexture: three shape classes, 300 each, and
+   stripes, gradient shapes, icons, scans): images dropped by dedupe_images at the schema's
+   defaults (the goal: none), and by the hashes alone (near_pixel_difference 255: the rule
+   before the pixel test); candidate pairs, and the margins of the pixel threshold: the
+   smallest pixel difference among these candidates against the largest among the corpus's
+   base-vs-copy pairs (a).
 c) The search dedupe runs for 1,000,000 images: two random hashes each (whole and center),
    image pairs by the nearest of their hashes, at distance 10 and at imgpipe's default:
    seconds and peak memory.
@@ -52,9 +59,14 @@ import numpy as np
 from PIL import Image, ImageEnhance
 from sklearn.datasets import load_sample_images
 
+import pandas as pd
+
 from imgpipe.config import load_schema
+from imgpipe.dedupe import dedupe_images, summarize_fates
 from imgpipe.hamming import choose_hamming_method, group_pairs, hamming_pairs, hamming_pairs_brute_force, owner_pairs
 from imgpipe.hashing import hash_distance, hash_images
+from imgpipe.lowtexture import write_low_texture_set
+from imgpipe.nearmatch import HYPOTHESES, PixelCheck, near_pairs
 
 DISTANCE = 10
 COPY_KINDS = ["exact", "reencode", "resize", "brightness", "crop_5pct", "exif_rotation"]
@@ -213,14 +225,15 @@ def all_pairs_numpy(hashes: np.ndarray, max_distance: int):
 
 
 def run_imgpipe(files, workers, distance=DISTANCE):
+    """imgpipe's hashing, then candidates confirmed on pixels (search_s includes the pixel test)."""
     started = time.perf_counter()
     hashes = hash_images(files, workers)
     hash_s = time.perf_counter() - started
     started = time.perf_counter()
-    pairs = group_pairs(hashes, distance)  # (every file decodes)
+    pairs = near_pairs(hashes, files, distance, PixelCheck(default_near_pixel_difference(), workers))
     search_s = time.perf_counter() - started
     whole = np.array([pair.whole for pair in hashes], dtype=np.uint64)
-    return hash_s, search_s, pairs_of_sets(pairs[:, :2].tolist()), whole
+    return hash_s, search_s, pairs_of_sets(pairs[["a", "b"]].to_numpy().tolist()), whole
 
 
 def _imagehash_int(path):
@@ -308,9 +321,69 @@ def crop_sweep(folder, rows, n_bases=300):
     return {"whole_hash_only": whole, "imgpipe": nearest}
 
 
-def imgpipe_default_near_distance() -> int:
+def _dedupe_default(key):
     schema = load_schema(Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml")
-    return schema["properties"]["dedupe"]["properties"]["near_distance"]["default"]
+    return schema["properties"]["dedupe"]["properties"][key]["default"]
+
+
+def imgpipe_default_near_distance() -> int:
+    return _dedupe_default("near_distance")
+
+
+def default_near_pixel_difference() -> float:
+    return _dedupe_default("near_pixel_difference")
+
+
+def candidate_differences(files, hashes, pairs, distance):
+    """Each pair's smallest pixel difference over the hypotheses (nearmatch.HYPOTHESES) whose
+    hashes are within `distance` (nan where none is): how near the pair comes to confirmation."""
+    table = np.array(hashes, dtype=np.uint64)
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    check = PixelCheck(255, 2)
+    best = np.full(len(pairs), np.nan)
+    for first, second in HYPOTHESES:
+        within = np.flatnonzero(np.bitwise_count(table[pairs[:, 0], first] ^ table[pairs[:, 1], second]) <= distance)
+        if len(within):
+            found = check.differences([files[i] for i in pairs[within, 0]], [first] * len(within),
+                                      [files[i] for i in pairs[within, 1]], [second] * len(within))
+            best[within] = np.fmin(best[within], found)
+    return best
+
+
+def low_texture_figures(seed, base_vs_copy_max):
+    """Part d: the generated distinct low-texture set through the real dedupe_images path."""
+    with tempfile.TemporaryDirectory(prefix="imgpipe-lowtexture-bench-") as tmp:
+        started = time.perf_counter()
+        written = write_low_texture_set(tmp, seed=seed)
+        raw = pd.DataFrame({"file": [path for path, _ in written], "class": [label for _, label in written],
+                            "sha256": [f"{k:064x}" for k in range(len(written))], "status": "ok",
+                            "origin": [path for path, _ in written]})
+        figures = {"images": len(raw), "images_by_class": raw["class"].value_counts().sort_index().to_dict(),
+                   "seconds_to_write": round(time.perf_counter() - started, 1)}
+        default_distance, default_pixels = imgpipe_default_near_distance(), default_near_pixel_difference()
+        for name, distance, pixels in [("defaults", default_distance, default_pixels),
+                                       ("near_distance_10", 10, default_pixels),
+                                       ("hashes_only_at_default_distance", default_distance, 255)]:
+            started = time.perf_counter()
+            summary = summarize_fates(dedupe_images(raw, distance, near_pixel_difference=pixels, threads=2))
+            figures[name] = {"near_distance": distance, "near_pixel_difference": pixels,
+                             "dropped": summary["n_dropped"],
+                             "cross_class_near": summary["dropped_cross_class_near"],
+                             "near_duplicate": summary["dropped_near_duplicate"],
+                             "seconds": round(time.perf_counter() - started, 2)}
+        files = raw["file"].tolist()
+        hashes = hash_images(files, 2)
+        for distance in sorted({default_distance, 10}):
+            pairs = group_pairs(hashes, distance)
+            differences = candidate_differences(files, hashes, pairs[:, :2], distance)
+            figures[f"candidates_within_{distance}"] = {
+                "pairs": len(pairs),
+                "min_pixel_difference": round(float(np.nanmin(differences)), 1) if len(pairs) else None,
+                "pixel_difference_p1": round(float(np.nanpercentile(differences, 1)), 1) if len(pairs) else None,
+            }
+        figures["corpus_base_vs_copy_max_pixel_difference"] = base_vs_copy_max
+        print(f"low texture: {figures}", file=sys.stderr, flush=True)
+    return figures
 
 
 def available(module):
@@ -369,6 +442,16 @@ def corpus_figures(n_images, seed, workers_list):
         figures["corpus"]["distinct_base_pairs_within_10"] = len(group_pairs(base_hashes, DISTANCE))
         figures["corpus"]["min_distance_between_bases"] = int(group_pairs(base_hashes, 64)[:, 2].min())
         figures["recall_base_vs_crop"] = crop_sweep(folder, rows)
+        # The pixel test's side of the margin: base against each copy (at its best hypothesis).
+        all_hashes = hash_images(files, 2)
+        base_of = {group: i for i, (_, group, kind) in enumerate(rows) if kind == "base"}
+        copy_pairs = [(base_of[group], i) for i, (_, group, kind) in enumerate(rows) if kind != "base"]
+        kinds = np.array([kind for _, _, kind in rows if kind != "base"])
+        differences = candidate_differences(files, all_hashes, copy_pairs, DISTANCE)
+        figures["imgpipe"]["base_vs_copy_pixel_difference_max_by_kind"] = {
+            kind: round(float(np.nanmax(differences[kinds == kind])), 1) for kind in COPY_KINDS if (kinds == kind).any()
+        }
+        figures["imgpipe"]["base_vs_copy_pixel_difference_p99"] = round(float(np.nanpercentile(differences, 99)), 1)
         if "imagehash_phash_loop" in hashes:
             # Same pHash definition; imgpipe decodes JPEGs at reduced scale (and turns by EXIF).
             upright = [i for i, r in enumerate(rows) if r[2] != "exif_rotation"]
@@ -498,6 +581,7 @@ def main() -> None:
         help="images whose two hashes each are searched as dedupe does (c; none: skip)",
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--no-low-texture", action="store_true", help="skip part d")
     parser.add_argument(
         "--brute-force-up-to", type=int, default=100_000, help="brute-force check up to this size"
     )
@@ -506,6 +590,9 @@ def main() -> None:
     figures = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "max_distance": DISTANCE}
     if args.images:
         figures |= corpus_figures(args.images, args.seed, args.workers)
+    if not args.no_low_texture:
+        by_kind = figures.get("imgpipe", {}).get("base_vs_copy_pixel_difference_max_by_kind", {})
+        figures["low_texture"] = low_texture_figures(args.seed, max(by_kind.values(), default=None))
     if args.hashes:
         figures["hamming_search"] = search_figures(args.hashes, args.seed, args.brute_force_up_to)
     if args.image_search:

@@ -2,23 +2,42 @@
 
 import itertools
 import logging
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 from sklearn.datasets import load_sample_images
 
-from imgpipe.config import read_exclude_list
-from imgpipe.dedupe import decide_fates, dedupe_images, located_exclusions, summarize_fates
+from imgpipe.config import load_schema, read_exclude_list
+from imgpipe.crawlstore import CrawlLimits, TargetCounter
+from imgpipe.dedupe import decide_fates, dedupe_images, located_exclusions, near_duplicate_warnings, summarize_fates
 from imgpipe.hamming import (
+    group_pairs,
     choose_hamming_method,
     hamming_pairs,
     hamming_pairs_brute_force,
     hamming_pairs_multi_index,
     owner_pairs,
 )
-from imgpipe.hashing import format_hash, hash_distance, perceptual_hashes
+from imgpipe.hashing import format_hash, hash_distance, hash_images, perceptual_hashes
+from imgpipe.lowtexture import SHAPES, distinct, low_texture_set, write_images, write_low_texture_set
+from imgpipe.nearmatch import DEFAULT_PIXEL_DIFFERENCE, PixelCheck, confirm
+
+SCHEMA = Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class PixelsAgree(PixelCheck):
+    """For rules tested on made-up hashes of files that do not exist: every candidate's pixels
+    agree, so the hashes alone decide (the pixel test has tests of its own)."""
+
+    def differences(self, first_files, first_regions, second_files, second_regions):
+        return np.zeros(len(first_files), dtype=np.float32)
+
+
+AGREE = PixelsAgree()
 
 
 def distance(a: int, b: int) -> int:
@@ -269,7 +288,7 @@ def test_fast_search_equals_brute_force_on_planted_pairs(seed):
 
 def test_unusable_rows_are_carried_through_with_their_reason():
     raw = manifest(("a.jpg", "cat", "s1"), ("b.jpg", "cat", "", "corrupt"), ("c.jpg", "dog", "", "failed"))
-    fates = decide_fates(raw, {"s1": 1}, near_distance=4)
+    fates = decide_fates(raw, {"s1": 1}, near_distance=4, check=AGREE)
 
     assert fates["file"].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
     assert fates["status"].tolist() == ["kept", "dropped", "dropped"]
@@ -294,7 +313,7 @@ def test_exclude_by_sha_path_and_origin_drops_every_copy():
     )
 
     assert fates["reason"].tolist() == ["excluded"] * 4 + [""]
-    assert decide_fates(raw, phashes, 0, exclude={"data/x_copy.jpg"})["reason"].tolist()[:2] == [
+    assert decide_fates(raw, phashes, 0, exclude={"data/x_copy.jpg"}, check=AGREE)["reason"].tolist()[:2] == [
         "excluded",
         "excluded",
     ]
@@ -312,9 +331,9 @@ def test_cross_class_exact_copy_is_dropped_from_both_classes():
 def test_cross_class_near_copy_is_dropped_from_both_classes():
     raw = manifest(("cat1", "cat", "s1"), ("dog1", "dog", "s2"), ("dog2", "dog", "s3"), ("cat2", "cat", "s4"))
     phashes = {"s1": 0b0000, "s2": 0b0111, "s3": 0b1111 << 20, "s4": 0xFF << 40}
-    near = decide_fates(raw, phashes, near_distance=3)
+    near = decide_fates(raw, phashes, near_distance=3, check=AGREE)
     exact_only = decide_fates(raw, phashes, near_distance=0)
-    below = decide_fates(raw, phashes, near_distance=2)
+    below = decide_fates(raw, phashes, near_distance=2, check=AGREE)
 
     assert near["reason"].tolist() == ["cross_class_near", "cross_class_near", "", ""]
     assert near["duplicate_of"].tolist() == ["dog1", "cat1", "", ""]
@@ -325,7 +344,7 @@ def test_cross_class_near_copy_is_dropped_from_both_classes():
 
 def test_exact_duplicates_within_a_class_keep_the_first():
     raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "cat", "s1"), ("d", "cat", "S1"))
-    fates = decide_fates(raw, {"s1": 0, "s2": 2**64 - 1}, near_distance=4)
+    fates = decide_fates(raw, {"s1": 0, "s2": 2**64 - 1}, near_distance=4, check=AGREE)
 
     assert fates["reason"].tolist() == ["", "", "exact_duplicate", "exact_duplicate"]
     assert fates["duplicate_of"].tolist() == ["", "", "a", "a"]
@@ -336,7 +355,7 @@ def test_near_drop_is_greedy_in_manifest_order():
     # a-b and b-c are within 2 bits, a-c is not: b goes, so c has no kept neighbour.
     raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "cat", "s3"), ("d", "cat", "s4"))
     phashes = {"s1": 0b0000, "s2": 0b0011, "s3": 0b1111, "s4": 0b0001}
-    fates = decide_fates(raw, phashes, near_distance=2, near_action="drop")
+    fates = decide_fates(raw, phashes, near_distance=2, near_action="drop", check=AGREE)
 
     assert fates["reason"].tolist() == ["", "near_duplicate", "", "near_duplicate"]
     assert fates["duplicate_of"].tolist() == ["", "a", "", "a"]
@@ -350,7 +369,7 @@ def test_images_with_several_hashes_are_as_near_as_their_nearest_hashes():
     raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "cat", "s3"), ("d", "dog", "s4"))
     phashes = {"s1": (0xFF << 8, 0xF), "s2": (0b0111, 0xFF << 40), "s3": (0xFF << 20, 0xFF << 30),
                "s4": (0xFF << 50, 0xFF << 31)}
-    fates = decide_fates(raw, phashes, near_distance=2)
+    fates = decide_fates(raw, phashes, near_distance=2, check=AGREE)
 
     assert fates["reason"].tolist() == ["", "near_duplicate", "cross_class_near", "cross_class_near"]
     assert fates["duplicate_of"].tolist() == ["", "a", "d", "c"]
@@ -362,7 +381,7 @@ def test_near_drop_leaves_kept_images_pairwise_apart():
     hashes = planted_hashes(seed=5, n_random=60, n_planted=120)
     rows = [(f"f{i}", "cls", f"s{i}") for i in range(len(hashes))]
     phashes = {f"s{i}": int(h) for i, h in enumerate(hashes)}
-    fates = decide_fates(manifest(*rows), phashes, near_distance=6)
+    fates = decide_fates(manifest(*rows), phashes, near_distance=6, check=AGREE)
     kept = [int(hashes[i]) for i in np.nonzero(fates["status"] == "kept")[0]]
 
     assert 0 < fates["reason"].eq("near_duplicate").sum() < len(hashes) - 60
@@ -376,7 +395,7 @@ def test_near_group_keeps_all_and_links_components():
         ("a", "cat", "s1"), ("x", "cat", "s5"), ("b", "cat", "s2"), ("c", "cat", "s3"), ("dog", "dog", "s6")
     )
     phashes = {"s1": 0b0000, "s2": 0b0011, "s3": 0b1111, "s5": 0xFF << 30, "s6": 0b1111 << 50}
-    fates = decide_fates(raw, phashes, near_distance=2, near_action="group")
+    fates = decide_fates(raw, phashes, near_distance=2, near_action="group", check=AGREE)
 
     assert (fates["status"] == "kept").all()
     assert fates["group"].tolist() == ["a", "x", "a", "a", "dog"]
@@ -394,16 +413,16 @@ def test_near_distance_zero_disables_near_checks():
 def test_bad_options_and_inputs_fail_with_the_key():
     raw = manifest(("a", "cat", "s1"))
     with pytest.raises(ValueError, match="near_action"):
-        decide_fates(raw, {"s1": 1}, 2, near_action="merge")
+        decide_fates(raw, {"s1": 1}, 2, near_action="merge", check=AGREE)
     with pytest.raises(ValueError, match="no perceptual hash"):
-        decide_fates(raw, {}, 2)
+        decide_fates(raw, {}, 2, check=AGREE)
     with pytest.raises(ValueError, match="origin"):
-        decide_fates(raw.drop(columns="origin"), {"s1": 1}, 2)
+        decide_fates(raw.drop(columns="origin"), {"s1": 1}, 2, check=AGREE)
 
 
 def test_summary_counts_every_class_and_reason():
     raw = manifest(("a", "cat", "s1"), ("b", "cat", "s1"), ("c", "dog", "", "failed"), ("d", "dog", "s1"))
-    summary = summarize_fates(decide_fates(raw, {"s1": 1}, 0))
+    summary = summarize_fates(decide_fates(raw, {"s1": 1}, 0, check=AGREE))
 
     assert summary["n_images"] == 4 and summary["n_kept"] == 0 and summary["n_dropped"] == 4
     assert summary["kept_cat"] == 0 and summary["kept_dog"] == 0
@@ -559,8 +578,148 @@ def test_exclusion_entries_that_name_nothing_are_warned_about_with_their_line(tm
 
 def test_a_hash_given_as_a_signed_integer_is_the_same_bits():
     raw = manifest(("a", "cat", "s1"), ("b", "cat", "s2"))
-    signed = decide_fates(raw, {"s1": np.int64(-1), "s2": (np.int64(-2), 5)}, near_distance=1)
-    unsigned = decide_fates(raw, {"s1": 2**64 - 1, "s2": (2**64 - 2, 5)}, near_distance=1)
+    signed = decide_fates(raw, {"s1": np.int64(-1), "s2": (np.int64(-2), 5)}, near_distance=1, check=AGREE)
+    unsigned = decide_fates(raw, {"s1": 2**64 - 1, "s2": (2**64 - 2, 5)}, near_distance=1, check=AGREE)
 
     pd.testing.assert_frame_equal(signed, unsigned)
     assert signed["reason"].tolist() == ["", "near_duplicate"] and signed["phash"][0] == "ffffffffffffffff"
+
+
+# ----------------------------------------------- near duplicates confirmed on pixels
+
+
+def default_near_settings() -> tuple[int, float]:
+    """dedupe.near_distance and dedupe.near_pixel_difference as the schema's defaults give them."""
+    dedupe = load_schema(SCHEMA)["properties"]["dedupe"]["properties"]
+    return dedupe["near_distance"]["default"], dedupe["near_pixel_difference"]["default"]
+
+
+@pytest.fixture(scope="module")
+def low_texture(tmp_path_factory):
+    """The generated set of distinct low-texture images (imgpipe.lowtexture) as a crawl manifest."""
+    written = write_low_texture_set(tmp_path_factory.mktemp("low_texture"))
+    return manifest(*[(path, label, f"{k:064x}") for k, (path, label) in enumerate(written)])
+
+
+def test_default_pixel_difference_is_the_schemas():
+    assert default_near_settings()[1] == DEFAULT_PIXEL_DIFFERENCE
+
+
+def test_generated_low_texture_images_are_distinct_by_construction():
+    images = low_texture_set(per_class=40, per_other=10)
+    shapes = [image for image in images if image.family == "shape"]
+
+    assert len(images) == 3 * 40 + 4 * 10 and {image.label for image in images} >= set(SHAPES)
+    assert all(distinct(a, b) for a, b in itertools.combinations(images, 2))
+    first = shapes[0]
+    assert not distinct(first, replace(first, numbers={**first.numbers, "x": first.numbers["x"] + 0.5}))
+    assert distinct(first, replace(first, numbers={**first.numbers, "x": first.numbers["x"] + 1}))
+
+
+def test_no_distinct_low_texture_image_is_dropped_at_the_defaults(low_texture):
+    near_distance, pixel_difference = default_near_settings()
+    fates = dedupe_images(low_texture, near_distance, near_pixel_difference=pixel_difference, threads=2)
+
+    assert len(fates) >= 900
+    assert (fates["status"] == "kept").all(), fates.loc[fates["status"] != "kept", ["file", "reason", "detail"]]
+    # the hashes alone (the old rule) would have dropped many, across the shape classes too
+    by_hashes = summarize_fates(dedupe_images(low_texture, near_distance, near_pixel_difference=255, threads=2))
+    assert by_hashes["dropped_cross_class_near"] > 50 and by_hashes["dropped_near_duplicate"] > 20
+
+
+def test_whole_vs_center_matches_of_distinct_images_are_rejected(low_texture):
+    near_distance, pixel_difference = default_near_settings()
+    files = low_texture["file"].tolist()
+    hashes = np.array(hash_images(files, 2), dtype=np.uint64)
+    pairs = group_pairs(hashes, near_distance)
+    whole = np.bitwise_count(hashes[pairs[:, 0], 0] ^ hashes[pairs[:, 1], 0])
+    through_center = pairs[whole > 2 * near_distance]  # whole pictures far apart: matched via a center hash
+    verdict = confirm(hashes[through_center[:, 0]], hashes[through_center[:, 1]],
+                      [files[a] for a in through_center[:, 0]], [files[b] for b in through_center[:, 1]],
+                      near_distance, PixelCheck(pixel_difference))
+
+    assert len(through_center) >= 20
+    assert not verdict["confirmed"].any()
+    assert (verdict["difference"] > pixel_difference).all()
+
+
+def edited_copies(photo: Image.Image, folder, stem: str) -> list[str]:
+    """The photo as a JPEG and edited copies of it a person calls the same picture."""
+    paths = []
+
+    def save(name, image, **options):
+        paths.append(str(folder / f"{stem}_{name}.jpg"))
+        image.save(paths[-1], **({"quality": 85} | options))
+
+    save("original", photo, quality=90)
+    save("reencode_q50", photo, quality=50)
+    save("resize_half", photo.resize((photo.width // 2, photo.height // 2), Image.Resampling.BICUBIC))
+    save("darker_20pct", ImageEnhance.Brightness(photo).enhance(0.8))
+    save("brighter_20pct", ImageEnhance.Brightness(photo).enhance(1.2))
+    save("crop_5pct", cropped(photo, 0.05))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned; viewers (and imgpipe) turn it back upright
+    save("exif_rotation", photo.transpose(Image.Transpose.ROTATE_90), exif=exif)
+    return paths
+
+
+def test_edited_copies_are_still_near_duplicates_at_the_defaults(tmp_path, photos):
+    near_distance, pixel_difference = default_near_settings()
+    paths = [p for k, photo in enumerate(photos) for p in edited_copies(photo, tmp_path, f"photo{k}")]
+    raw = manifest(*[(path, "cat", f"{k:064x}") for k, path in enumerate(paths)])
+    fates = dedupe_images(raw, near_distance, near_pixel_difference=pixel_difference)
+
+    originals = [p for p in paths if p.endswith("_original.jpg")]
+    assert fates.loc[fates["status"] == "kept", "file"].tolist() == originals
+    copies = fates[fates["status"] == "dropped"]
+    assert (copies["reason"] == "near_duplicate").all()
+    assert [Path(p).name.split("_")[0] for p in copies["duplicate_of"]] == \
+        [Path(p).name.split("_")[0] for p in copies["file"]]
+    assert copies["detail"].str.contains("pixels differ by").all()
+    crop = copies[copies["file"].str.endswith("crop_5pct.jpg")]
+    assert crop["detail"].str.contains("vs center|center vs").all()
+
+
+def test_near_duplicate_warnings_name_the_keys_and_the_contact_sheet():
+    rows = [("a", "cat", "s1"), ("b", "cat", "s2"), ("c", "cat", "s3"), ("d", "dog", "s4"), ("e", "dog", "s5"),
+            ("f", "bird", "s6")] + [(f"g{k}", "bird", f"t{k}") for k in range(10)]
+    # b and c near a (cat loses 2 of 3); e near f across classes; the birds are far apart
+    phashes = {"s1": 0, "s2": 1, "s3": 3, "s4": 2**40 - 1, "s5": 0xFF << 20, "s6": (0xFF << 20) | 1}
+    phashes |= {f"t{k}": (2**64 - 1) >> (6 * k) << (6 * k) for k in range(10)}
+    fates = decide_fates(manifest(*rows), phashes, near_distance=2, check=AGREE)
+    warnings = near_duplicate_warnings(fates)
+
+    assert sorted(warnings) == ["bird", "cat", "dog"]
+    assert "2 of 3 images (67%) dropped as near duplicates" in warnings["cat"]
+    assert "cross_class_near" in warnings["dog"] and "near duplicates of images in another class" in warnings["bird"]
+    for warning in warnings.values():
+        assert "dedupe.near_distance" in warning and "dedupe.near_pixel_difference" in warning
+    assert "review/cat.html" in warnings["cat"]
+    assert near_duplicate_warnings(decide_fates(manifest(*rows), phashes, near_distance=0)) == {}
+
+
+def test_target_counter_counts_distinct_low_texture_images_and_not_edited_copies(tmp_path, photos):
+    near_distance, pixel_difference = default_near_settings()
+    store = tmp_path / "files"
+    store.mkdir()
+    # two distinct shapes whose hashes match (a candidate the pixels reject), and a photo's copies
+    images = {image.name: image for image in low_texture_set(per_class=300, per_other=0)}
+    written = write_images(list(images.values()), tmp_path / "set")
+    hashes = np.array(hash_images([path for path, _ in written], 2), dtype=np.uint64)
+    a, b, _ = group_pairs(hashes, near_distance)[0]
+    copies = edited_copies(photos[0], tmp_path, "photo")
+    offered = [written[a][0], written[b][0], copies[0], copies[2], copies[5]]
+    counter = TargetCounter(target=10, near_distance=near_distance, files=store,
+                            near_pixel_difference=pixel_difference)
+    counted = []
+    for k, path in enumerate(offered):
+        stored = f"{k:06d}{Path(path).suffix}"
+        (store / stored).write_bytes(Path(path).read_bytes())
+        whole, center = perceptual_hashes(store / stored)
+        record = {"status": "ok", "reason": "", "sha256": f"{k:064x}", "stored": stored, "width": 100, "height": 100,
+                  "format": "PNG" if path.endswith(".png") else "JPEG", "bytes": 1,
+                  "phash": format_hash(whole), "phash_center": format_hash(center)}
+        counted.append(counter.offer(record, CrawlLimits()))
+
+    assert counted == [True, True, True, False, False]
+    assert counter.count == 3

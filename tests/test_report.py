@@ -265,7 +265,8 @@ def test_a_lead_that_mcnemar_cannot_confirm_is_called_a_tie(experiment):
     assert summary["verdict"].startswith("No significant winner: resnet18 ranks first by accuracy (0.9700) but "
                                          "is statistically tied with mobilenet")
     assert "mobilenet is the cheapest of them" in summary["verdict"]
-    assert md.split("\n\n")[1] == summary["verdict"]  # first thing under the title
+    # first thing under the title, after the data warnings (the fixture's dog class lost images across classes)
+    assert [p for p in md.split("\n\n")[1:] if not p.startswith("Warning:")][0] == summary["verdict"]
     assert "## Is the difference real?" in md and "corrected p < 0.05" in md
     significance = md.split("## Is the difference real?", 1)[1].split("\n## ", 1)[0]
     assert re.search(r"^\| resnet18 +\| cnn +\| +27 \| +0 \| +< 0.0001 \| +< 0.0001 \| yes", significance, re.M)
@@ -426,3 +427,19 @@ def test_the_cheapest_of_tied_models_goes_by_size_not_by_measured_speed():
     a, b = {"n_parameters": 100, "latency_ms_batch1": 0.30}, {"n_parameters": 100, "latency_ms_batch1": 0.20}
     assert _cheapest({"a": a, "b": b}, ["b", "a"]) == "a"  # a tie in size goes by name
     assert _cheapest({"a": a, "b": {**b, "n_parameters": 99}}, ["a", "b"]) == "b"
+
+
+def test_near_duplicate_losses_are_warned_at_the_top_with_the_contact_sheet(experiment):
+    sheet = experiment["root"] / "review" / "dog.html"
+    sheet.parent.mkdir(exist_ok=True)
+    sheet.write_text("<html></html>")
+    summary, md, html_text = report(experiment, out_name="warned", review_sheets={"dog": sheet})
+
+    top = md.split("## ", 1)[0]  # before the first section
+    assert top.index("Warning: class 'dog'") < top.index(summary["verdict"][:40])
+    assert "3 dropped as near duplicates of images in another class (cross_class_near)" in top
+    assert "dedupe.near_distance" in top and "dedupe.near_pixel_difference" in top
+    assert "[dog](../review/dog.html)" in top
+    assert '<a href="../review/dog.html">dog</a>' in html_text
+    # the cat class lost 4 of 104 as exact duplicates only: no warning
+    assert "class 'cat'" not in md

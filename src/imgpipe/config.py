@@ -765,6 +765,7 @@ def crawl_settings(config: dict, class_name: str) -> dict:
         "limits": {key: value for key, value in config["crawl"].items() if key not in CRAWL_EXECUTION_KEYS},
         "target": target,
         "near_distance": config["dedupe"]["near_distance"] if target is not None else None,
+        "near_pixel_difference": config["dedupe"]["near_pixel_difference"] if target is not None else None,
     })
 
 

@@ -236,6 +236,7 @@ def crawl_class(
     limits: CrawlLimits | None = None,
     target: int | None = None,
     near_distance: int | None = None,
+    near_pixel_difference: float | None = None,
     file_hashes: FileHashCache | None = None,
     feeder_cls=None,
 ) -> tuple[pd.DataFrame, dict]:
@@ -257,8 +258,8 @@ def crawl_class(
 
     started = time.monotonic()
     deadline = started + limits.time_budget_s if limits.time_budget_s else None
-    counter = TargetCounter(target, near_distance if target else None)
     with ClassStore(store_dir, limits) as store:
+        counter = TargetCounter(target, near_distance if target else None, store.files, near_pixel_difference)
         if store.records:
             logger.info("class %r: resuming: %d URLs/files already tried", class_name, len(store.latest))
         crawl = _ClassCrawl(class_name, store, limits, counter, file_hashes or FileHashCache(), deadline, feeder_cls)
@@ -273,7 +274,7 @@ def crawl_class(
         _fail_if_every_engine_is_dead(crawl)
         query_caps = {index: source["max_num"] for index, (kind, source) in enumerate(checked)
                       if kind in ("engine", "greedy") and source.get("max_num")}
-        rows, final = _capped_at_target(rows, target, near_distance, limits, query_caps)
+        rows, final = _capped_at_target(rows, counter.fresh(), limits, query_caps)
         manifest = _materialise(rows, class_name, out_dir, store, limits)
     summary = summarize_crawl(crawl, final, manifest)
     log = logger.info if target is None or final.reached else logger.warning
@@ -706,16 +707,15 @@ def _not_tried(origin: str, crawl: _ClassCrawl) -> dict:
 _LISTING_FIELDS = ("origin", "source", "source_index", "engine", "query", "rank")
 
 
-def _capped_at_target(rows: list[dict], target: int | None, near_distance: int | None,
-                      limits: CrawlLimits, query_caps: dict[int, int] | None = None) -> tuple[list[dict], TargetCounter]:
+def _capped_at_target(rows: list[dict], counter: TargetCounter, limits: CrawlLimits,
+                      query_caps: dict[int, int] | None = None) -> tuple[list[dict], TargetCounter]:
     """The rows as the manifest lists them: each URL once (the first time a source named it),
-    and everything after the target-th new image (or after a query's ``max_num``-th, for the
-    sources in ``query_caps``: source index -> max_num) ``skipped``.
+    and everything after the target-th new image (``counter``, a fresh one, counts them; or after
+    a query's ``max_num``-th, for the sources in ``query_caps``: source index -> max_num) ``skipped``.
 
     Downloads run in parallel and a store can hold more than this run asked for; counting again
     here, in the manifest's order, gives the same rows whatever was fetched past a cap.
     """
-    counter = TargetCounter(target, near_distance if target else None)
     per_query: Counter = Counter()
     query_caps = query_caps or {}
     listed, capped = set(), []
@@ -726,7 +726,7 @@ def _capped_at_target(rows: list[dict], target: int | None, near_distance: int |
         query = (row.get("source_index"), row.get("query") or "")
         cap = query_caps.get(row.get("source_index"))
         if counter.reached:
-            row = _skipped(row, f"beyond target {target}")
+            row = _skipped(row, f"beyond target {counter.target}")
         elif cap is not None and per_query[query] >= cap:
             row = _skipped(row, f"beyond sources[{row.get('source_index')}].max_num {cap}")
         elif row["status"] != "skipped":

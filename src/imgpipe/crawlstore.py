@@ -35,6 +35,7 @@ from imgpipe.files import OutputWriteError, error_text, writing
 from imgpipe.fingerprints import file_sha256
 from imgpipe.hashing import format_hash, perceptual_hashes
 from imgpipe.images import IMAGE_EXTENSIONS, inspect_image
+from imgpipe.nearmatch import DEFAULT_PIXEL_DIFFERENCE, PixelCheck, confirm
 
 logger = logging.getLogger(__name__)
 
@@ -118,24 +119,38 @@ def effective_status(record: dict, limits: CrawlLimits) -> tuple[str, str]:
 class TargetCounter:
     """Counts new, valid, non-duplicate images of a class towards its target.
 
-    Duplicate means the same bytes, or (with ``near_distance``) perceptual hashes within
-    that many bits of an image already counted (the nearest of their whole and center
-    hashes): what the dedupe stage would drop.
+    Duplicate means the same bytes, or (with ``near_distance``) a near duplicate of an image
+    already counted, as the dedupe stage decides it (imgpipe.nearmatch.confirm): perceptual
+    hashes within that many bits (whole or center) make a candidate, and the pixels of the
+    stored files (in ``files``) confirm it, within ``near_pixel_difference`` gray levels.
     """
 
     target: int | None
     near_distance: int | None = None
+    files: Path | None = None  # the store's files folder: records name their file in it ("stored")
+    near_pixel_difference: float | None = None
     count: int = 0
     _shas: set = field(default_factory=set)
-    # counted perceptual hashes, in an array that doubles when full: one vectorised
-    # comparison per offer (100,000 images: ~5e9 popcounts in all, seconds)
-    _hashes: np.ndarray = field(default_factory=lambda: np.zeros(1024, dtype=np.uint64))
-    _n_hashes: int = 0
+    # counted images' (whole, center) hashes, in an array that doubles when full: one
+    # vectorised comparison per offer (100,000 images: ~1e10 popcounts in all, seconds)
+    _hashes: np.ndarray = field(default_factory=lambda: np.zeros((1024, 2), dtype=np.uint64))
+    _stored: list = field(default_factory=list)  # the file of each counted hash row
+    _check: PixelCheck | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        if self._check is None:
+            difference = DEFAULT_PIXEL_DIFFERENCE if self.near_pixel_difference is None else self.near_pixel_difference
+            self._check = PixelCheck(difference)
 
     @property
     def reached(self) -> bool:
         return self.target is not None and self.count >= self.target
+
+    def fresh(self) -> TargetCounter:
+        """An empty counter with the same settings (sharing the decoded thumbnails)."""
+        return TargetCounter(self.target, self.near_distance, self.files, self.near_pixel_difference,
+                             _check=self._check)
 
     def offer(self, record: dict, limits: CrawlLimits) -> bool:
         """Count ``record`` if it is a kept image unlike every counted one; True if counted."""
@@ -144,19 +159,32 @@ class TargetCounter:
         with self._lock:
             if self.reached or record["sha256"] in self._shas:
                 return False
-            # (a store written before center hashes existed has only the whole one)
-            values = [np.uint64(int(record[key], 16)) for key in ("phash", "phash_center") if record.get(key)]
-            if self.near_distance and values:
-                known = self._hashes[:self._n_hashes]
-                if len(known) and min(int(np.bitwise_count(known ^ v).min()) for v in values) <= self.near_distance:
+            # (a store written before center hashes existed has only the whole one: it stands for both)
+            values = [int(record[key], 16) for key in ("phash", "phash_center") if record.get(key)]
+            if self.near_distance and values and record.get("stored") and self.files is not None:
+                hashes = np.array([values[0], values[-1]], dtype=np.uint64)
+                if self._near_a_counted_one(hashes, str(self.files / record["stored"])):
                     return False
-                while self._n_hashes + len(values) > len(self._hashes):
+                if len(self._stored) == len(self._hashes):
                     self._hashes = np.concatenate([self._hashes, np.zeros_like(self._hashes)])
-                self._hashes[self._n_hashes:self._n_hashes + len(values)] = values
-                self._n_hashes += len(values)
+                self._hashes[len(self._stored)] = hashes
+                self._stored.append(str(self.files / record["stored"]))
             self._shas.add(record["sha256"])
             self.count += 1
             return True
+
+    def _near_a_counted_one(self, hashes: np.ndarray, file: str) -> bool:
+        known = self._hashes[:len(self._stored)]
+        if not len(known):
+            return False
+        bits = np.bitwise_count(known[:, :, None] ^ hashes[None, None, :]).reshape(len(known), -1).min(axis=1)
+        candidates = np.flatnonzero(bits <= self.near_distance)
+        if not len(candidates):
+            return False
+        verdict = confirm(known[candidates], np.repeat(hashes[None], len(candidates), axis=0),
+                          [self._stored[k] for k in candidates], [file] * len(candidates), self.near_distance,
+                          self._check)
+        return bool(verdict["confirmed"].any())
 
 
 class ClassStore:

@@ -15,9 +15,12 @@ Rules, applied in this order:
    one ``group``, so that the split stage keeps each group inside one split.
 
 Near-duplicate search runs on 64-bit perceptual hashes (pHash) compared by Hamming
-distance, two per image (whole and center, see imgpipe.hashing; two images are as near
-as their nearest hashes); all pairs within a distance are found by multi-index hashing,
-which returns exactly what a brute-force comparison would, much faster.
+distance, two per image (whole and center, see imgpipe.hashing); all pairs within a
+distance are found by multi-index hashing, which returns exactly what a brute-force
+comparison would, much faster. A pair so found is a candidate only: it is a near duplicate
+when the decoded pixels of the regions whose hashes matched agree too (within
+``near_pixel_difference``, see imgpipe.nearmatch), so distinct low-texture pictures whose
+hashes happen to be close are kept.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ import numpy as np
 import pandas as pd
 
 from imgpipe.files import read_list_entries
-from imgpipe.hamming import group_pairs
 from imgpipe.hashing import ImageHashes, format_hash, hash_images
 from imgpipe.manifests import CRAWL_STATUSES, FATE_COLUMNS
+from imgpipe.nearmatch import DEFAULT_PIXEL_DIFFERENCE, PixelCheck, hypothesis_name, near_pairs
 
 log = logging.getLogger(__name__)
 
@@ -132,22 +135,23 @@ def _cross_class_exact(units: pd.DataFrame) -> dict[int, int]:
     return partner
 
 
-def _unit_pairs(units: pd.DataFrame, hashes: Sequence[tuple[int, ...]], near_distance: int) -> pd.DataFrame:
-    """Pairs of units (pos_u, pos_v, dist, same_class) within near_distance, both directions.
+def _unit_pairs(units: pd.DataFrame, hashes: Sequence[tuple[int, ...]], files: np.ndarray, near_distance: int,
+                check: PixelCheck) -> pd.DataFrame:
+    """Near-duplicate pairs of units (pos_u, pos_v, dist, same_class, hypothesis, difference),
+    both directions: hashes within near_distance, confirmed on the pixels.
 
-    Hashes are compared once per distinct content (sha256), then mapped back to units
+    Contents are compared once per distinct content (sha256), then mapped back to units
     (one content in several classes gives one unit per class).
     """
     reps = units.drop_duplicates("sha")
     rep_of = dict(zip(reps["sha"], range(len(reps))))
-    pairs = group_pairs([hashes[pos] for pos in reps["pos"]], near_distance)
-    forward = pd.DataFrame(pairs, columns=["a", "b", "dist"])
+    forward = near_pairs([hashes[pos] for pos in reps["pos"]], files[reps["pos"].to_numpy()], near_distance, check)
     both = pd.concat([forward, forward.rename(columns={"a": "b", "b": "a"})], ignore_index=True)
     side = pd.DataFrame({"rep": units["sha"].map(rep_of), "pos": units["pos"], "cls": units["cls"]})
     both = both.merge(side.add_suffix("_u"), left_on="a", right_on="rep_u")
     both = both.merge(side.add_suffix("_v"), left_on="b", right_on="rep_v")
     both["same_class"] = both["cls_u"] == both["cls_v"]
-    return both[["pos_u", "pos_v", "dist", "same_class"]]
+    return both[["pos_u", "pos_v", "dist", "same_class", "hypothesis", "difference"]]
 
 
 def _nearest(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -155,20 +159,26 @@ def _nearest(pairs: pd.DataFrame) -> pd.DataFrame:
     return pairs.sort_values(["pos_u", "dist", "pos_v"]).drop_duplicates("pos_u")
 
 
-def _greedy_near_drop(pairs: pd.DataFrame) -> dict[int, tuple[int, int]]:
-    """In manifest order, drop each unit within reach of an already-kept one.
+def _greedy_near_drop(pairs: pd.DataFrame) -> dict[int, tuple]:
+    """In manifest order, drop each unit that is a near duplicate of an already-kept one.
 
-    Returns dropped unit -> (nearest kept earlier unit, distance); kept units are then
-    pairwise further apart than the threshold.
+    Returns dropped unit -> its pair's row (pos_u, pos_v, dist, ...) with the nearest kept
+    earlier unit; kept units are then pairwise no near duplicates.
     """
     earlier = pairs[pairs["pos_v"] < pairs["pos_u"]].sort_values(["pos_u", "dist", "pos_v"])
-    dropped: dict[int, tuple[int, int]] = {}
+    dropped: dict[int, tuple] = {}
     # Sorted by unit, so every earlier unit's fate is final when a unit is reached;
     # its candidates come nearest first.
-    for unit, other, dist in zip(earlier["pos_u"], earlier["pos_v"], earlier["dist"]):
-        if unit not in dropped and other not in dropped:
-            dropped[unit] = (int(other), int(dist))
+    for row in earlier.itertuples(index=False):
+        if row.pos_u not in dropped and row.pos_v not in dropped:
+            dropped[row.pos_u] = row
     return dropped
+
+
+def _near_detail(pair, max_difference: float) -> str:
+    """What made a pair near duplicates: which hashes matched, and how far the pixels differ."""
+    return (f"pHash {hypothesis_name(pair.hypothesis)} within {pair.dist} bits; pixels differ by "
+            f"{pair.difference:.0f} gray levels (dedupe.near_pixel_difference {max_difference:g})")
 
 
 def _components(pairs: pd.DataFrame) -> dict[int, int]:
@@ -194,14 +204,17 @@ def decide_fates(
     near_distance: int,
     near_action: str = "drop",
     exclude: Iterable[str] = frozenset(),
+    check: PixelCheck | None = None,
 ) -> pd.DataFrame:
     """The fates table for a crawl manifest, given the perceptual hash of each content.
 
-    `phashes` maps sha256 to its pHash or pHashes (whole and center, as
-    imgpipe.hashing.ImageHashes; None: could not be decoded, so the rows are corrupt);
-    every row with status ok needs its sha256 in it. See `dedupe_images` for the rules
-    and the columns. Rows keep the manifest's order, and the manifest order decides
-    which copy is kept, so the same input always gives the same table.
+    `phashes` maps sha256 to its pHashes (whole and center, as
+    imgpipe.hashing.ImageHashes; one int stands for both; None: could not be decoded, so
+    the rows are corrupt); every row with status ok needs its sha256 in it. Candidate
+    pairs are confirmed by `check` on the rows' files (default: a PixelCheck at the
+    default dedupe.near_pixel_difference). See `dedupe_images` for the rules and the
+    columns. Rows keep the manifest's order, and the manifest order decides which copy is
+    kept, so the same input always gives the same table.
     """
     _check_raw(raw)
     if near_action not in NEAR_ACTIONS:
@@ -221,7 +234,7 @@ def decide_fates(
         value = phashes[sha[row]]
         if value is not None:
             # (a hash read as a signed 64-bit integer is the same bits)
-            values = (value,) if isinstance(value, (int, np.integer)) else value
+            values = (value, value) if isinstance(value, (int, np.integer)) else value
             hashes[row] = tuple(int(v) & (2**64 - 1) for v in values)
     has_hash = np.array([bool(h) for h in hashes], dtype=bool)
 
@@ -247,18 +260,21 @@ def decide_fates(
     for unit, other in _cross_class_exact(units).items():
         unit_reason[unit] = "cross_class_exact"
         duplicate_of[unit], distance[unit] = other, 0
-    pairs = _unit_pairs(units, hashes, near_distance) if near_distance > 0 else None
+    check = check if check is not None else PixelCheck()
+    pairs = _unit_pairs(units, hashes, files, near_distance, check) if near_distance > 0 else None
     if pairs is not None:
         cross = pairs[~pairs["same_class"] & ~pairs["pos_u"].isin(list(unit_reason))]
-        for unit, other, dist in _nearest(cross)[["pos_u", "pos_v", "dist"]].itertuples(index=False):
-            unit_reason[unit] = "cross_class_near"
-            duplicate_of[unit], distance[unit] = other, dist
+        for pair in _nearest(cross).itertuples(index=False):
+            unit_reason[pair.pos_u] = "cross_class_near"
+            duplicate_of[pair.pos_u], distance[pair.pos_u] = pair.pos_v, pair.dist
+            detail[pair.pos_u] = _near_detail(pair, check.max_difference)
         survivors = ~pairs["pos_u"].isin(list(unit_reason)) & ~pairs["pos_v"].isin(list(unit_reason))
         pairs = pairs[pairs["same_class"] & survivors]
         if near_action == "drop":
-            for unit, (other, dist) in _greedy_near_drop(pairs).items():
+            for unit, pair in _greedy_near_drop(pairs).items():
                 unit_reason[unit] = "near_duplicate"
-                duplicate_of[unit], distance[unit] = other, dist
+                duplicate_of[unit], distance[unit] = pair.pos_v, pair.dist
+                detail[unit] = _near_detail(pair, check.max_difference)
 
     # Every row shares its unit's fate, except that extra copies of a unit that is
     # not dropped across classes are exact duplicates of its first row.
@@ -267,7 +283,7 @@ def decide_fates(
         cross_dropped = unit_reason.get(unit, "").startswith("cross_class")
         if row == unit or cross_dropped:
             reason[row] = unit_reason.get(unit, "")
-            duplicate_of[row], distance[row] = duplicate_of[unit], distance[unit]
+            duplicate_of[row], distance[row], detail[row] = duplicate_of[unit], distance[unit], detail[unit]
         else:
             reason[row] = "exact_duplicate"
             duplicate_of[row], distance[row] = unit, 0
@@ -308,6 +324,7 @@ def dedupe_images(
     near_action: str = "drop",
     exclude: Iterable[str] = frozenset(),
     threads: int = 1,
+    near_pixel_difference: float = DEFAULT_PIXEL_DIFFERENCE,
 ) -> pd.DataFrame:
     """Fates of all crawled images of all classes: one row per manifest row.
 
@@ -319,14 +336,19 @@ def dedupe_images(
        file cannot be decoded: "corrupt");
     2. rows whose sha256, file or origin is in `exclude` are dropped, with every copy of
        their bytes: "excluded";
-    3. content in two classes, by bytes or by pHash within `near_distance`, is dropped
-       from all of them: "cross_class_exact" / "cross_class_near", duplicate_of naming
-       a file of the other class (the nearest, then the first);
+    3. content in two classes, by bytes or as near duplicates, is dropped from all of
+       them: "cross_class_exact" / "cross_class_near", duplicate_of naming a file of the
+       other class (the nearest, then the first);
     4. within a class, copies of the same bytes after the first: "exact_duplicate";
-    5. within a class, pHash within `near_distance` (0 disables this and the near part
-       of 3): with near_action "drop", an image within reach of an already kept image
+    5. within a class, near duplicates (0 `near_distance` disables this and the near part
+       of 3): with near_action "drop", a near duplicate of an already kept image
        (manifest order) is dropped, "near_duplicate", duplicate_of the nearest such;
        with "group", all are kept and linked images share a group.
+
+    Near duplicates: a pair whose pHashes (whole or center) are within `near_distance`
+    bits is a candidate; it is a near duplicate when the pixels of the matched regions
+    differ by at most `near_pixel_difference` gray levels (imgpipe.nearmatch). Only
+    candidates are decoded again, once per image, on `threads` threads.
 
     The ``phash`` and ``phash_center`` columns (the crawl's hashes) are reused; only rows
     without both are hashed.
@@ -334,9 +356,10 @@ def dedupe_images(
     Columns (one table a person can audit): file, class, origin (URL or path), source,
     query, sha256, phash and phash_center (16 hex digits each, "" if not decoded), status
     ("kept" | "dropped"),
-    reason ("" when kept), detail (the crawl's reason, or the exclusion entry that matched),
+    reason ("" when kept), detail (the crawl's reason, the exclusion entry that matched,
+    or for a near duplicate which hashes matched and how far the pixels differ),
     duplicate_of ("" when none), distance
-    (Hamming distance to duplicate_of, the nearest of their hashes, 0 for exact copies,
+    (Hamming distance to duplicate_of, of the hashes that matched, 0 for exact copies,
     <NA> when none), group (for
     kept rows, the first file of its near-duplicate group, its own file when alone;
     "" when dropped).
@@ -356,7 +379,38 @@ def dedupe_images(
     log.info("%d distinct images of %d ok rows: %d hashed by the crawl, %d to hash", len(contents), ok.sum(),
              len(known), len(unhashed))
     phashes |= dict(zip(unhashed["sha"], hash_images(unhashed["file"].tolist(), threads)))
-    return decide_fates(raw, phashes, near_distance, near_action, exclude)
+    return decide_fates(raw, phashes, near_distance, near_action, exclude, PixelCheck(near_pixel_difference, threads))
+
+
+# A class losing more than this share of its images as near duplicates gets a warning.
+NEAR_DUPLICATE_WARN_SHARE = 0.10
+
+
+def near_duplicate_warnings(fates: pd.DataFrame) -> dict[str, str]:
+    """Classes whose near-duplicate drops deserve a look: class -> one warning sentence.
+
+    A class warns when more than NEAR_DUPLICATE_WARN_SHARE of its images were dropped as
+    ``near_duplicate``, or when any was dropped as ``cross_class_near``: then either the
+    crawl really returned that many copies, or distinct pictures were taken for copies
+    (low-texture images: shapes, icons, scans). The sentence names the keys to change.
+    The dedupe job logs these, and the report shows them at its top.
+    """
+    warnings = {}
+    for cls, rows in fates.groupby("class", sort=True):
+        near = int((rows["reason"] == "near_duplicate").sum())
+        cross = int((rows["reason"] == "cross_class_near").sum())
+        parts = []
+        if near > NEAR_DUPLICATE_WARN_SHARE * len(rows):
+            parts.append(f"{near} of {len(rows)} images ({near / len(rows):.0%}) dropped as near duplicates")
+        if cross:
+            parts.append(f"{cross} dropped as near duplicates of images in another class (cross_class_near)")
+        if parts:
+            warnings[cls] = (
+                f"class {cls!r}: {' and '.join(parts)}. If they are distinct pictures, lower dedupe.near_distance "
+                f"(0: exact copies only) or dedupe.near_pixel_difference, or set dedupe.near_action: group; "
+                f"check its contact sheet (review/{cls}.html)."
+            )
+    return warnings
 
 
 def summarize_fates(fates: pd.DataFrame) -> dict[str, int]:

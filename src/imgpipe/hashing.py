@@ -61,6 +61,29 @@ def _phash(gray: Image.Image, box: tuple[float, float, float, float] | None = No
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
+def decode_gray(path: str | os.PathLike) -> Image.Image:
+    """The image at `path`, upright and grayscale, decoded no larger than the hash needs.
+
+    EXIF orientation is applied first: a photo and its rotated copy look the same to a
+    person (and to the model, once preprocessing has applied it), so they must hash the
+    same. JPEGs are decoded at reduced scale straight to grayscale (``Image.draft``),
+    which is where most of the time goes; the hash only needs 32x32 pixels (and the
+    near-duplicate pixel check 64x64, see imgpipe.nearmatch: draft keeps at least that).
+    """
+    with Image.open(path) as img:
+        img.draft("L", (2 * _HASH_SIZE, 2 * _HASH_SIZE))
+        upright = ImageOps.exif_transpose(img)
+    # 16-bit and float images keep their range: convert("L") would clip them.
+    return upright.convert("F" if upright.mode[0] in "IF" else "L")
+
+
+def center_box(size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The center region of a picture of `size` (width, height): CENTER_MARGIN cut from each side."""
+    width, height = size
+    return (width * CENTER_MARGIN, height * CENTER_MARGIN, width * (1 - CENTER_MARGIN),
+            height * (1 - CENTER_MARGIN))
+
+
 def perceptual_hashes(path: str | os.PathLike) -> ImageHashes:
     """64-bit perceptual hashes (pHash) of the image file at `path`, whole and center.
 
@@ -69,22 +92,11 @@ def perceptual_hashes(path: str | os.PathLike) -> ImageHashes:
     included), bit set where the coefficient is above the median of those 64 (so half
     the bits are set and distances are even). Bit 63 is coefficient (0, 0), then row by
     row, the order of imagehash's hex string. The center hash is the same of the middle
-    region (a box resample of the one decoded picture, no second decode).
-
-    EXIF orientation is applied first: a photo and its rotated copy look the same to a
-    person (and to the model, once preprocessing has applied it), so they must hash the
-    same. JPEGs are decoded at reduced scale straight to grayscale (``Image.draft``),
-    which is where most of the time goes; the hash only needs 32x32 pixels.
+    region (a box resample of the one decoded picture, no second decode). The picture is
+    decoded by `decode_gray`.
     """
-    with Image.open(path) as img:
-        img.draft("L", (2 * _HASH_SIZE, 2 * _HASH_SIZE))
-        upright = ImageOps.exif_transpose(img)
-    # 16-bit and float images keep their range: convert("L") would clip them.
-    gray = upright.convert("F" if upright.mode[0] in "IF" else "L")
-    width, height = gray.size
-    center = (width * CENTER_MARGIN, height * CENTER_MARGIN, width * (1 - CENTER_MARGIN),
-              height * (1 - CENTER_MARGIN))
-    return ImageHashes(_phash(gray), _phash(gray, center))
+    gray = decode_gray(path)
+    return ImageHashes(_phash(gray), _phash(gray, center_box(gray.size)))
 
 
 def hash_distance(a: Sequence[int], b: Sequence[int]) -> int:

@@ -23,6 +23,7 @@ from tabulate import tabulate
 
 from imgpipe import stats
 from imgpipe.dedupe import REASONS as DEDUPE_REASONS
+from imgpipe.dedupe import near_duplicate_warnings
 from imgpipe.files import read_optional_json
 from imgpipe.layout import MODEL_PLOTS
 from imgpipe.manifests import HISTORY_COLUMNS, SPEED_FILE, read_dedupe_manifest, read_split_manifest
@@ -138,7 +139,10 @@ def write_report(
     curves_path = out_dir / "learning_curves.png"
     plot_learning_curves(histories, curves_path)
 
-    blocks = [Heading(f"Model comparison: {experiment}", 1), Paragraph(verdict)]
+    dedupe = read_dedupe_manifest(dedupe_manifest)
+    blocks = [Heading(f"Model comparison: {experiment}", 1)]
+    blocks += dedupe_warnings_section(dedupe, review_sheets or {})
+    blocks.append(Paragraph(verdict))
     blocks += best_model_section(metrics, ranking, rank_by, comparison)
     blocks += comparison_section(metrics, ranking, rank_by)
     blocks += localization_section(metrics, ranking)
@@ -146,7 +150,7 @@ def write_report(
     if failed:
         blocks += failed_section(failed, log_paths or {})
     blocks += per_class_section(metrics, ranking)
-    blocks += data_section(read_split_manifest(split_manifest), read_dedupe_manifest(dedupe_manifest),
+    blocks += data_section(read_split_manifest(split_manifest), dedupe,
                            class_order=_class_order(metrics, ranking))
     sheets = [(name, Path(path)) for name, path in (review_sheets or {}).items() if Path(path).is_file()]
     if sheets:
@@ -591,6 +595,20 @@ def per_class_section(metrics: dict[str, dict], ranking: list[str]) -> list[Bloc
         Heading("Per-class F1", 2),
         Table(["class", "test images"] + ranking, rows, [False] + [True] * (len(ranking) + 1)),
     ]
+
+
+def dedupe_warnings_section(dedupe: pd.DataFrame, review_sheets: dict[str, Path]) -> list[Block]:
+    """Warnings at the top of the report for classes that lost many images as near duplicates, or
+    any across classes (imgpipe.dedupe.near_duplicate_warnings), each linking the class's contact sheet."""
+    blocks: list[Block] = []
+    for cls, warning in near_duplicate_warnings(dedupe).items():
+        sheet = review_sheets.get(cls)
+        lead = f"Warning: {warning}"
+        if sheet is not None and Path(sheet).is_file():
+            blocks.append(Links(lead + " Contact sheet: ", [(f"{cls}", Path(sheet))]))
+        else:
+            blocks.append(Paragraph(lead))
+    return blocks
 
 
 def data_section(split: pd.DataFrame, dedupe: pd.DataFrame, class_order: list[str]) -> list[Block]:

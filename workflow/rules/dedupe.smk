@@ -14,6 +14,7 @@ rule dedupe:
     params:
         near_distance=config["dedupe"]["near_distance"],
         near_action=config["dedupe"]["near_action"],
+        near_pixel_difference=config["dedupe"]["near_pixel_difference"],
         exclude=sorted(EXCLUSIONS),  # entries only: a comment edit does not rerun this
     script:
         "../scripts/dedupe.py"

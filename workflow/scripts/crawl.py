@@ -25,6 +25,7 @@ with data_job_run(f"crawl {class_name}", tags={"imgpipe.stage": "crawl", "imgpip
         limits=CrawlLimits.from_config(snakemake.config["crawl"]),
         target=settings["target"],
         near_distance=settings["near_distance"],
+        near_pixel_difference=settings["near_pixel_difference"],
         # the DAG build hashed every local source file already: reuse those hashes, read-only
         file_hashes=FileHashCache(".snakemake/imgpipe/file-hashes.json"),
     )
