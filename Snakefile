@@ -19,7 +19,9 @@ if not workflow.overwrite_configfiles:
     # Snakemake's loader says only "not valid JSON or YAML": this names the line and column.
     # (A --configfile is read by Snakemake's command line before this file runs: see README.)
     try:
-        check_config_files([path for path in ["config/config.yaml"] if os.path.exists(path)])
+        check_config_files(
+            [path for path in ["config/config.yaml"] if os.path.exists(path)]
+        )
     except ConfigError as error:
         raise WorkflowError(str(error)) from None
 
