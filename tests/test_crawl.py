@@ -594,6 +594,30 @@ def test_a_fresh_crawl_gives_the_same_rows_and_names_whatever_the_thread_timing(
         assert summary == first_summary
 
 
+def test_a_result_two_queries_share_is_listed_under_the_query_that_lists_it(tmp_path):
+    # 'tank' stops at its 4th image while its threads still fetch a few more; 'battle tank' lists
+    # some of those. Whether a download in flight got there first is timing: the row must be the
+    # same either way (this query, its rank), and count towards this query's max_num.
+    images = [f"/img/{n}.jpg" for n in range(24)]
+    routes = {path: Response(distinct_jpeg(seed)) for seed, path in enumerate(images)}
+    sources = [{"engine": "bing", "queries": ["tank", "battle tank"], "max_num": 4, "threads": 4}]
+    runs = []
+    with LocalServer(routes, latency_s=0.05) as server:
+        server.routes["/search/tank"] = Response(bing_page([server.url(p) for p in images[:12]]), "text/html")
+        server.routes["/search/battle-tank"] = Response(bing_page([server.url(p) for p in images[4:8] + images[12:]]),
+                                                        "text/html")
+        for run in range(4):
+            manifest, _ = crawl_class("tank", sources, tmp_path / f"out{run}", tmp_path / f"store{run}", limits=FAST,
+                                      feeder_cls=local_search(server))
+            runs.append(manifest)
+    for manifest in runs:
+        battle = manifest[manifest["query"] == "battle tank"]
+        assert battle["origin"].str.rsplit("/", n=1).str[-1].tolist()[:4] == ["4.jpg", "5.jpg", "6.jpg", "7.jpg"]
+        assert battle["rank"].tolist()[:4] == [1, 2, 3, 4] and (battle.status[:4] == "ok").all()
+        pd.testing.assert_frame_equal(manifest.drop(columns=["file", "fetched_at"]),
+                                      runs[0].drop(columns=["file", "fetched_at"]))
+
+
 def test_a_dead_engine_warns_and_a_class_of_dead_engines_fails(tmp_path, caplog):
     with LocalServer({}) as server:
         server.routes["/search/tank"] = Response(bing_page([]), "text/html")

@@ -361,9 +361,9 @@ def _url_list_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
                      {"url_list": pending, "max_num": 0}, "url list")
         outcome.urls_seen = len(urls)  # the list, not only what was downloaded this time
     crawl.outcomes.append(outcome)
-    # rank: the line's place in the list, whichever run or thread fetched it
-    return [{**(rows.get(url) or crawl.store.latest.get(url) or _not_tried(url, crawl)), "rank": rank}
-            for rank, url in enumerate(urls, start=1)]
+    # listed as this list's line, whichever run, thread or other source fetched it
+    return [{**(rows.get(url) or crawl.store.latest.get(url) or _not_tried(url, crawl)), "engine": "", "query": "",
+             "rank": rank} for rank, url in enumerate(urls, start=1)]
 
 
 def _engine_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
@@ -574,13 +574,13 @@ class StoreDownloader(ImageDownloader):
             # but listed and counted here like any other result. Another thread fetching it now:
             # its answer is this rank's too.
             if self.crawl.store.is_final(url):
-                return self.crawl.store.latest[url]
+                # listed where this result stands, not where the fetch that answered it stood: which
+                # query (or a download in flight when a query stopped) got there first is timing
+                return {**self.crawl.store.latest[url], **self._listing(rank)}
             if self._stopped or self.crawl.out_of_time():
                 return None
             time.sleep(0.05)
-        provenance = {"origin": url, "source": self.outcome.source, "engine": self.outcome.engine,
-                      "query": self.outcome.query if self.outcome.source in ("engine", "greedy") else "",
-                      "rank": rank}
+        provenance = {"origin": url, **self._listing(rank)}
         try:
             return self._fetch_and_store(url, provenance, attempts)
         except OutputWriteError as error:  # the store's disk, not the URL: the job fails once the threads stop
@@ -593,6 +593,11 @@ class StoreDownloader(ImageDownloader):
             return self.crawl.store.add_failure(provenance, f"download error: {error_text(error)}")
         finally:
             self.crawl.store.release(url)
+
+    def _listing(self, rank: int) -> dict:
+        """Where a result stands: this source, engine and query (a URL list has none), and its rank."""
+        return {"source": self.outcome.source, "engine": self.outcome.engine,
+                "query": self.outcome.query if self.outcome.source in ("engine", "greedy") else "", "rank": rank}
 
     def _keep(self, rank: int, record: dict) -> None:
         """Count answers in rank order, whatever order the threads finish in.
