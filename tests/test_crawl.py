@@ -652,6 +652,23 @@ def test_greedy_source_crawls_a_site(tmp_path):
     assert [server.requests.count(path) for path in ("/", "/page2.html", "/img/a.jpg")] == [1, 1, 1]
 
 
+def test_a_site_crawl_ends_when_its_pages_are_parsed_not_on_a_timer(tmp_path):
+    # page 2 answers after 3 s, longer than the downloader waits idle (2 x crawl.timeout_s): the
+    # crawl still gets its images, and ends as soon as the last page is parsed
+    with LocalServer({}) as server:
+        server.routes["/"] = Response(b'<html><a href="/p2.html">2</a><img src="/a.jpg"></html>', "text/html")
+        server.routes["/p2.html"] = Response(b'<html><img src="/b.jpg"><img src="/c.jpg"></html>', "text/html",
+                                             delay_s=3)
+        for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+            server.routes[f"/{name}.jpg"] = Response(distinct_jpeg(seed))
+        started = time.monotonic()
+        manifest, _ = crawl("tank", [{"greedy": server.url("/")}], tmp_path,
+                            limits=CrawlLimits(timeout_s=1, allow_private_hosts=LOOPBACK))
+        took = time.monotonic() - started
+    assert manifest.origin.str.rsplit("/", n=1).str[-1].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert (manifest.status == "ok").all() and took < 10
+
+
 def test_time_budget_stops_the_class_and_says_so(tmp_path, caplog):
     paths = [f"/slow/{n}.jpg" for n in range(8)]
     routes = {path: Response(distinct_jpeg(n), delay_s=0.4) for n, path in enumerate(paths)}

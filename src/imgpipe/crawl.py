@@ -78,6 +78,9 @@ PROGRESS_EVERY = 100
 # How deep into an engine's results a query looks for its images, as a multiple of the
 # images it still needs: results also hold dead links, duplicates and junk.
 RESULT_DEPTH_FACTOR = 3
+# icrawler's parser gives a page up after 3 requests of up to 5 s each: a site crawl waits that
+# long without a new URL before it takes a page as lost (it ends at once when every page is parsed)
+_PAGE_GIVE_UP_S = 3 * 5
 
 
 class ParsedBingParser(BingParser):
@@ -121,6 +124,16 @@ class SiteParser(GreedyParser):
         super().__init__(*args, **kwargs)
         self._seen: set[str] = set()
         self._seen_lock = threading.Lock()
+        self.pages_parsed = 0
+
+    def site_finished(self) -> bool:
+        """True once the site's pages are all parsed: a page was, and none waits or is being read.
+
+        icrawler's parser marks a page done (``task_done``) after it has queued the page's images
+        and links, so nothing is lost between the two. A page that never loads is never marked
+        done: then the crawl ends on the downloader's idle time instead.
+        """
+        return self.pages_parsed > 0 and self.in_queue.unfinished_tasks == 0
 
     def _first_time(self, url: str) -> bool:
         with self._seen_lock:
@@ -135,6 +148,8 @@ class SiteParser(GreedyParser):
         from bs4 import BeautifulSoup
 
         self._first_time(response.url.split("#", 1)[0].rstrip("/"))  # the start page is fed, not linked
+        with self._seen_lock:
+            self.pages_parsed += 1
         soup = BeautifulSoup(response.content.decode("utf-8", "ignore"), "lxml")
         def resolve(link: str) -> str:
             try:
@@ -418,7 +433,7 @@ def _greedy_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
         return earlier
     downloader = _run_crawler(GreedyImageCrawler, crawl, outcome, source.get("threads", DEFAULT_THREADS),
                               {"domains": site, "max_num": 0}, f"greedy {site}", query_limit=(per_site, outcome.images),
-                              idle_exit_s=2 * crawl.limits.timeout_s, parser_cls=SiteParser)
+                              idle_exit_s=_PAGE_GIVE_UP_S + 2 * crawl.limits.timeout_s, parser_cls=SiteParser)
     if outcome.urls_seen == 0:
         logger.warning("greedy %s: no image URL found on the site's pages", site)
     return _in_rank_order(_latest_per_origin(earlier + downloader.records_in_rank_order()))
@@ -464,6 +479,8 @@ def _run_crawler(crawler_cls, crawl: _ClassCrawl, outcome: QueryOutcome, threads
         log_level=logging.WARNING,
         **options,
     )
+    if isinstance(crawler.parser, SiteParser):
+        crawler.downloader.site_finished = crawler.parser.site_finished
     crawler.crawl(**arguments)
     downloader: StoreDownloader = crawler.downloader
     if downloader.write_error is not None:
@@ -511,9 +528,11 @@ class StoreDownloader(ImageDownloader):
         self.outcome: QueryOutcome = outcome
         self.label = label
         self.per_query, self.query_had = query_limit
-        # GreedyImageCrawler's feeder and parser never finish on their own: its crawl ends
-        # when no new URL has come for this long.
+        # GreedyImageCrawler's feeder and parser never finish on their own: its crawl ends when
+        # the site's parser says every page is parsed (site_finished), or, if a page never
+        # loads, when no new URL has come for idle_exit_s.
         self.idle_exit_s = idle_exit_s
+        self.site_finished = None
         self.seen = 0  # results taken in rank order (see _keep)
         self.counted = 0
         self._records: list[dict] = []
@@ -545,6 +564,8 @@ class StoreDownloader(ImageDownloader):
                     rank = self._ranks_taken
             if task is None:
                 idle = self.idle_exit_s is not None and time.monotonic() - last_task > self.idle_exit_s
+                # (read before the queue: a parser queues a page's images before marking it done)
+                idle = idle or (self.site_finished is not None and self.site_finished() and self.in_queue.empty())
                 if self.signal.get("parser_exited") or idle or self.crawl.out_of_time():
                     if idle or self.crawl.out_of_time():
                         self.signal.set(reach_max_num=True)
