@@ -826,6 +826,30 @@ def test_a_name_that_resolves_elsewhere_when_connecting_is_refused_there(monkeyp
     assert server.requests == []
 
 
+def test_behind_a_proxy_the_guarded_session_refuses_before_sending(tmp_path, monkeypatch):
+    """requests hands proxied requests to connections of its proxy manager, not to the checked
+    ones: the adapter's send() checks the target first, for the downloader's session and for the
+    result and site pages icrawler's feeder and parser fetch through the same session."""
+    import requests
+
+    from imgpipe.netguard import AddressPolicy, RefusedURL
+
+    with LocalServer({"/a.jpg": Response(RED_JPEG)}) as internal, LocalServer({}) as proxy:
+        session = requests.Session()
+        session.mount("http://", AddressPolicy().adapter())
+        with pytest.raises(RefusedURL, match="refused: 127.0.0.1 is a loopback address"):
+            session.get(internal.url("/a.jpg"), proxies={"http": proxy.url("")}, timeout=2)
+        assert proxy.requests == []
+
+        # a greedy crawl whose start page is internal, with the proxy set as requests reads it
+        monkeypatch.setenv("HTTP_PROXY", proxy.url(""))
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        manifest, _ = crawl("tank", [{"greedy": internal.url("/")}], tmp_path, limits=CrawlLimits(timeout_s=0.5))
+    assert proxy.requests == [] and internal.requests == []
+    assert manifest.empty
+
+
 def test_deterministic_failures_take_one_request_and_transient_ones_are_tried_again(tmp_path):
     routes = {
         "/loop.jpg": Response(b"", status=302, headers=(("Location", "/loop.jpg"),)),

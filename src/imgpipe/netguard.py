@@ -8,10 +8,12 @@ address a host name resolves to is checked, whatever spelling the URL used (``lo
 ``2130706433``, ``0x7f.1``, ``[::ffff:127.0.0.1]``): getaddrinfo does the reading, the check
 sees what it gives.
 
-The check runs twice for each request: before it (so the reason is plain, also through a
-proxy) and inside the connection itself, which connects to the address it has just checked,
-so a DNS answer that changes between the two (DNS rebinding) is checked again and never
-reaches an unchecked address.
+The check runs twice for each request: before it is sent (in the adapter's ``send()``, which
+requests calls for every request of the session, proxied or not, so the reason is plain) and
+inside the connection itself, which connects to the address it has just checked, so a DNS
+answer that changes between the two (DNS rebinding) is checked again and never reaches an
+unchecked address. Through a proxy only the first applies: the connection goes to the proxy,
+which resolves the name itself.
 """
 
 from __future__ import annotations
@@ -190,6 +192,13 @@ class _GuardedAdapter(HTTPAdapter):
     def __init__(self, policy: AddressPolicy):
         self.policy = policy
         super().__init__()
+
+    def send(self, request, *args, **kwargs):
+        # requests sends every request of a session through its adapter's send(), proxied ones
+        # too; their connections come from proxy_manager_for() and go to the proxy, so the
+        # checked connections below never see the target: this check is their only one
+        self.policy.check_url(request.url)
+        return super().send(request, *args, **kwargs)
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
