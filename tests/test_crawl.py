@@ -172,6 +172,29 @@ def test_folder_links_out_are_followed_when_asked_and_a_non_image_is_never_copie
     assert written and not any(path.read_bytes() == secret for path in written if path.is_file())
 
 
+@pytest.mark.parametrize("hash_cached", [False, True])
+def test_an_unreadable_input_file_is_a_failed_row_and_the_rest_is_imported(tmp_path, hash_cached):
+    """/proc/self/mem fails every read at offset 0 with EIO, for root too (the tests run as root,
+    who reads any file whatever its mode). With its sha256 cached the file is first read when it
+    is stored: that error too is the input's, not a failure to write the store."""
+    from imgpipe.fingerprints import FileHashCache
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(RED_JPEG)
+    (folder / "broken.jpg").symlink_to("/proc/self/mem")
+    hashes = FileHashCache()
+    if hash_cached:
+        stat = (folder / "broken.jpg").stat()
+        hashes.entries[os.path.abspath(folder / "broken.jpg")] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, "0" * 64]
+    manifest, summary = crawl("tank", [{"folder": str(folder), "follow_outside_links": True}], tmp_path,
+                              file_hashes=hashes)
+    rows = dict(zip(manifest.origin.map(lambda origin: Path(origin).name), manifest.itertuples()))
+    assert rows["a.jpg"].status == "ok" and summary["images"] == 1
+    assert rows["broken.jpg"].status == "failed"
+    assert re.fullmatch(r"unreadable: .*Input/output error.*; not imported", rows["broken.jpg"].reason)
+
+
 def test_a_url_list_saved_with_a_bom_keeps_its_first_url(tmp_path):
     url_file = tmp_path / "urls.txt"
     url_file.write_bytes(b"\xef\xbb\xbfhttp://example.org/a.jpg\r\nhttp://example.org/b.jpg\r\n")
