@@ -735,7 +735,8 @@ def test_a_url_list_naming_this_machine_is_refused_unless_allowed(tmp_path):
         port = server.httpd.server_port
         listed = [server.url("/a.jpg"), f"http://localhost:{port}/a.jpg", f"http://2130706433:{port}/a.jpg",
                   f"http://0x7f.0.0.1:{port}/a.jpg", f"http://[::ffff:127.0.0.1]:{port}/a.jpg",
-                  "file:///etc/passwd", "gopher://127.0.0.1:70/", "ftp://example.test/a.jpg", "not a url"]
+                  "file:///etc/passwd", "gopher://127.0.0.1:70/", "ftp://example.test/a.jpg", "not a url",
+                  "http://[::1", f"http://0.0.0.0:{port}/a.jpg"]
         url_file = tmp_path / "urls.txt"
         url_file.write_text("\n".join(listed) + "\n")
         refused, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path, limits=CrawlLimits(timeout_s=2))
@@ -752,14 +753,19 @@ def test_a_url_list_naming_this_machine_is_refused_unless_allowed(tmp_path):
         assert reasons[6].startswith("unsupported URL scheme 'gopher'") and reasons[7].startswith(
             "unsupported URL scheme 'ftp'")
         assert reasons[8] == "not a URL (no http:// or https://): 'not a url'"
+        assert reasons[9] == "malformed URL 'http://[::1': Invalid IPv6 URL"
+        assert reasons[10].startswith("refused: 0.0.0.0 is an unspecified address")
 
         # final: a rerun asks nothing again, until the key that refused them changes
         crawl("tank", [{"urls": str(url_file)}], tmp_path, "again", limits=CrawlLimits(timeout_s=2))
         assert server.requests == []
+        journal = [json.loads(line) for path in (tmp_path / "store").rglob("journal.jsonl")
+                   for line in path.read_text().splitlines()]
+        assert [record["origin"] for record in journal].count("http://[::1") == 1, "a malformed URL is final"
         allowed, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path, "allowed",
                            limits=CrawlLimits(timeout_s=2, allow_private_hosts=(f"127.0.0.1:{port}",)))
     assert list(allowed.status[:5]) == ["ok"] * 5 and len(server.requests) == 5
-    assert list(allowed.status[5:]) == ["failed"] * 4, "schemes stay refused whatever is allowed"
+    assert list(allowed.status[5:]) == ["failed"] * 6, "schemes stay refused whatever is allowed"
 
 
 def test_redirects_are_checked_at_every_hop(tmp_path):

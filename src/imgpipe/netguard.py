@@ -58,8 +58,17 @@ def non_public_kind(address: IPAddress) -> str:
     return "" if address.is_global else "not globally routable"
 
 
+def _split(url: str):
+    """urlsplit, a malformed URL ("http://[::1") being a final refusal rather than a ValueError
+    (which the crawl would record as a download error and try again every run)."""
+    try:
+        return urlsplit(url)
+    except ValueError as error:
+        raise RefusedURL(f"malformed URL {url[:200]!r}: {error}") from None
+
+
 def check_scheme(url: str) -> None:
-    scheme = urlsplit(url).scheme.lower()
+    scheme = _split(url).scheme.lower()
     if not scheme:
         raise RefusedURL(f"not a URL (no http:// or https://): {url[:200]!r}")
     if scheme not in SCHEMES:
@@ -125,7 +134,8 @@ class AddressPolicy:
             return ""
         shown = host if host == str(address) else f"{host} ({address})"
         entry = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return (f"refused: {shown} is a {kind} address, and the crawl fetches only public addresses unless "
+        article = "an" if kind[0] in "aeiou" else "a"
+        return (f"refused: {shown} is {article} {kind} address, and the crawl fetches only public addresses unless "
                 f"{ALLOW_KEY} names the host (now {list(self.entries)}); add '{entry}' there if this "
                 f"source is yours")
 
@@ -146,7 +156,7 @@ class AddressPolicy:
     def check_url(self, url: str) -> None:
         """RefusedURL if ``url`` is not http(s) or its host resolves to an address not allowed."""
         check_scheme(url)
-        parts = urlsplit(url)
+        parts = _split(url)
         try:
             host, port = parts.hostname, parts.port or (443 if parts.scheme.lower() == "https" else 80)
         except ValueError as error:  # a port that is not a number, a bad IPv6 literal
