@@ -516,8 +516,11 @@ def test_a_url_list_without_a_url_is_refused_naming_the_key_and_the_file(tmp_pat
      "queries", "the bing query 'tabby cat'"),
     ({"engine": "bing", "queries": ["tabby"], "query_suffixes": ["cat"]}, {"engine": "bing", "queries": ["tabby cat"]},
      "queries", "queries", "the bing query 'tabby cat'"),
-    ({"greedy": "http://Example.com/cats/"}, {"greedy": "http://example.com/dogs"}, "greedy", "greedy",
-     "the site example.com"),
+    ({"greedy": "http://Example.com/cats/"}, {"greedy": "http://example.com/cats"}, "greedy", "greedy",
+     "the site section http://example.com/cats"),
+    ({"engine": "bing", "queries": ["car"], "filters": {"color": "red", "type": "photo"}},
+     {"engine": "bing", "queries": ["car"], "filters": {"type": "photo", "color": "red"}}, "queries", "queries",
+     """the bing query 'car' with filters {"color": "red", "type": "photo"}"""),
 ])
 def test_one_source_in_two_classes_is_refused_naming_both_keys(tmp_path, cat_source, dog_source, cat_key, dog_key,
                                                                 what):
@@ -553,6 +556,34 @@ def test_sources_that_only_look_alike_are_fine(tmp_path):
         "dog": {"sources": [{"folder": "cats2"}, {"synthetic": {"digit": 3, "seed": 1}},
                             {"engine": "baidu", "queries": ["cat"]}]},
     }
+    assert sorted(validate_config(config, SCHEMA, tmp_path)["classes"]) == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("cat_start, dog_start", [
+    ("https://example.com/cats/", "https://Example.com/cats/kittens/"),
+    # icrawler follows every link its start URL (without the trailing slash) is part of: /cats reaches /cats2/
+    ("https://example.com/cats", "https://example.com/cats2/"),
+])
+def test_a_site_section_inside_another_classs_greedy_crawl_is_refused(tmp_path, cat_start, dog_start):
+    config = base_config(tmp_path)
+    config["classes"] = {"cat": {"sources": [{"greedy": cat_start}]}, "dog": {"sources": [{"greedy": dog_start}]}}
+    assert config_error(config, tmp_path).startswith(
+        "config key 'classes.dog.sources[0].greedy' is a site section inside the crawl of "
+        "'classes.cat.sources[0].greedy': its images would be labelled both cat and dog")
+
+
+@pytest.mark.parametrize("cat_source, dog_source", [
+    ({"engine": "bing", "queries": ["car"], "filters": {"color": "red"}},
+     {"engine": "bing", "queries": ["car"], "filters": {"color": "blue"}}),
+    ({"engine": "flickr", "queries": ["bird"], "api_key": "x", "filters": {"tags": "eagle"}},
+     {"engine": "flickr", "queries": ["bird"], "api_key": "x", "filters": {"tags": "owl"}}),
+    ({"greedy": "https://example.com/cats/"}, {"greedy": "https://example.com/dogs/"}),
+    ({"greedy": "http://example.com/cats/"}, {"greedy": "https://example.com/cats/"}),  # icrawler matches the scheme
+])
+def test_one_text_with_other_filters_or_other_sections_of_one_site_are_different_sources(tmp_path, cat_source,
+                                                                                          dog_source):
+    config = base_config(tmp_path)
+    config["classes"] = {"cat": {"sources": [cat_source]}, "dog": {"sources": [dog_source]}}
     assert sorted(validate_config(config, SCHEMA, tmp_path)["classes"]) == ["cat", "dog"]
 
 

@@ -172,6 +172,29 @@ def test_folder_links_out_are_followed_when_asked_and_a_non_image_is_never_copie
     assert written and not any(path.read_bytes() == secret for path in written if path.is_file())
 
 
+@pytest.mark.parametrize("hash_cached", [False, True])
+def test_an_unreadable_input_file_is_a_failed_row_and_the_rest_is_imported(tmp_path, hash_cached):
+    """/proc/self/mem fails every read at offset 0 with EIO, for root too (the tests run as root,
+    who reads any file whatever its mode). With its sha256 cached the file is first read when it
+    is stored: that error too is the input's, not a failure to write the store."""
+    from imgpipe.fingerprints import FileHashCache
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(RED_JPEG)
+    (folder / "broken.jpg").symlink_to("/proc/self/mem")
+    hashes = FileHashCache()
+    if hash_cached:
+        stat = (folder / "broken.jpg").stat()
+        hashes.entries[os.path.abspath(folder / "broken.jpg")] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, "0" * 64]
+    manifest, summary = crawl("tank", [{"folder": str(folder), "follow_outside_links": True}], tmp_path,
+                              file_hashes=hashes)
+    rows = dict(zip(manifest.origin.map(lambda origin: Path(origin).name), manifest.itertuples()))
+    assert rows["a.jpg"].status == "ok" and summary["images"] == 1
+    assert rows["broken.jpg"].status == "failed"
+    assert re.fullmatch(r"unreadable: .*Input/output error.*; not imported", rows["broken.jpg"].reason)
+
+
 def test_a_url_list_saved_with_a_bom_keeps_its_first_url(tmp_path):
     url_file = tmp_path / "urls.txt"
     url_file.write_bytes(b"\xef\xbb\xbfhttp://example.org/a.jpg\r\nhttp://example.org/b.jpg\r\n")
@@ -753,7 +776,8 @@ def test_a_url_list_naming_this_machine_is_refused_unless_allowed(tmp_path):
         port = server.httpd.server_port
         listed = [server.url("/a.jpg"), f"http://localhost:{port}/a.jpg", f"http://2130706433:{port}/a.jpg",
                   f"http://0x7f.0.0.1:{port}/a.jpg", f"http://[::ffff:127.0.0.1]:{port}/a.jpg",
-                  "file:///etc/passwd", "gopher://127.0.0.1:70/", "ftp://example.test/a.jpg", "not a url"]
+                  "file:///etc/passwd", "gopher://127.0.0.1:70/", "ftp://example.test/a.jpg", "not a url",
+                  "http://[::1", f"http://0.0.0.0:{port}/a.jpg"]
         url_file = tmp_path / "urls.txt"
         url_file.write_text("\n".join(listed) + "\n")
         refused, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path, limits=CrawlLimits(timeout_s=2))
@@ -770,14 +794,19 @@ def test_a_url_list_naming_this_machine_is_refused_unless_allowed(tmp_path):
         assert reasons[6].startswith("unsupported URL scheme 'gopher'") and reasons[7].startswith(
             "unsupported URL scheme 'ftp'")
         assert reasons[8] == "not a URL (no http:// or https://): 'not a url'"
+        assert reasons[9] == "malformed URL 'http://[::1': Invalid IPv6 URL"
+        assert reasons[10].startswith("refused: 0.0.0.0 is an unspecified address")
 
         # final: a rerun asks nothing again, until the key that refused them changes
         crawl("tank", [{"urls": str(url_file)}], tmp_path, "again", limits=CrawlLimits(timeout_s=2))
         assert server.requests == []
+        journal = [json.loads(line) for path in (tmp_path / "store").rglob("journal.jsonl")
+                   for line in path.read_text().splitlines()]
+        assert [record["origin"] for record in journal].count("http://[::1") == 1, "a malformed URL is final"
         allowed, _ = crawl("tank", [{"urls": str(url_file)}], tmp_path, "allowed",
                            limits=CrawlLimits(timeout_s=2, allow_private_hosts=(f"127.0.0.1:{port}",)))
     assert list(allowed.status[:5]) == ["ok"] * 5 and len(server.requests) == 5
-    assert list(allowed.status[5:]) == ["failed"] * 4, "schemes stay refused whatever is allowed"
+    assert list(allowed.status[5:]) == ["failed"] * 6, "schemes stay refused whatever is allowed"
 
 
 def test_redirects_are_checked_at_every_hop(tmp_path):
@@ -865,6 +894,30 @@ def test_a_name_that_resolves_elsewhere_when_connecting_is_refused_there(monkeyp
         with pytest.raises(RefusedURL, match=r"refused: rebind.test \(127.0.0.1\) is a loopback address"):
             session.get(url, timeout=2)
     assert server.requests == []
+
+
+def test_behind_a_proxy_the_guarded_session_refuses_before_sending(tmp_path, monkeypatch):
+    """requests hands proxied requests to connections of its proxy manager, not to the checked
+    ones: the adapter's send() checks the target first, for the downloader's session and for the
+    result and site pages icrawler's feeder and parser fetch through the same session."""
+    import requests
+
+    from imgpipe.netguard import AddressPolicy, RefusedURL
+
+    with LocalServer({"/a.jpg": Response(RED_JPEG)}) as internal, LocalServer({}) as proxy:
+        session = requests.Session()
+        session.mount("http://", AddressPolicy().adapter())
+        with pytest.raises(RefusedURL, match="refused: 127.0.0.1 is a loopback address"):
+            session.get(internal.url("/a.jpg"), proxies={"http": proxy.url("")}, timeout=2)
+        assert proxy.requests == []
+
+        # a greedy crawl whose start page is internal, with the proxy set as requests reads it
+        monkeypatch.setenv("HTTP_PROXY", proxy.url(""))
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        manifest, _ = crawl("tank", [{"greedy": internal.url("/")}], tmp_path, limits=CrawlLimits(timeout_s=0.5))
+    assert proxy.requests == [] and internal.requests == []
+    assert manifest.empty
 
 
 def test_deterministic_failures_take_one_request_and_transient_ones_are_tried_again(tmp_path):

@@ -276,8 +276,6 @@ def _check_url_list(key: str, path: Path) -> None:
 def _source_identities(class_name: str, source: dict, base_dir: Path) -> list[tuple[tuple, str, str]]:
     """(identity, key, what) for each thing a source takes its images from: two sources of different
     classes with one identity would label the same images twice."""
-    from urllib.parse import urlsplit
-
     from imgpipe import synthetic
 
     if "folder" in source or "urls" in source:
@@ -290,21 +288,41 @@ def _source_identities(class_name: str, source: dict, base_dir: Path) -> list[tu
         chosen = synthetic.settings(source)
         return [(("synthetic", tuple(sorted(chosen.items()))), "synthetic", f"the synthetic images {chosen}")]
     if "greedy" in source:
-        site = urlsplit(source["greedy"]).netloc.lower()  # the crawler follows every link inside the site
-        return [(("greedy", site), "greedy", f"the site {site}")]
+        start = greedy_scope(source["greedy"])
+        return [(("greedy", start), "greedy", f"the site section {start}")]
     if "engine" in source:
+        import json
+
         from imgpipe.crawl import engine_queries
 
-        return [(("engine", source["engine"], " ".join(query.lower().split())), "queries",
-                 f"the {source['engine']} query '{query}'") for query in engine_queries(class_name, source)]
+        # filters pick other results for one text (bing's colour, flickr's tags): part of what is fetched
+        filters = source.get("filters") or {}
+        shown = f" with filters {json.dumps(canonical(filters))}" if filters else ""
+        return [(("engine", source["engine"], " ".join(query.lower().split()), json.dumps(canonical(filters))),
+                 "queries", f"the {source['engine']} query '{query}'{shown}")
+                for query in engine_queries(class_name, source)]
     return []
+
+
+def greedy_scope(start_url: str) -> str:
+    """The pages a greedy source crawls, as the prefix of their URLs: icrawler strips the start
+    URL's trailing slash and follows a link when that is part of it (is_in_domain), so scheme,
+    host and path count, and ``.../cats`` also reaches ``.../cats2/``."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(start_url.strip())
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path}".rstrip("/")
 
 
 def _check_sources_belong_to_one_class(config: dict, base_dir: Path) -> None:
     """One folder, URL list, digit, synthetic set, engine query or site in two classes gives the
-    same images two labels (dedupe then drops them as cross_class); a folder inside another's too."""
+    same images two labels (dedupe then drops them as cross_class); a folder inside another's too,
+    and a site section inside another's (the shorter start URL's crawl reaches the longer's pages)."""
     seen: dict[tuple, tuple[str, str]] = {}
-    folders: list[tuple[Path, str, str]] = []
+    # kind -> (whether the first contains the second, what the inner one is to the outer)
+    nesting = {"folder": (lambda outer, inner: inner.is_relative_to(outer), "a folder inside the folder of"),
+               "greedy": (lambda outer, inner: inner.startswith(outer), "a site section inside the crawl of")}
+    containers: list[tuple[str, object, str, str]] = []
     for class_name, spec in config["classes"].items():
         for index, source in enumerate(spec["sources"]):
             for identity, kind, what in _source_identities(class_name, source, base_dir):
@@ -313,15 +331,18 @@ def _check_sources_belong_to_one_class(config: dict, base_dir: Path) -> None:
                 if earlier_class != class_name:
                     raise ConfigError(f"config keys '{earlier_key}' and '{key}' both name {what}: its images would "
                                       f"be labelled both {earlier_class} and {class_name}; keep it in one class")
-                if kind == "folder":
-                    folder = identity[1]
-                    for other, other_class, other_key in folders:
-                        if other_class != class_name and (folder.is_relative_to(other) or other.is_relative_to(folder)):
-                            inner, outer = (key, other_key) if folder.is_relative_to(other) else (other_key, key)
-                            raise ConfigError(f"config key '{inner}' is a folder inside the folder of '{outer}': its "
-                                              f"images would be labelled both {other_class} and {class_name}; "
-                                              f"keep them in one class")
-                    folders.append((folder, class_name, key))
+                if kind not in nesting:
+                    continue
+                contains, relation = nesting[kind]
+                scope = identity[1]
+                for other_kind, other, other_class, other_key in containers:
+                    if other_kind != kind or other_class == class_name:
+                        continue
+                    if contains(other, scope) or contains(scope, other):
+                        inner, outer = (key, other_key) if contains(other, scope) else (other_key, key)
+                        raise ConfigError(f"config key '{inner}' is {relation} '{outer}': its images would be "
+                                          f"labelled both {other_class} and {class_name}; keep them in one class")
+                containers.append((kind, scope, class_name, key))
 
 
 def _check_names_differ_beyond_case(config: dict, keys: ModelKeys) -> None:

@@ -312,8 +312,12 @@ def _folder_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
             continue
         if is_box_annotation(path, source.get("boxes")):
             continue
-        sha = crawl.file_hashes.sha256(path)
-        rows.append(_local_item(crawl, outcome, str(path), sha, lambda path=path: path))
+        try:
+            sha = crawl.file_hashes.sha256(path)
+        except OSError as error:  # one unreadable input (no permission, an I/O error): its row, not the job's end
+            rows.append(_unreadable(str(path), error))
+            continue
+        rows.append(_local_item(crawl, outcome, str(path), sha, path.read_bytes))
         if len(rows) % PROGRESS_EVERY == 0:
             logger.info("sources[%d]: %d files imported", index, len(rows))
     crawl.outcomes.append(outcome)
@@ -358,11 +362,21 @@ def _local_item(crawl: _ClassCrawl, outcome: QueryOutcome, origin: str, sha: str
     if crawl.done():
         return _not_tried(origin, crawl)
     provenance = {"origin": origin, "source": outcome.source, "sha256": sha, "rank": outcome.urls_seen}
-    record = crawl.store.add_body(body(), provenance)
+    try:
+        # read here, not in the store: inside its `writing` block a read error would be reported
+        # as a failure to write the store (a cached sha256 means the file was not read until now)
+        content = body()
+    except OSError as error:
+        return _unreadable(origin, error)
+    record = crawl.store.add_body(content, provenance)
     counted = crawl.counter.offer(record, crawl.limits)
     outcome.images += counted
     outcome.new_images += counted
     return record
+
+
+def _unreadable(origin: str, error: OSError) -> dict:
+    return {"origin": origin, "status": "failed", "reason": f"unreadable: {error_text(error)}; not imported"}
 
 
 def _url_list_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 from imgpipe.files import OutputWriteError, error_text, writing
-from imgpipe.fingerprints import file_sha256
 from imgpipe.hashing import format_hash, perceptual_hashes
 from imgpipe.images import IMAGE_EXTENSIONS, inspect_image
 from imgpipe.nearmatch import DEFAULT_PIXEL_DIFFERENCE, PixelCheck, confirm
@@ -286,16 +285,15 @@ class ClassStore:
 
     # -- adding
 
-    def add_body(self, body: bytes | Path, provenance: dict) -> dict:
-        """Keep a downloaded body (bytes) or a local file (Path) and journal what it is.
+    def add_body(self, body: bytes, provenance: dict) -> dict:
+        """Keep a downloaded body or a local file's bytes and journal what it is.
 
+        The caller reads a local file: an error reading it is that input's (a `failed` row),
+        never the store's, which `writing` would report as a failure to write the store.
         A body whose sha256 is already stored is not written again: its record points at the
         stored file. Returns the journal record.
         """
-        if isinstance(body, Path):
-            sha, size = provenance.get("sha256") or file_sha256(body), body.stat().st_size
-        else:
-            sha, size = hashlib.sha256(body).hexdigest(), len(body)
+        sha, size = hashlib.sha256(body).hexdigest(), len(body)
         while True:  # the same bytes from two URLs at once: the second waits and reuses the first's file
             with self._lock:
                 existing = self.stored_by_sha.get(sha)
@@ -320,13 +318,10 @@ class ClassStore:
             with self._lock:
                 self._storing.pop(sha).set()
 
-    def _store_new(self, body: bytes | Path, provenance: dict, sha: str, size: int, seq: int) -> dict:
+    def _store_new(self, body: bytes, provenance: dict, sha: str, size: int, seq: int) -> dict:
         part = self.files / f".{seq:06d}.part"
         with writing(part, STORE_RERUN, partial=part):
-            if isinstance(body, Path):
-                shutil.copyfile(body, part)
-            else:
-                part.write_bytes(body)
+            part.write_bytes(body)
         check = inspect_image(part)  # crawl.max_pixels is applied by CrawlLimits.rejection, not here
         described = {**provenance, "bytes": size, "sha256": sha, "status": "ok" if check.ok else "corrupt",
                      "reason": check.reason, "width": check.width, "height": check.height, "format": check.format or ""}

@@ -8,10 +8,12 @@ address a host name resolves to is checked, whatever spelling the URL used (``lo
 ``2130706433``, ``0x7f.1``, ``[::ffff:127.0.0.1]``): getaddrinfo does the reading, the check
 sees what it gives.
 
-The check runs twice for each request: before it (so the reason is plain, also through a
-proxy) and inside the connection itself, which connects to the address it has just checked,
-so a DNS answer that changes between the two (DNS rebinding) is checked again and never
-reaches an unchecked address.
+The check runs twice for each request: before it is sent (in the adapter's ``send()``, which
+requests calls for every request of the session, proxied or not, so the reason is plain) and
+inside the connection itself, which connects to the address it has just checked, so a DNS
+answer that changes between the two (DNS rebinding) is checked again and never reaches an
+unchecked address. Through a proxy only the first applies: the connection goes to the proxy,
+which resolves the name itself.
 """
 
 from __future__ import annotations
@@ -56,8 +58,17 @@ def non_public_kind(address: IPAddress) -> str:
     return "" if address.is_global else "not globally routable"
 
 
+def _split(url: str):
+    """urlsplit, a malformed URL ("http://[::1") being a final refusal rather than a ValueError
+    (which the crawl would record as a download error and try again every run)."""
+    try:
+        return urlsplit(url)
+    except ValueError as error:
+        raise RefusedURL(f"malformed URL {url[:200]!r}: {error}") from None
+
+
 def check_scheme(url: str) -> None:
-    scheme = urlsplit(url).scheme.lower()
+    scheme = _split(url).scheme.lower()
     if not scheme:
         raise RefusedURL(f"not a URL (no http:// or https://): {url[:200]!r}")
     if scheme not in SCHEMES:
@@ -123,7 +134,8 @@ class AddressPolicy:
             return ""
         shown = host if host == str(address) else f"{host} ({address})"
         entry = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return (f"refused: {shown} is a {kind} address, and the crawl fetches only public addresses unless "
+        article = "an" if kind[0] in "aeiou" else "a"
+        return (f"refused: {shown} is {article} {kind} address, and the crawl fetches only public addresses unless "
                 f"{ALLOW_KEY} names the host (now {list(self.entries)}); add '{entry}' there if this "
                 f"source is yours")
 
@@ -144,7 +156,7 @@ class AddressPolicy:
     def check_url(self, url: str) -> None:
         """RefusedURL if ``url`` is not http(s) or its host resolves to an address not allowed."""
         check_scheme(url)
-        parts = urlsplit(url)
+        parts = _split(url)
         try:
             host, port = parts.hostname, parts.port or (443 if parts.scheme.lower() == "https" else 80)
         except ValueError as error:  # a port that is not a number, a bad IPv6 literal
@@ -190,6 +202,13 @@ class _GuardedAdapter(HTTPAdapter):
     def __init__(self, policy: AddressPolicy):
         self.policy = policy
         super().__init__()
+
+    def send(self, request, *args, **kwargs):
+        # requests sends every request of a session through its adapter's send(), proxied ones
+        # too; their connections come from proxy_manager_for() and go to the proxy, so the
+        # checked connections below never see the target: this check is their only one
+        self.policy.check_url(request.url)
+        return super().send(request, *args, **kwargs)
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
