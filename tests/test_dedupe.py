@@ -756,6 +756,19 @@ def test_near_duplicate_warnings_name_the_keys_and_the_contact_sheet():
     assert near_duplicate_warnings(decide_fates(manifest(*rows), phashes, near_distance=0)) == {}
 
 
+def test_near_duplicate_share_counts_only_the_images_that_were_compared():
+    # 1,000 rows: 600 failed, 100 skipped, 300 usable images of which 90 are near copies (30%)
+    rows = [(f"f{k}", "cat", "", "failed") for k in range(600)] + [(f"s{k}", "cat", "", "skipped") for k in range(100)]
+    rows += [(f"i{k}", "cat", f"u{k}") for k in range(300)]
+    phashes = {f"u{k}": int(value) for k, value in enumerate(np.random.default_rng(0).integers(0, 2**63, 300))}
+    phashes |= {f"u{k}": phashes[f"u{k % 10}"] ^ 1 for k in range(10, 100)}  # 90 near copies of the first ten
+    fates = decide_fates(manifest(*rows), phashes, near_distance=2, check=AGREE)
+    warnings = near_duplicate_warnings(fates)
+
+    assert (fates["reason"] == "near_duplicate").sum() == 90
+    assert "90 of 300 images (30%) dropped as near duplicates" in warnings["cat"]
+
+
 def test_target_counter_counts_distinct_low_texture_images_and_not_edited_copies(tmp_path, photos):
     near_distance, pixel_difference = default_near_settings()
     store = tmp_path / "files"

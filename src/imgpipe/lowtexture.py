@@ -13,16 +13,17 @@ it needs only numpy and Pillow.
 What "distinct" means here (to a person looking at the two pictures): every image has a
 family and a kind (e.g. shape/circle on a noise background, icons with one arrangement of
 glyphs, a page with 7 lines) and a few numbers, each with the step a person clearly sees:
-the main shape's center moved by 12% of the side, its size changed by a factor 1.4, a
-gray level (of the shape, background, stripe or ink) changed by 48 of 255, a stripe or
-gradient turned by 20-45 degrees, a stripe period changed by 1.4x, a text line's length
-changed by 20% of the page. Two images are distinct when their family or kind differs or
-at least one number differs by at least its step; images are drawn at random and one
-that is not distinct from every image drawn before it is drawn again. Hue alone does not
-count here, though the pixel test tells a red shape from a green one of equal brightness
-since it compares colour (imgpipe.nearmatch.chroma_difference): the set is drawn so that
-each image is distinct from the others without colour (a stricter rule, and pHash is blind
-to hue), nor does the phase of stripes or the grain of a noise background. Every foreground stands out of its background by at least 64 gray levels.
+the main shape's center moved by 12% of the side, its size changed by a factor 1.4, a gray
+level (of the shape, background, stripe or ink) changed by 48 of 255, a stripe or gradient
+turned by 20-45 degrees, a stripe period changed by 1.4x, a text line's length changed by
+20% of the page. Two images are distinct when their family or kind differs or at least one
+number differs by at least its step; images are drawn at random and one that is not
+distinct from every image drawn before it is drawn again. Hue alone does not count here,
+though the pixel test tells a red shape from a green one of equal brightness since it
+compares colour (imgpipe.nearmatch.chroma_difference): the set is drawn so that each image
+is distinct from the others without colour (a stricter rule, and pHash is blind to hue),
+nor does the phase of stripes or the grain of a noise background. Every foreground stands
+out of its background by at least 64 gray levels.
 
 Everything follows from the seed: the same call gives the same pixels on every machine.
 """
