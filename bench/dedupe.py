@@ -3,7 +3,8 @@
 a) A generated corpus of JPEG photos (default 3,000) in groups: a distinct base photo
    and some of its copies, each made one way: an exact copy, a re-encode at another
    JPEG quality, a resize to about half, a brightness change, a 5% crop (5% off each
-   side, as in bench/dedupe_threshold.py) and an EXIF rotation (pixels turned 90 degrees,
+   side, as in bench/dedupe_threshold.py), a corner watermark (white text), a 3-5% crop of
+   one side only and an EXIF rotation (pixels turned 90 degrees,
    orientation tag set so that viewers show it upright). Every pair within a group is a
    true duplicate pair; pairs across groups are not. For each tool, at distance 10:
    images/s hashed on 1 and 2 workers, search seconds, precision and recall of the found
@@ -58,7 +59,7 @@ from pathlib import Path
 
 import matplotlib.cbook
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from sklearn.datasets import load_sample_images
 
 import pandas as pd
@@ -71,7 +72,7 @@ from imgpipe.lowtexture import write_low_texture_set
 from imgpipe.nearmatch import HYPOTHESES, PixelCheck, confirm, near_pairs
 
 DISTANCE = 10
-COPY_KINDS = ["exact", "reencode", "resize", "brightness", "crop_5pct", "exif_rotation"]
+COPY_KINDS = ["exact", "reencode", "resize", "brightness", "crop_5pct", "exif_rotation", "watermark", "crop_one_side"]
 COPIES_PER_GROUP = ([0, 1, 2, 3], [0.4, 0.25, 0.2, 0.15])
 LONG_SIDES = (400, 1600)
 ASPECTS = [4 / 3, 3 / 2, 16 / 9, 1, 3 / 4, 2 / 3]
@@ -162,6 +163,17 @@ def save_copy(kind, base, base_path, path, rng):
     elif kind == "crop_5pct":
         dx, dy = round(base.width * 0.05), round(base.height * 0.05)
         base.crop((dx, dy, base.width - dx, base.height - dy)).save(path, quality=85)
+    elif kind == "watermark":  # white text in the bottom-right corner, as a stock photo site stamps it
+        marked = base.copy()
+        ImageDraw.Draw(marked).text((base.width * 0.55, base.height * 0.88), "(c) stockphoto.com", fill=(255, 255, 255),
+                                    font=ImageFont.load_default(size=max(10, base.height // 20)))
+        marked.save(path, quality=85)
+    elif kind == "crop_one_side":  # 3-5% cut off one side only
+        cut = float(rng.uniform(0.03, 0.05))
+        side = int(rng.integers(4))
+        box = [0, 0, base.width, base.height]
+        box[side] = round(box[side] + (1 if side < 2 else -1) * cut * (base.width if side % 2 == 0 else base.height))
+        base.crop(tuple(box)).save(path, quality=85)
     elif kind == "exif_rotation":
         # Stored turned; the tag tells viewers (and imgpipe) to turn it back upright.
         exif = Image.Exif()
