@@ -3,7 +3,8 @@
 a) A generated corpus of JPEG photos (default 3,000) in groups: a distinct base photo
    and some of its copies, each made one way: an exact copy, a re-encode at another
    JPEG quality, a resize to about half, a brightness change, a 5% crop (5% off each
-   side, as in bench/dedupe_threshold.py) and an EXIF rotation (pixels turned 90 degrees,
+   side, as in bench/dedupe_threshold.py), a corner watermark (white text), a 3-5% crop of
+   one side only and an EXIF rotation (pixels turned 90 degrees,
    orientation tag set so that viewers show it upright). Every pair within a group is a
    true duplicate pair; pairs across groups are not. For each tool, at distance 10:
    images/s hashed on 1 and 2 workers, search seconds, precision and recall of the found
@@ -28,6 +29,8 @@ d) Distinct low-texture images (imgpipe.lowtexture: three shape classes, 300 eac
 c) The search dedupe runs for 1,000,000 images: two random hashes each (whole and center),
    image pairs by the nearest of their hashes, at distance 10 and at imgpipe's default:
    seconds and peak memory.
+e) (--pixel-pairs N) The pixel test's throughput: N candidate pairs of the low-texture set
+   through nearmatch.confirm on 1 and 2 threads (--workers), thumbnails already decoded.
 
 Base photos are made offline: a crop of one of the photos that ship with scikit-learn and
 matplotlib, recoloured, blended with a random low-frequency pattern (colour field,
@@ -56,7 +59,7 @@ from pathlib import Path
 
 import matplotlib.cbook
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from sklearn.datasets import load_sample_images
 
 import pandas as pd
@@ -66,10 +69,10 @@ from imgpipe.dedupe import dedupe_images, summarize_fates
 from imgpipe.hamming import choose_hamming_method, group_pairs, hamming_pairs, hamming_pairs_brute_force, owner_pairs
 from imgpipe.hashing import hash_distance, hash_images
 from imgpipe.lowtexture import write_low_texture_set
-from imgpipe.nearmatch import HYPOTHESES, PixelCheck, near_pairs
+from imgpipe.nearmatch import HYPOTHESES, PixelCheck, confirm, near_pairs
 
 DISTANCE = 10
-COPY_KINDS = ["exact", "reencode", "resize", "brightness", "crop_5pct", "exif_rotation"]
+COPY_KINDS = ["exact", "reencode", "resize", "brightness", "crop_5pct", "exif_rotation", "watermark", "crop_one_side"]
 COPIES_PER_GROUP = ([0, 1, 2, 3], [0.4, 0.25, 0.2, 0.15])
 LONG_SIDES = (400, 1600)
 ASPECTS = [4 / 3, 3 / 2, 16 / 9, 1, 3 / 4, 2 / 3]
@@ -160,6 +163,17 @@ def save_copy(kind, base, base_path, path, rng):
     elif kind == "crop_5pct":
         dx, dy = round(base.width * 0.05), round(base.height * 0.05)
         base.crop((dx, dy, base.width - dx, base.height - dy)).save(path, quality=85)
+    elif kind == "watermark":  # white text in the bottom-right corner, as a stock photo site stamps it
+        marked = base.copy()
+        ImageDraw.Draw(marked).text((base.width * 0.55, base.height * 0.88), "(c) stockphoto.com", fill=(255, 255, 255),
+                                    font=ImageFont.load_default(size=max(10, base.height // 20)))
+        marked.save(path, quality=85)
+    elif kind == "crop_one_side":  # 3-5% cut off one side only
+        cut = float(rng.uniform(0.03, 0.05))
+        side = int(rng.integers(4))
+        box = [0, 0, base.width, base.height]
+        box[side] = round(box[side] + (1 if side < 2 else -1) * cut * (base.width if side % 2 == 0 else base.height))
+        base.crop(tuple(box)).save(path, quality=85)
     elif kind == "exif_rotation":
         # Stored turned; the tag tells viewers (and imgpipe) to turn it back upright.
         exif = Image.Exif()
@@ -568,6 +582,27 @@ def search_figures(sizes, seed, brute_force_up_to):
     return rows
 
 
+def pixel_test_figures(n_pairs, seed, threads_list):
+    """Part e: pixel-test throughput. Candidate pairs of the low-texture set (hash distance 8,
+    every hypothesis within it tested, as dedupe does), repeated to `n_pairs`; thumbnails
+    decoded first, so this is the comparison alone: pairs/s per thread count."""
+    with tempfile.TemporaryDirectory(prefix="imgpipe-pixel-bench-") as tmp:
+        files = [path for path, _ in write_low_texture_set(tmp, seed=seed)]
+        hashes = np.array(hash_images(files, 2), dtype=np.uint64)
+        pairs = group_pairs(hashes, 8)[:, :2]
+        pairs = pairs[np.arange(n_pairs) % len(pairs)]
+        first, second = [files[a] for a in pairs[:, 0]], [files[b] for b in pairs[:, 1]]
+        out = {"pairs": int(n_pairs), "distinct_candidate_pairs": int(len(set(map(tuple, pairs.tolist()))))}
+        for threads in threads_list:
+            check = PixelCheck(threads=threads)
+            confirm(hashes[pairs[:1, 0]], hashes[pairs[:1, 1]], first[:1], second[:1], 8, check)
+            check.differences(first, [0] * len(first), second, [0] * len(second))  # decode all first
+            started = time.perf_counter()
+            confirm(hashes[pairs[:, 0]], hashes[pairs[:, 1]], first, second, 8, check)
+            out[f"pairs_per_s_{threads}_threads"] = round(n_pairs / (time.perf_counter() - started), 1)
+        return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -585,6 +620,7 @@ def main() -> None:
     parser.add_argument(
         "--brute-force-up-to", type=int, default=100_000, help="brute-force check up to this size"
     )
+    parser.add_argument("--pixel-pairs", type=int, default=0, help="pairs pixel-tested for part e (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     figures = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "max_distance": DISTANCE}
@@ -597,6 +633,8 @@ def main() -> None:
         figures["hamming_search"] = search_figures(args.hashes, args.seed, args.brute_force_up_to)
     if args.image_search:
         figures["image_search"] = image_search_figures(args.image_search, args.seed)
+    if args.pixel_pairs:
+        figures["pixel_test"] = pixel_test_figures(args.pixel_pairs, args.seed, args.workers)
     print(json.dumps(figures, indent=1))
 
 

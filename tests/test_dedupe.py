@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance
 from sklearn.datasets import load_sample_images
 
 from imgpipe.config import load_schema, read_exclude_list
@@ -24,7 +24,7 @@ from imgpipe.hamming import (
 )
 from imgpipe.hashing import format_hash, hash_distance, hash_images, perceptual_hashes
 from imgpipe.lowtexture import SHAPES, distinct, low_texture_set, write_images, write_low_texture_set
-from imgpipe.nearmatch import DEFAULT_PIXEL_DIFFERENCE, PixelCheck, confirm
+from imgpipe.nearmatch import DEFAULT_PIXEL_DIFFERENCE, MAX_CHROMA_DIFFERENCE, PixelCheck, confirm
 
 SCHEMA = Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -35,6 +35,8 @@ class PixelsAgree(PixelCheck):
 
     def differences(self, first_files, first_regions, second_files, second_regions):
         return np.zeros(len(first_files), dtype=np.float32)
+
+    chroma_differences = differences
 
 
 AGREE = PixelsAgree()
@@ -609,7 +611,7 @@ def test_generated_low_texture_images_are_distinct_by_construction():
     images = low_texture_set(per_class=40, per_other=10)
     shapes = [image for image in images if image.family == "shape"]
 
-    assert len(images) == 3 * 40 + 4 * 10 and {image.label for image in images} >= set(SHAPES)
+    assert len(images) == 3 * 40 + 5 * 10 and {image.label for image in images} >= set(SHAPES)
     assert all(distinct(a, b) for a, b in itertools.combinations(images, 2))
     first = shapes[0]
     assert not distinct(first, replace(first, numbers={**first.numbers, "x": first.numbers["x"] + 0.5}))
@@ -641,6 +643,62 @@ def test_whole_vs_center_matches_of_distinct_images_are_rejected(low_texture):
     assert len(through_center) >= 20
     assert not verdict["confirmed"].any()
     assert (verdict["difference"] > pixel_difference).all()
+
+
+def confirm_files(first: str, second: str, check: PixelCheck | None = None):
+    """The verdict on one pair of files, with every hash comparison a candidate (distance 64)."""
+    hashes = [perceptual_hashes(first), perceptual_hashes(second)]
+    return confirm(np.array([hashes[0]], dtype=np.uint64), np.array([hashes[1]], dtype=np.uint64), [first], [second],
+                   64, check or PixelCheck(default_near_settings()[1])).iloc[0]
+
+
+def test_transparent_icons_are_seen_on_white_as_preprocessing_sees_them(tmp_path):
+    def icon(shape, mode):
+        image = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+        pen = ImageDraw.Draw(image)
+        if shape == "triangle":
+            pen.polygon([(64, 10), (118, 118), (10, 118)], fill=(0, 0, 0, 255))
+        else:
+            getattr(pen, shape)((20, 20, 108, 108), fill=(0, 0, 0, 255))
+        path = tmp_path / f"{shape}_{mode}.png"
+        if mode == "P":  # palette entry 0 (black) transparent, entry 1 (black) the ink
+            indices = Image.fromarray((np.asarray(image)[..., 3] > 0).astype(np.uint8), "L").convert("P")
+            indices.putpalette([0, 0, 0] * 2)
+            indices.save(path, transparency=0)
+        else:
+            image.convert(mode).save(path)
+        return str(path)
+
+    white = Image.new("RGB", (128, 128), "white")
+    ImageDraw.Draw(white).ellipse((20, 20, 108, 108), fill="black")
+    white.save(on_white := tmp_path / "circle_on_white.png")
+    for mode in ("RGBA", "LA", "P"):
+        circle, square, triangle = (icon(shape, mode) for shape in ("ellipse", "rectangle", "triangle"))
+        assert perceptual_hashes(circle) == perceptual_hashes(on_white), mode
+        for other in (square, triangle):
+            verdict = confirm_files(circle, other)
+            assert not verdict["confirmed"] and verdict["difference"] > DEFAULT_PIXEL_DIFFERENCE, (mode, other)
+            assert hash_distance(perceptual_hashes(circle), perceptual_hashes(other)) > 8, (mode, other)
+
+
+def test_shapes_that_differ_only_in_colour_are_not_copies_but_a_grayscale_copy_is(tmp_path, photos):
+    def circle(colour):
+        image = Image.new("RGB", (200, 200), "white")
+        ImageDraw.Draw(image).ellipse((50, 50, 150, 150), fill=colour)
+        image.save(path := tmp_path / f"circle_{colour}.png")
+        return str(path)
+
+    for first, second in (((255, 0, 0), (0, 130, 0)), ((200, 30, 30), (30, 110, 200))):
+        verdict = confirm_files(circle(first), circle(second))
+        # the gray levels agree (same brightness); the colour tells them apart
+        assert verdict["difference"] <= DEFAULT_PIXEL_DIFFERENCE
+        assert not verdict["confirmed"] and verdict["chroma"] > MAX_CHROMA_DIFFERENCE
+    assert confirm_files(circle((255, 0, 0)), circle((250, 5, 5)))["confirmed"]
+    photos[0].save(original := tmp_path / "photo.png")
+    photos[0].convert("L").save(gray := tmp_path / "photo_gray.jpg")
+    ImageEnhance.Color(photos[0]).enhance(1.2).save(saturated := tmp_path / "photo_saturated.png")
+    assert confirm_files(str(original), str(gray))["confirmed"]
+    assert confirm_files(str(original), str(saturated))["confirmed"]
 
 
 def edited_copies(photo: Image.Image, folder, stem: str) -> list[str]:
@@ -696,6 +754,19 @@ def test_near_duplicate_warnings_name_the_keys_and_the_contact_sheet():
         assert "dedupe.near_distance" in warning and "dedupe.near_pixel_difference" in warning
     assert "review/cat.html" in warnings["cat"]
     assert near_duplicate_warnings(decide_fates(manifest(*rows), phashes, near_distance=0)) == {}
+
+
+def test_near_duplicate_share_counts_only_the_images_that_were_compared():
+    # 1,000 rows: 600 failed, 100 skipped, 300 usable images of which 90 are near copies (30%)
+    rows = [(f"f{k}", "cat", "", "failed") for k in range(600)] + [(f"s{k}", "cat", "", "skipped") for k in range(100)]
+    rows += [(f"i{k}", "cat", f"u{k}") for k in range(300)]
+    phashes = {f"u{k}": int(value) for k, value in enumerate(np.random.default_rng(0).integers(0, 2**63, 300))}
+    phashes |= {f"u{k}": phashes[f"u{k % 10}"] ^ 1 for k in range(10, 100)}  # 90 near copies of the first ten
+    fates = decide_fates(manifest(*rows), phashes, near_distance=2, check=AGREE)
+    warnings = near_duplicate_warnings(fates)
+
+    assert (fates["reason"] == "near_duplicate").sum() == 90
+    assert "90 of 300 images (30%) dropped as near duplicates" in warnings["cat"]
 
 
 def test_target_counter_counts_distinct_low_texture_images_and_not_edited_copies(tmp_path, photos):

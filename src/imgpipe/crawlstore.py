@@ -114,6 +114,9 @@ def effective_status(record: dict, limits: CrawlLimits) -> tuple[str, str]:
     return ("rejected", reason) if reason else ("ok", "")
 
 
+_CANDIDATE_CHUNK = 16  # candidates of one new image pixel-tested at once
+
+
 @dataclass
 class TargetCounter:
     """Counts new, valid, non-duplicate images of a class towards its target.
@@ -177,13 +180,18 @@ class TargetCounter:
         if not len(known):
             return False
         bits = np.bitwise_count(known[:, :, None] ^ hashes[None, None, :]).reshape(len(known), -1).min(axis=1)
-        candidates = np.flatnonzero(bits <= self.near_distance)
-        if not len(candidates):
-            return False
-        verdict = confirm(known[candidates], np.repeat(hashes[None], len(candidates), axis=0),
-                          [self._stored[k] for k in candidates], [file] * len(candidates), self.near_distance,
-                          self._check)
-        return bool(verdict["confirmed"].any())
+        within = np.flatnonzero(bits <= self.near_distance)
+        # Nearest first (then in counting order), in chunks: a copy is usually confirmed by its
+        # nearest candidate, and the rest need no pixel test (this runs under the counter's lock).
+        ordered = within[np.argsort(bits[within], kind="stable")]
+        for start in range(0, len(ordered), _CANDIDATE_CHUNK):
+            candidates = ordered[start:start + _CANDIDATE_CHUNK]
+            verdict = confirm(known[candidates], np.repeat(hashes[None], len(candidates), axis=0),
+                              [self._stored[k] for k in candidates], [file] * len(candidates), self.near_distance,
+                              self._check)
+            if verdict["confirmed"].any():
+                return True
+        return False
 
 
 class ClassStore:

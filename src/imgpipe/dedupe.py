@@ -384,24 +384,30 @@ def dedupe_images(
 
 # A class losing more than this share of its images as near duplicates gets a warning.
 NEAR_DUPLICATE_WARN_SHARE = 0.10
+# The share is of the rows that took part in the near-duplicate comparison: kept, or dropped
+# by it. Not failed, skipped, rejected, corrupt or excluded rows, nor exact duplicates (of one
+# in the class or another): a class of mostly failed downloads would hide its losses.
+NEAR_COMPARED_REASONS = ("", "near_duplicate", "cross_class_near")
 
 
 def near_duplicate_warnings(fates: pd.DataFrame) -> dict[str, str]:
     """Classes whose near-duplicate drops deserve a look: class -> one warning sentence.
 
-    A class warns when more than NEAR_DUPLICATE_WARN_SHARE of its images were dropped as
+    A class warns when more than NEAR_DUPLICATE_WARN_SHARE of its images that took part in
+    the near-duplicate comparison (NEAR_COMPARED_REASONS) were dropped as
     ``near_duplicate``, or when any was dropped as ``cross_class_near``: then either the
     crawl really returned that many copies, or distinct pictures were taken for copies
-    (low-texture images: shapes, icons, scans). The sentence names the keys to change.
-    The dedupe job logs these, and the report shows them at its top.
+    (low-texture images: shapes, icons, scans). The sentence names the keys to change. The
+    dedupe job logs these, and the report shows them at its top.
     """
     warnings = {}
     for cls, rows in fates.groupby("class", sort=True):
         near = int((rows["reason"] == "near_duplicate").sum())
         cross = int((rows["reason"] == "cross_class_near").sum())
+        compared = int(rows["reason"].isin(NEAR_COMPARED_REASONS).sum())
         parts = []
-        if near > NEAR_DUPLICATE_WARN_SHARE * len(rows):
-            parts.append(f"{near} of {len(rows)} images ({near / len(rows):.0%}) dropped as near duplicates")
+        if near > NEAR_DUPLICATE_WARN_SHARE * compared:
+            parts.append(f"{near} of {compared} images ({near / compared:.0%}) dropped as near duplicates")
         if cross:
             parts.append(f"{cross} dropped as near duplicates of images in another class (cross_class_near)")
         if parts:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from imgpipe.files import error_text
+from imgpipe.preprocess import flatten_transparency
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,25 @@ def _phash(gray: Image.Image, box: tuple[float, float, float, float] | None = No
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def decode_gray(path: str | os.PathLike) -> Image.Image:
-    """The image at `path`, upright and grayscale, decoded no larger than the hash needs.
+def decode_image(path: str | os.PathLike, color: bool = False) -> Image.Image:
+    """The image at `path`, upright, decoded no larger than the hash needs: grayscale ('L'),
+    or 'RGB' when `color`; 16-bit and float images as 'F' (their range kept).
 
     EXIF orientation is applied first: a photo and its rotated copy look the same to a
     person (and to the model, once preprocessing has applied it), so they must hash the
-    same. JPEGs are decoded at reduced scale straight to grayscale (``Image.draft``),
-    which is where most of the time goes; the hash only needs 32x32 pixels (and the
-    near-duplicate pixel check 64x64, see imgpipe.nearmatch: draft keeps at least that).
+    same. Transparency is flattened onto white as preprocessing does
+    (imgpipe.preprocess.flatten_transparency): a black icon on a transparent background
+    is a black icon, not a black square. JPEGs are decoded at reduced scale
+    (``Image.draft``, straight to grayscale unless `color`), which is where most of the
+    time goes; the hash only needs 32x32 pixels (and the near-duplicate pixel check 64x64,
+    see imgpipe.nearmatch: draft keeps at least that).
     """
     with Image.open(path) as img:
-        img.draft("L", (2 * _HASH_SIZE, 2 * _HASH_SIZE))
+        img.draft("RGB" if color else "L", (2 * _HASH_SIZE, 2 * _HASH_SIZE))
         upright = ImageOps.exif_transpose(img)
-    # 16-bit and float images keep their range: convert("L") would clip them.
-    return upright.convert("F" if upright.mode[0] in "IF" else "L")
+    if upright.mode[0] in "IF":  # 16-bit and float images keep their range: convert("L") would clip them.
+        return upright.convert("F")
+    return flatten_transparency(upright).convert("RGB" if color else "L")
 
 
 def center_box(size: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -93,9 +99,9 @@ def perceptual_hashes(path: str | os.PathLike) -> ImageHashes:
     the bits are set and distances are even). Bit 63 is coefficient (0, 0), then row by
     row, the order of imagehash's hex string. The center hash is the same of the middle
     region (a box resample of the one decoded picture, no second decode). The picture is
-    decoded by `decode_gray`.
+    decoded by `decode_image`.
     """
-    gray = decode_gray(path)
+    gray = decode_image(path)
     return ImageHashes(_phash(gray), _phash(gray, center_box(gray.size)))
 
 

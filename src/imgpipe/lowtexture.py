@@ -2,7 +2,8 @@
 
 Shapes on plain, gradient and noise backgrounds (circles, squares and triangles: three
 classes, as a user's synthetic folder has them), stripes, gradient-filled shapes on plain
-backgrounds, icon-like glyph arrangements and scan-like text pages. pHash puts many such
+backgrounds, icon-like glyph arrangements (also as RGBA on a transparent background) and
+scan-like text pages. pHash puts many such
 pairs within a few bits of each other (see imgpipe.nearmatch), so the dedupe stage must
 drop none of them: bench/dedupe.py and tests/test_dedupe.py both run this set through
 ``dedupe_images``. It lives in the library, not in tests/ or bench/, so both import it the
@@ -12,15 +13,17 @@ it needs only numpy and Pillow.
 What "distinct" means here (to a person looking at the two pictures): every image has a
 family and a kind (e.g. shape/circle on a noise background, icons with one arrangement of
 glyphs, a page with 7 lines) and a few numbers, each with the step a person clearly sees:
-the main shape's center moved by 12% of the side, its size changed by a factor 1.4, a
-gray level (of the shape, background, stripe or ink) changed by 48 of 255, a stripe or
-gradient turned by 20-45 degrees, a stripe period changed by 1.4x, a text line's length
-changed by 20% of the page. Two images are distinct when their family or kind differs or
-at least one number differs by at least its step; images are drawn at random and one
-that is not distinct from every image drawn before it is drawn again. Hue alone does not
-count (a red and a green shape of equal brightness are not told apart by a grayscale
-comparison, nor by pHash), nor does the phase of stripes or the grain of a noise
-background. Every foreground stands out of its background by at least 64 gray levels.
+the main shape's center moved by 12% of the side, its size changed by a factor 1.4, a gray
+level (of the shape, background, stripe or ink) changed by 48 of 255, a stripe or gradient
+turned by 20-45 degrees, a stripe period changed by 1.4x, a text line's length changed by
+20% of the page. Two images are distinct when their family or kind differs or at least one
+number differs by at least its step; images are drawn at random and one that is not
+distinct from every image drawn before it is drawn again. Hue alone does not count here,
+though the pixel test tells a red shape from a green one of equal brightness since it
+compares colour (imgpipe.nearmatch.chroma_difference): the set is drawn so that each image
+is distinct from the others without colour (a stricter rule, and pHash is blind to hue),
+nor does the phase of stripes or the grain of a noise background. Every foreground stands
+out of its background by at least 64 gray levels.
 
 Everything follows from the seed: the same call gives the same pixels on every machine.
 """
@@ -42,7 +45,7 @@ GLYPHS = ("dot", "ring", "plus", "bar")
 MIN_CONTRAST = 64  # gray levels between a foreground and its background
 PLACE_STEP = 0.06  # of the side
 SIZE_STEP = np.log(1.5)
-OTHER_FAMILIES = ("stripes", "gradient_shape", "icons", "scan")
+OTHER_FAMILIES = ("stripes", "gradient_shape", "icons", "scan", "transparent_icons")
 
 
 @dataclass(frozen=True)
@@ -210,18 +213,23 @@ def _gradient_shape(rng, number: int) -> LowTextureImage:
                            (kind, _polarity(start, background)), numbers, {"fill_angle": 360 / 45}, draw)
 
 
-def _icon(rng, number: int) -> LowTextureImage:
-    """Two to five glyphs (dot, ring, plus, bar) in the cells of a 3x3 grid, on a plain background."""
+def _icon(rng, number: int, transparent: bool = False) -> LowTextureImage:
+    """Two to five glyphs (dot, ring, plus, bar) in the cells of a 3x3 grid, on a plain background;
+    when `transparent`, on a transparent one (an RGBA PNG, as icon sets come: it is seen, and
+    trained on, flattened onto white)."""
     cells = ["" for _ in range(9)]
     for cell in rng.choice(9, size=int(rng.integers(2, 6)), replace=False):
         cells[int(cell)] = GLYPHS[int(rng.integers(len(GLYPHS)))]
     ink, paper = _colour_pair(rng)
+    while transparent and _luma(ink) > 255 - MIN_CONTRAST:  # the ink stands out of white
+        ink, _ = _colour_pair(rng)
     numbers = {}
 
     def draw() -> Image.Image:
-        image = Image.new("RGB", (SIDE, SIDE), tuple(int(v) for v in paper))
+        background = (255, 255, 255, 0) if transparent else tuple(int(v) for v in paper)
+        image = Image.new("RGBA" if transparent else "RGB", (SIDE, SIDE), background)
         pen = ImageDraw.Draw(image)
-        colour = tuple(int(v) for v in ink)
+        colour = tuple(int(v) for v in ink) + ((255,) if transparent else ())
         cell_side = SIDE / 3
         for k, glyph in enumerate(cells):
             x, y = (k % 3 + 0.5) * cell_side, (k // 3 + 0.5) * cell_side
@@ -237,7 +245,9 @@ def _icon(rng, number: int) -> LowTextureImage:
                 pen.rectangle((x - r, y - r / 3, x + r, y + r / 3), fill=colour)
         return image
 
-    return LowTextureImage(f"icon_{number:04d}", "icons", "icons", (*cells, _polarity(ink, paper)), numbers, {}, draw)
+    family = "transparent_icons" if transparent else "icons"
+    polarity = "dark_on_light" if transparent else _polarity(ink, paper)
+    return LowTextureImage(f"{family}_{number:04d}", family, family, (*cells, polarity), numbers, {}, draw)
 
 
 def _scan(rng, number: int) -> LowTextureImage:
@@ -263,7 +273,8 @@ def _scan(rng, number: int) -> LowTextureImage:
     return LowTextureImage(f"scan_{number:04d}", "scan", "scan", (n_lines,), numbers, {}, draw, fmt="JPEG")
 
 
-_MAKERS = {"stripes": _stripes, "gradient_shape": _gradient_shape, "icons": _icon, "scan": _scan}
+_MAKERS = {"stripes": _stripes, "gradient_shape": _gradient_shape, "icons": _icon, "scan": _scan,
+           "transparent_icons": lambda rng, number: _icon(rng, number, transparent=True)}
 
 
 def _draw_distinct(make: Callable[[int], LowTextureImage], count: int,
@@ -319,7 +330,7 @@ def shapes_in_three_classes(per_class: int = 300, seed: int = 0) -> list[LowText
 
 def low_texture_set(per_class: int = 300, per_other: int = 60, seed: int = 0) -> list[LowTextureImage]:
     """The three shape classes and `per_other` images of each other family (stripes, gradient
-    shapes, icons, scans), 1,140 images by default, labelled by shape or family."""
+    shapes, icons, scans, transparent icons), 1,200 images by default, labelled by shape or family."""
     images = shapes_in_three_classes(per_class, seed)
     for k, family in enumerate(OTHER_FAMILIES, start=len(SHAPES)):
         rng = np.random.default_rng([seed, k])

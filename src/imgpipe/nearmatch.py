@@ -15,7 +15,7 @@ too, for one of the hash comparisons that matched (a hypothesis):
 - center vs center: the two middles (e.g. two different frames around one picture).
 
 The pixel test: both regions as 64x64 grayscale thumbnails (area averages of the picture
-decoded as for hashing, see imgpipe.hashing.decode_gray). The second's gray levels are
+decoded as for hashing, see imgpipe.hashing.decode_image). The second's gray levels are
 mapped onto the first's as a brightness and contrast edit would: its mean scaled, its
 deviations from the mean scaled, each factor within 1/MAX_GAIN..MAX_GAIN (a free offset
 would make any two-tone pictures of one layout equal). A pixel of either then costs how
@@ -28,8 +28,12 @@ pixels (a resize or crop rounds the picture's edge differently). An edited copy 
 within a few levels almost everywhere; a distinct picture differs by far more somewhere:
 a shape that moved, grew, changed or turned from dark to light. The pair is a near
 duplicate when the difference is at most ``dedupe.near_pixel_difference``.
-Colour is not compared: a grayscale copy is still a copy, and two pictures that differ
-only in hue at equal brightness are not told apart (neither does the hash).
+Colour is compared too, coarsely, where the gray levels agree: two pictures that differ
+only in hue at equal brightness (a red and a green circle) agree in gray and would
+otherwise be copies. Each region as 16x16 cells of two colour opponents (R-G and
+(R+G)/2-B, from the same decode); the colour difference (`chroma_difference`) must be at
+most MAX_CHROMA_DIFFERENCE. A picture without colour is not compared: a grayscale copy of
+a colour picture is still a copy.
 
 Used by the dedupe stage (all pairs) and by the crawl's target counter (one new image
 against those counted), so both call the same thing a near duplicate.
@@ -41,6 +45,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -48,7 +53,7 @@ import pandas as pd
 from PIL import Image
 
 from imgpipe.hamming import group_pairs
-from imgpipe.hashing import center_box, decode_gray
+from imgpipe.hashing import center_box, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,14 @@ MAX_GAIN = 1.25  # brightness or contrast changed by up to 25% (either way) is s
 # edited copies of photos are confirmed with recall 0.998 (brightness +-20% reaches 28),
 # candidate pairs of distinct low-texture images differ by 34 or more.
 DEFAULT_PIXEL_DIFFERENCE = 26
+CHROMA_SIDE = 16
+# The colour test's threshold (levels of a colour-opponent channel, see chroma_difference).
+# Measured (the two scikit-learn photos: re-encodes, resizes, brightness, contrast and saturation
+# +-20%, 2% and 5% crops): copies differ by 25.5 at most (brightness +20%, saturated areas
+# clipping); a circle recoloured at equal brightness (a channel changed by 80+ levels, 300
+# random colour pairs) by 69 or more.
+MAX_CHROMA_DIFFERENCE = 40
+GRAY_CHROMA = 6  # an opponent value within this of 0 everywhere: a picture without colour
 REGIONS = ("whole", "center")
 # (region of the first image, region of the second): the hash comparisons, in the order a
 # tie between confirmed ones is broken (the plainest explanation first).
@@ -71,16 +84,59 @@ def hypothesis_name(index: int) -> str:
     return f"{REGIONS[first]} vs {REGIONS[second]}"
 
 
-def thumbnails(path: str | os.PathLike) -> np.ndarray:
-    """The whole picture and its center as 64x64 gray levels: uint8 (8 KB an image in the
-    cache; half a level of rounding is nothing beside the threshold), shape (2, 64, 64)."""
-    gray = decode_gray(path)
+class Thumbnails(NamedTuple):
+    """What the pixel test keeps of one image (both regions: whole and center)."""
+
+    gray: np.ndarray  # uint8 (2, THUMB_SIDE, THUMB_SIDE): gray levels
+    chroma: np.ndarray  # float32 (2, 2, CHROMA_SIDE, CHROMA_SIDE): red-green and yellow-blue per region
+
+
+def thumbnails(path: str | os.PathLike) -> Thumbnails:
+    """The whole picture and its center as 64x64 gray levels (uint8: 8 KB an image in the
+    cache; half a level of rounding is nothing beside the threshold) and as 16x16 colour
+    opponents (see `chroma_difference`), from one decode."""
+    decoded = decode_image(path, color=True)
+    boxes = (None, center_box(decoded.size))
+    gray = decoded if decoded.mode == "F" else decoded.convert("L")
     size = (THUMB_SIDE, THUMB_SIDE)
-    regions = [gray.resize(size, Image.Resampling.BOX, box=box) for box in (None, center_box(gray.size))]
-    pixels = np.stack([np.asarray(region, dtype=np.float32) for region in regions])
+    pixels = np.stack([np.asarray(gray.resize(size, Image.Resampling.BOX, box=box), dtype=np.float32)
+                       for box in boxes])
     if gray.mode == "F" and pixels.max() > 255:  # a 16-bit image: gray levels on the 8-bit scale
         pixels *= 255 / 65535
-    return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+    chroma = np.zeros((2, 2, CHROMA_SIDE, CHROMA_SIDE), dtype=np.float32)
+    if decoded.mode == "RGB":
+        for k, box in enumerate(boxes):
+            rgb = np.asarray(decoded.resize((CHROMA_SIDE, CHROMA_SIDE), Image.Resampling.BOX, box=box), np.float32)
+            chroma[k, 0] = rgb[..., 0] - rgb[..., 1]
+            chroma[k, 1] = (rgb[..., 0] + rgb[..., 1]) / 2 - rgb[..., 2]
+    return Thumbnails(np.clip(np.round(pixels), 0, 255).astype(np.uint8), chroma)
+
+
+def chroma_difference(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """For stacks of colour-opponent thumbnails (k, 2, h, w): per pair, how far their colours
+    disagree somewhere, in levels of an opponent channel (R-G or (R+G)/2-B).
+
+    A cell of one costs how far its opponent value lies outside the other's 3x3 neighbourhood
+    range, widened by MAX_GAIN either way (a brightness or contrast edit scales colour
+    differences too); the costs are averaged over 3x3 cells and the largest average, leaving
+    out the outer ring, is the result. A picture without colour (every cell within
+    GRAY_CHROMA of gray) has nothing to compare: a grayscale copy of a colour picture is a copy.
+    """
+    first, second = np.asarray(first, np.float32), np.asarray(second, np.float32)
+    k, channels, h, w = first.shape
+    flat_first, flat_second = first.reshape(k * channels, h, w), second.reshape(k * channels, h, w)
+
+    def outside(values, other):
+        low, high = _neighbourhood(other, np.minimum), _neighbourhood(other, np.maximum)
+        low = np.minimum(low * MAX_GAIN, low / MAX_GAIN)
+        high = np.maximum(high * MAX_GAIN, high / MAX_GAIN)
+        return np.maximum.reduce([values - high, low - values, np.zeros_like(values)])
+
+    cost = np.maximum(outside(flat_first, flat_second), outside(flat_second, flat_first)).reshape(k, channels, h, w)
+    cost = _box_mean(cost.max(axis=1))[:, 1:-1, 1:-1].reshape(k, -1).max(axis=1)
+    colourless = ((np.abs(first).reshape(k, -1).max(axis=1) <= GRAY_CHROMA)
+                  | (np.abs(second).reshape(k, -1).max(axis=1) <= GRAY_CHROMA))
+    return np.where(colourless, 0.0, cost).astype(np.float32)
 
 
 def _neighbourhood(pixels: np.ndarray, reduce) -> np.ndarray:
@@ -149,7 +205,7 @@ class PixelCheck:
             raise ValueError(f"dedupe.near_pixel_difference must be within 0..255, got {max_difference}")
         self.max_difference = max_difference
         self.threads = max(1, threads)
-        self._thumbnails: dict[str, np.ndarray] = {}
+        self._thumbnails: dict[str, Thumbnails] = {}
         self._lock = threading.Lock()
 
     def _load(self, files: Sequence[str]) -> None:
@@ -165,17 +221,35 @@ class PixelCheck:
 
     def differences(self, first_files: Sequence[str], first_regions: Sequence[int],
                     second_files: Sequence[str], second_regions: Sequence[int]) -> np.ndarray:
-        """Pixel difference of each pair (region 0: whole picture, 1: center), float32."""
+        """Pixel difference (gray levels) of each pair (region 0: whole picture, 1: center), float32."""
+        return self._per_pair(pixel_difference, "gray", first_files, first_regions, second_files, second_regions)
+
+    def chroma_differences(self, first_files: Sequence[str], first_regions: Sequence[int],
+                           second_files: Sequence[str], second_regions: Sequence[int]) -> np.ndarray:
+        """Colour difference (see chroma_difference) of each pair, float32."""
+        return self._per_pair(chroma_difference, "chroma", first_files, first_regions, second_files, second_regions)
+
+    def _per_pair(self, measure, part: str, first_files, first_regions, second_files, second_regions) -> np.ndarray:
+        """`measure` of each pair's thumbnails (`part` of them), in batches of _BATCH pairs run on
+        `threads` threads (numpy releases the GIL in the array work); the result is in pair order
+        and the same for any number of threads."""
         self._load(list(first_files) + list(second_files))
-        out = np.empty(len(first_files), dtype=np.float32)
-        for start in range(0, len(out), _BATCH):
-            stop = min(start + _BATCH, len(out))
-            first = np.stack([self._thumbnails[f][r] for f, r in
+
+        def batch(start: int) -> np.ndarray:
+            stop = min(start + _BATCH, len(first_files))
+            first = np.stack([getattr(self._thumbnails[f], part)[r] for f, r in
                               zip(first_files[start:stop], first_regions[start:stop])])
-            second = np.stack([self._thumbnails[f][r] for f, r in
+            second = np.stack([getattr(self._thumbnails[f], part)[r] for f, r in
                                zip(second_files[start:stop], second_regions[start:stop])])
-            out[start:stop] = pixel_difference(first, second)
-        return out
+            return measure(first, second)
+
+        starts = range(0, len(first_files), _BATCH)
+        if len(starts) <= 1 or self.threads == 1:
+            parts = [batch(start) for start in starts]
+        else:
+            with ThreadPoolExecutor(max_workers=self.threads) as pool:
+                parts = list(pool.map(batch, starts))
+        return np.concatenate(parts).astype(np.float32) if parts else np.empty(0, np.float32)
 
 
 def confirm(first: np.ndarray, second: np.ndarray, first_files: Sequence[str], second_files: Sequence[str],
@@ -186,7 +260,8 @@ def confirm(first: np.ndarray, second: np.ndarray, first_files: Sequence[str], s
     hypothesis whose hashes are within `near_distance` is tested on the pixels. Returns
     one row per pair, in order: confirmed (bool), distance (bits of the confirming
     hypothesis; of the nearest one when none confirms), hypothesis (index into
-    HYPOTHESES) and difference (its pixel difference).
+    HYPOTHESES), difference (its pixel difference) and chroma (its colour difference; nan
+    where the gray levels already disagree).
     """
     first = np.asarray(first, dtype=np.uint64).reshape(-1, 2)
     second = np.asarray(second, dtype=np.uint64).reshape(-1, 2)
@@ -194,18 +269,27 @@ def confirm(first: np.ndarray, second: np.ndarray, first_files: Sequence[str], s
     pair, hypothesis = np.nonzero(bits <= near_distance)
     regions = np.array(HYPOTHESES)[hypothesis]
     first_files, second_files = np.asarray(first_files, dtype=object), np.asarray(second_files, dtype=object)
-    difference = check.differences(first_files[pair], regions[:, 0], second_files[pair], regions[:, 1])
+    files_and_regions = (first_files[pair], regions[:, 0], second_files[pair], regions[:, 1])
+    difference = check.differences(*files_and_regions)
     tested = pd.DataFrame({"pair": pair, "hypothesis": hypothesis, "distance": bits[pair, hypothesis],
-                           "difference": difference})
-    tested["confirmed"] = tested["difference"] <= check.max_difference
+                           "difference": difference, "chroma": np.nan})
+    # Colour is compared only where the gray levels agree (the rest are rejected already), and
+    # not at all when the gray test is off (255 trusts the hashes alone).
+    gray_agrees = np.flatnonzero(difference <= check.max_difference)
+    if len(gray_agrees) and check.max_difference < 255:
+        tested.loc[gray_agrees, "chroma"] = check.chroma_differences(*(part[gray_agrees] for part in files_and_regions))
+        tested["confirmed"] = tested["chroma"] <= MAX_CHROMA_DIFFERENCE
+    else:
+        tested["confirmed"] = tested["difference"] <= check.max_difference
     # Per pair: a confirmed hypothesis before any other, then the fewest bits, then the plainest.
     best = tested.sort_values(["pair", "confirmed", "distance", "hypothesis"],
                               ascending=[True, False, True, True]).drop_duplicates("pair")
     out = pd.DataFrame({"confirmed": False, "distance": bits.min(axis=1), "hypothesis": bits.argmin(axis=1),
-                        "difference": np.nan})
-    out.loc[best["pair"].to_numpy(), ["confirmed", "distance", "hypothesis", "difference"]] = (
-        best[["confirmed", "distance", "hypothesis", "difference"]].to_numpy(object))
-    return out.astype({"confirmed": bool, "distance": np.int64, "hypothesis": np.int64, "difference": np.float64})
+                        "difference": np.nan, "chroma": np.nan})
+    columns = ["confirmed", "distance", "hypothesis", "difference", "chroma"]
+    out.loc[best["pair"].to_numpy(), columns] = best[columns].to_numpy(object)
+    return out.astype({"confirmed": bool, "distance": np.int64, "hypothesis": np.int64, "difference": np.float64,
+                       "chroma": np.float64})
 
 
 def near_pairs(hashes: Sequence[Sequence[int]], files: Sequence[str], near_distance: int,
