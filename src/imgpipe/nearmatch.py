@@ -62,7 +62,7 @@ MAX_GAIN = 1.25  # brightness or contrast changed by up to 25% (either way) is s
 # The default of dedupe.near_pixel_difference (the schema has the same). bench/dedupe.py:
 # edited copies of photos are confirmed with recall 0.998 (brightness +-20% reaches 28),
 # candidate pairs of distinct low-texture images differ by 34 or more.
-DEFAULT_PIXEL_DIFFERENCE = 26
+DEFAULT_PIXEL_DIFFERENCE = 30
 CHROMA_SIDE = 16
 # The colour test's threshold (levels of a colour-opponent channel, see chroma_difference).
 # Measured (the two scikit-learn photos: re-encodes, resizes, brightness, contrast and saturation
