@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from imgpipe.files import error_text
-from imgpipe.preprocess import flatten_transparency
+from imgpipe.images import flatten_transparency
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def decode_image(path: str | os.PathLike, color: bool = False) -> Image.Image:
     EXIF orientation is applied first: a photo and its rotated copy look the same to a
     person (and to the model, once preprocessing has applied it), so they must hash the
     same. Transparency is flattened onto white as preprocessing does
-    (imgpipe.preprocess.flatten_transparency): a black icon on a transparent background
+    (imgpipe.images.flatten_transparency): a black icon on a transparent background
     is a black icon, not a black square. JPEGs are decoded at reduced scale
     (``Image.draft``, straight to grayscale unless `color`), which is where most of the
     time goes; the hash only needs 32x32 pixels (and the near-duplicate pixel check 64x64,

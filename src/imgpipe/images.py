@@ -116,3 +116,24 @@ def _describe_non_image(head: bytes) -> str:
     except UnicodeDecodeError:
         return "unknown binary format"
     return "text"
+
+
+def flatten_transparency(image: Image.Image) -> Image.Image:
+    """Any transparency (alpha, or a palette entry or colour key marked transparent) flattened
+    onto white, as RGB; a palette image becomes RGB; other images are returned unchanged.
+
+    Shared by preprocessing and by the hashes' and the near-duplicate test's decoding
+    (imgpipe.hashing), so a
+    transparent icon is compared as it is trained on: Pillow's convert() would put a black
+    shape on black, and every such icon would look the same.
+    """
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        # A palette entry or colour key marked transparent (PNG tRNS): as alpha, it is
+        # flattened onto the background below instead of keeping its colour.
+        image = image.convert("RGBA")
+    if image.mode == "P":
+        image = image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image

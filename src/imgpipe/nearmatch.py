@@ -189,7 +189,6 @@ def pixel_difference(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return _box_mean(np.maximum(cost, 0.0))[:, 1:-1, 1:-1].reshape(len(first), -1).max(axis=1)
 
 
-
 def _box_mean(pixels: np.ndarray) -> np.ndarray:
     """The mean of each pixel's 3x3 neighbourhood (edges repeated), for a stack (k, h, w)."""
     padded = np.pad(pixels, ((0, 0), (1, 1), (1, 1)), mode="edge")

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from imgpipe.boxes import BOX_COLUMNS, ORIENTATION_TAG, BoxError, SourceBoxes, box_key, upright_resized_box
 from imgpipe.files import error_text, writing
+from imgpipe.images import flatten_transparency
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +37,6 @@ def to_color(image: Image.Image, color: str) -> Image.Image:
         image = float_to_gray(image)
     target = "L" if color == "grayscale" else "RGB"
     return flatten_transparency(image).convert(target)
-
-
-def flatten_transparency(image: Image.Image) -> Image.Image:
-    """Any transparency (alpha, or a palette entry or colour key marked transparent) flattened
-    onto white, as RGB; a palette image becomes RGB; other images are returned unchanged.
-
-    Shared by preprocessing and by the dedupe stage's decoding (imgpipe.hashing), so a
-    transparent icon is compared as it is trained on: Pillow's convert() would put a black
-    shape on black, and every such icon would look the same.
-    """
-    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
-        # A palette entry or colour key marked transparent (PNG tRNS): as alpha, it is
-        # flattened onto the background below instead of keeping its colour.
-        image = image.convert("RGBA")
-    if image.mode == "P":
-        image = image.convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image
 
 
 def float_to_gray(image: Image.Image) -> Image.Image:
