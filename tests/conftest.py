@@ -71,6 +71,15 @@ def mlflow_uri(tmp_path, monkeypatch, mlflow_template_db) -> str:
     mlflow.set_tracking_uri(None)
 
 
+def reordered(value):
+    """The same config with every mapping's keys in reverse order, as a re-saving editor might."""
+    if isinstance(value, dict):
+        return {key: reordered(value[key]) for key in reversed(list(value))}
+    if isinstance(value, list):
+        return [reordered(item) for item in value]
+    return value
+
+
 def write_shape_images(folder: Path, kind: str, count: int, size: int = 48, seed: int = 0) -> list[Path]:
     """`count` distinct, learnable images: 'bright' discs on dark or 'dark' bars on light, jittered."""
     rng = np.random.default_rng(seed)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, write_shape_images
+from conftest import REPO, reordered, write_shape_images
 from test_pipeline_e2e import SNAKEMAKE, planned_jobs, runs_by_name, snakemake, store, write_config
 
 pytestmark = pytest.mark.e2e
@@ -47,15 +47,6 @@ LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})", re.MULTILINE)
 def job_span(log: Path) -> tuple[datetime, datetime]:
     stamps = [datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f") for text in LOG_TIME.findall(log.read_text())]
     return stamps[0], stamps[-1]
-
-
-def reordered(value):
-    """The same config with every mapping's keys in reverse order, as a re-saving editor might."""
-    if isinstance(value, dict):
-        return {key: reordered(value[key]) for key in reversed(list(value))}
-    if isinstance(value, list):
-        return [reordered(item) for item in value]
-    return value
 
 
 def test_strategies_side_by_side_and_reruns_that_follow_the_config(tmp_path, mlflow_template_db, monkeypatch):
