@@ -20,9 +20,10 @@ new, valid, non-duplicate images are kept; otherwise the log, the summary and ML
 "exhausted at N of target".
 
 The manifest has one row per URL or file the sources named: kept files are hard-linked
-to ``out_dir/<seq>.<ext>``, rejected and corrupt images to ``out_dir/rejected/``, and URLs
-that gave nothing (or were not tried, the target being reached) and files that are not
-images have no file. Nothing is dropped without a row saying why.
+to ``out_dir/<sha256 prefix>.<ext>`` (:func:`content_name`), rejected and corrupt images to
+``out_dir/rejected/``, and URLs that gave nothing (or were not tried, the target being
+reached) and files that are not images have no file. Nothing is dropped without a row
+saying why.
 
 Every request goes through :mod:`imgpipe.netguard`: http and https only, and no loopback,
 private or link-local address unless ``crawl.allow_private_hosts`` names it, checked at
@@ -64,7 +65,7 @@ from imgpipe.crawlstore import ALWAYS, TOO_LARGE, ClassStore, CrawlLimits, Targe
 from imgpipe.files import FOLLOW_KEY, OutputWriteError, error_text, read_text_lines, walk_folder
 from imgpipe.fingerprints import FileHashCache
 from imgpipe.manifests import RAW_COLUMNS
-from imgpipe.netguard import AddressPolicy, RefusedURL
+from imgpipe.netguard import AddressPolicy, RefusedURL, target_of
 
 logger = logging.getLogger(__name__)
 # Sources that import files from this machine (the others fetch URLs).
@@ -694,13 +695,14 @@ class StoreDownloader(ImageDownloader):
         chain = [url]
         while True:
             try:
-                self.address_policy.check_url(url)
+                # the URL's form here, in our words; its address in the session's guarded adapter,
+                # which checks every request before it is sent (one lookup, not two)
+                target_of(url)
+                response = self.session.get(url, timeout=timeout, stream=True, allow_redirects=False)
             except RefusedURL as refusal:
                 if len(chain) == 1:
                     raise
                 raise RefusedURL(f"redirected to {url[:200]}: {refusal}", refusal.while_key) from None
-            try:
-                response = self.session.get(url, timeout=timeout, stream=True, allow_redirects=False)
             except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as error:
                 raise RefusedURL(f"malformed URL {url[:200]!r}: {error_text(error)}") from None
             if not response.is_redirect:
@@ -798,7 +800,7 @@ def _materialise(rows: list[dict], class_name: str, out_dir: Path, store: ClassS
             folder = out_dir if status == "ok" else out_dir / "rejected"
             target = folder / content_name(row["sha256"], row["stored"])
             if linked.get(target, row["sha256"]) != row["sha256"]:  # 64 bits shared by two images
-                target = folder / (row["sha256"].lower() + PurePosixPath(row["stored"]).suffix)
+                target = folder / content_name(row["sha256"], row["stored"], digits=64)
             if target not in linked:
                 link_or_copy(store.path(row["stored"]), target)
                 linked[target] = row["sha256"]
@@ -819,13 +821,13 @@ def _materialise(rows: list[dict], class_name: str, out_dir: Path, store: ClassS
     return manifest
 
 
-def content_name(sha256: str, stored: str) -> str:
-    """A collected file's name: the first 16 hex digits of its sha256 and the stored file's suffix.
+def content_name(sha256: str, stored: str, digits: int = 16) -> str:
+    """A collected file's name: the first ``digits`` hex digits of its sha256 and the stored file's suffix.
 
-    64 bits: two different images share a name with odds of about n^2 / 3.7e19 (1e-9 for
-    100,000 images of one class).
+    16 digits, 64 bits: two different images share a name with odds of about n^2 / 3.7e19 (1e-9
+    for 100,000 images of one class); the crawl names such a pair by their whole sha256.
     """
-    return sha256[:16].lower() + PurePosixPath(stored).suffix
+    return sha256[:digits].lower() + PurePosixPath(stored).suffix
 
 
 def summarize_crawl(crawl: _ClassCrawl, counted: TargetCounter, manifest: pd.DataFrame) -> dict:

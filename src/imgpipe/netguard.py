@@ -119,6 +119,19 @@ def parse_allowed(entry: str) -> _Allowed:
     return _Allowed(host.lower().rstrip("."), network, port)
 
 
+def target_of(url: str) -> tuple[str, int]:
+    """(host, port) of an http(s) URL; RefusedURL for another scheme or a malformed URL. No lookup."""
+    check_scheme(url)
+    parts = _split(url)
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError as error:  # a port that is not a number, a bad IPv6 literal
+        raise RefusedURL(f"malformed URL {url[:200]!r}: {error}") from None
+    if not host:
+        raise RefusedURL(f"malformed URL {url[:200]!r}: no host")
+    return host, port
+
+
 class AddressPolicy:
     """Which hosts a crawl may connect to: every public address, and the non-public ones its
     ``crawl.allow_private_hosts`` entries name."""
@@ -155,14 +168,7 @@ class AddressPolicy:
 
     def check_url(self, url: str) -> None:
         """RefusedURL if ``url`` is not http(s) or its host resolves to an address not allowed."""
-        check_scheme(url)
-        parts = _split(url)
-        try:
-            host, port = parts.hostname, parts.port or (443 if parts.scheme.lower() == "https" else 80)
-        except ValueError as error:  # a port that is not a number, a bad IPv6 literal
-            raise RefusedURL(f"malformed URL {url[:200]!r}: {error}") from None
-        if not host:
-            raise RefusedURL(f"malformed URL {url[:200]!r}: no host")
+        host, port = target_of(url)
         try:
             self.checked_addresses(host, port)
         except (socket.gaierror, UnicodeError):
