@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from imgpipe.models import SimpleCNN
+from imgpipe.models.networks import SimpleCNN
 from imgpipe.training.augment import BatchAugment
 
 SHAPES = ((40, 1), (40, 3), (96, 3))  # (size, channels)

@@ -3,10 +3,10 @@
     python bench/config_validation.py [--repeats 5]
 
 For the default config and for one with a URL list, an engine and a synthetic source: the
-wall time of a fresh process that imports imgpipe.config and validates the config (median of
+wall time of a fresh process that imports imgpipe.config.validation and validates the config (median of
 `repeats`) as the main Snakemake process does (`_validate_s`) and as a job's own Snakemake
 does (`_validate_job_s`, thorough=False), and of a bare interpreter. Run it with
-PYTHONPATH=<another checkout>/src to compare two versions of imgpipe.config (one without
+PYTHONPATH=<another checkout>/src to compare two versions of imgpipe.config.validation (one without
 `thorough` validates fully in both).
 """
 
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 VALIDATE = """
 import inspect, sys, yaml
-from imgpipe.config import load_schema, validate_config
+from imgpipe.config.validation import load_schema, validate_config
 config = yaml.safe_load(open(sys.argv[1]))
 has_thorough = "thorough" in inspect.signature(validate_config).parameters
 job = {"thorough": False} if sys.argv[4] == "job" and has_thorough else {}

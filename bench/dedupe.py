@@ -20,7 +20,7 @@ b) Hamming search alone: 100,000 and 1,000,000 uniformly random 64-bit hashes wi
    planted pairs at distances 0..10: seconds, peak memory (a fresh process per size),
    recall of the planted pairs, and that every pair found is within the distance; at
    100,000 also that the result equals brute force.
-d) Distinct low-texture images (imgpipe.lowtexture: three shape classes, 300 each, and
+d) Distinct low-texture images (imgpipe.data.lowtexture: three shape classes, 300 each, and
    stripes, gradient shapes, icons, scans): images dropped by dedupe_images at the schema's
    defaults (the goal: none), and by the hashes alone (near_pixel_difference 255: the rule
    before the pixel test); candidate pairs, and the margins of the pixel threshold: the
@@ -64,12 +64,12 @@ from sklearn.datasets import load_sample_images
 
 import pandas as pd
 
-from imgpipe.config import load_schema
-from imgpipe.dedupe import dedupe_images, summarize_fates
-from imgpipe.hamming import choose_hamming_method, group_pairs, hamming_pairs, hamming_pairs_brute_force, owner_pairs
-from imgpipe.hashing import hash_distance, hash_images
-from imgpipe.lowtexture import write_low_texture_set
-from imgpipe.nearmatch import HYPOTHESES, PixelCheck, confirm, near_pairs
+from imgpipe.config.validation import load_schema
+from imgpipe.data.dedupe import dedupe_images, summarize_fates
+from imgpipe.data.hamming import choose_hamming_method, group_pairs, hamming_pairs, hamming_pairs_brute_force, owner_pairs
+from imgpipe.data.hashing import hash_distance, hash_images
+from imgpipe.data.lowtexture import write_low_texture_set
+from imgpipe.data.nearmatch import HYPOTHESES, PixelCheck, confirm, near_pairs
 
 DISTANCE = 10
 COPY_KINDS = ["exact", "reencode", "resize", "brightness", "crop_5pct", "exif_rotation", "watermark", "crop_one_side"]

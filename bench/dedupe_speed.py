@@ -25,8 +25,8 @@ import numpy as np
 from dedupe import planted_hashes, write_corpus
 from PIL.JpegImagePlugin import JpegImageFile
 
-from imgpipe.hamming import _multi_index_cost, choose_hamming_method, hamming_pairs, hamming_pairs_multi_index
-from imgpipe.hashing import hash_images
+from imgpipe.data.hamming import _multi_index_cost, choose_hamming_method, hamming_pairs, hamming_pairs_multi_index
+from imgpipe.data.hashing import hash_images
 
 N_JPEGS = 300
 N_HASHES = 100_000

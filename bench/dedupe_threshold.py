@@ -11,7 +11,7 @@ Offline: the "photos" are crops of the photos that ship inside installed package
 - scikit-learn's 8x8 digits, to see what a threshold does to a data set of tiny images.
 
 Distances are imgpipe's: the nearest of two images' hashes (whole and center, see
-imgpipe.hashing); the false positives of the whole-picture hash alone are printed beside.
+imgpipe.data.hashing); the false positives of the whole-picture hash alone are printed beside.
 
 pHash bits are half ones (threshold = median), so distances are even and an odd
 threshold behaves like the even one below it. Recommended default: the largest even
@@ -35,9 +35,9 @@ import pandas as pd
 from PIL import Image, ImageEnhance, ImageFilter
 from sklearn.datasets import load_digits, load_sample_images
 
-from imgpipe.dedupe import decide_fates, summarize_fates
-from imgpipe.hamming import group_pairs
-from imgpipe.hashing import hash_distance, hash_images
+from imgpipe.data.dedupe import decide_fates, summarize_fates
+from imgpipe.data.hamming import group_pairs
+from imgpipe.data.hashing import hash_distance, hash_images
 
 CROPS_PER_SOURCE = 200
 EDITED_PHOTOS = 120

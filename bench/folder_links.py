@@ -4,8 +4,8 @@
 
 For 0, 1 and 2 `loop -> .` style links in a folder of `--files` images: the entries the
 folder walk lists and its seconds, for the walk before (os.walk with followlinks=True, as
-imgpipe.files.walk_files was: run in a child process, stopped after --timeout seconds) and
-now (imgpipe.files.walk_folder), and `snakemake -n` on a config with that folder as a source.
+imgpipe.core.files.walk_files was: run in a child process, stopped after --timeout seconds) and
+now (imgpipe.core.files.walk_folder), and `snakemake -n` on a config with that folder as a source.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from imgpipe.files import walk_folder
+from imgpipe.core.files import walk_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))

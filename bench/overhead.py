@@ -7,7 +7,7 @@
 2. For each stage, the floor of what a job pays before and after its work, measured alone
    (median of 3 fresh processes): the interpreter with the stage script's own imports (read
    from workflow/scripts/<stage>.py), and those plus the job's MLflow run as the script opens
-   it: a record written for the invocation to publish (data jobs, imgpipe.jobrecords), or a
+   it: a record written for the invocation to publish (data jobs, imgpipe.tracking.records), or a
    run opened and closed on a copy of the run's store (train, evaluate). Snakemake's script
    preamble comes on top of it.
 3. `snakemake -n` on the finished, up-to-date folder: seconds, median of 3.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from imgpipe.jobrecords import INVOCATION_FILE, RECORDS_ENV
+from imgpipe.tracking.records import INVOCATION_FILE, RECORDS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgpipe.config import load_schema, validate_config
-from imgpipe.models import build_model
+from imgpipe.config.validation import load_schema, validate_config
+from imgpipe.models.networks import build_model
 from imgpipe.training.engine import TrainingJob, train_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from imgpipe.models import build_model
+from imgpipe.models.networks import build_model
 
 
 def images_per_second(arch: str, size: int, channels: int, batch_size: int, threads: int, seconds: float) -> float:

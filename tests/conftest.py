@@ -61,11 +61,11 @@ def mlflow_uri(tmp_path, monkeypatch, mlflow_template_db) -> str:
     # test's active experiment, which lives in another store.
     mlflow.tracking.fluent._active_experiment_id = None
     yield uri
-    from imgpipe import tracking
+    from imgpipe.tracking import invocation
 
-    if tracking._record_publisher is not None:  # a test that never ended its invocation
-        tracking._record_publisher.stop()
-        tracking._record_publisher = None
+    if invocation._record_publisher is not None:  # a test that never ended its invocation
+        invocation._record_publisher.stop()
+        invocation._record_publisher = None
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
@@ -104,8 +104,8 @@ def make_shapes_manifest(root: Path, per_class: int = 40, size: int = 32, counts
     """A split manifest of preprocessed 'bright' and 'dark' shape images (grayscale, size x size)."""
     import pandas as pd
 
-    from imgpipe.preprocess import prepare_image
-    from imgpipe.split import stratified_group_split, write_manifest
+    from imgpipe.data.preprocess import prepare_image
+    from imgpipe.data.split import stratified_group_split, write_manifest
 
     rows = []
     for seed, kind in enumerate(("bright", "dark")):
@@ -127,7 +127,7 @@ def shapes_manifest(tmp_path_factory) -> Path:
 
 def model_settings(**overrides) -> dict:
     """A model entry as the pipeline passes it to training: validated, defaults filled."""
-    from imgpipe.config import load_schema, validate_config
+    from imgpipe.config.validation import load_schema, validate_config
 
     config = {"experiment": "x", "classes": {"a": {"sources": [{"digits": 1}]}, "b": {"sources": [{"digits": 2}]}},
               "images": {"size": 32}, "crawl": {"min_size": 8}, "models": {"m": {"arch": "simple_cnn", "seed": 5, "device": "cpu", **overrides}}}

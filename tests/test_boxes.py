@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from imgpipe.boxes import Box, BoxError, check_box, iou, oriented_box, read_box_csv, read_voc_box, resized_box
-from imgpipe.preprocess import resize_image
+from imgpipe.data.boxes import Box, BoxError, check_box, iou, oriented_box, read_box_csv, read_voc_box, resized_box
+from imgpipe.data.preprocess import resize_image
 
 
 def bright_box(image: Image.Image) -> Box:
@@ -117,7 +117,7 @@ def test_a_voc_file_gives_its_one_box_in_edge_coordinates(tmp_path):
 def test_synthetic_images_and_boxes_are_the_same_everywhere_and_the_box_holds_the_ink():
     import io
 
-    from imgpipe import synthetic
+    from imgpipe.data import synthetic
 
     source = {"synthetic": {"digit": 4, "count": 5, "canvas": 64, "seed": 3}}
     chosen = synthetic.settings(source)
@@ -139,7 +139,7 @@ def test_synthetic_images_and_boxes_are_the_same_everywhere_and_the_box_holds_th
 
 @pytest.mark.parametrize("mode", ["stretch", "pad", "center_crop"])
 def test_a_box_on_the_training_image_goes_back_onto_the_upright_image(mode):
-    from imgpipe.boxes import box_on_upright_image
+    from imgpipe.data.boxes import box_on_upright_image
 
     box = Box(70, 20, 130, 80)  # inside the center crop of a 200x100 image
     resized = resized_box(box, 200, 100, 40, mode)
@@ -148,7 +148,7 @@ def test_a_box_on_the_training_image_goes_back_onto_the_upright_image(mode):
 
 
 def test_boxes_find_their_images_however_the_paths_are_spelt_and_bad_lines_mark_their_image(tmp_path, monkeypatch):
-    from imgpipe.boxes import box_key, source_boxes
+    from imgpipe.data.boxes import box_key, source_boxes
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from imgpipe.checkpoints import CheckpointError, read_checkpoint_state, read_torch_file, save_atomically
+from imgpipe.models.checkpoints import CheckpointError, read_checkpoint_state, read_torch_file, save_atomically
 
 
 @pytest.fixture

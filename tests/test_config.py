@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import reordered as reordered_config  # (a test below names its own config `reordered`)
-from imgpipe.config import (ConfigError, check_config_files, load_schema, source_fingerprints,
+from imgpipe.config.validation import (ConfigError, check_config_files, load_schema, source_fingerprints,
                             torchvision_classification_models, validate_config)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_source_fingerprint_changes_when_a_folder_changes(tmp_path):
 def test_source_fingerprint_follows_content_not_clocks(tmp_path):
     import os
 
-    from imgpipe.fingerprints import FileHashCache
+    from imgpipe.core.fingerprints import FileHashCache
 
     urls = tmp_path / "urls.txt"
     urls.write_text("http://example.com/a.jpg\n")
@@ -148,7 +148,7 @@ def test_source_fingerprint_follows_content_not_clocks(tmp_path):
 
 
 def test_file_hashes_are_reused_while_a_file_is_unchanged(tmp_path):
-    from imgpipe.fingerprints import FileHashCache
+    from imgpipe.core.fingerprints import FileHashCache
 
     image = tmp_path / "a.png"
     image.write_bytes(b"one")
@@ -434,7 +434,7 @@ def test_engine_filters_are_checked_when_the_dag_is_built(tmp_path, filters, mes
 
 
 def test_crawl_settings_are_canonical_and_near_distance_matters_only_with_a_target(tmp_path):
-    from imgpipe.config import crawl_settings
+    from imgpipe.config.validation import crawl_settings
 
     config = validate_config(base_config(tmp_path), SCHEMA, tmp_path)
     assert crawl_settings(config, "cat")["near_distance"] is None
@@ -445,7 +445,7 @@ def test_crawl_settings_are_canonical_and_near_distance_matters_only_with_a_targ
 
 
 def test_a_key_added_later_at_its_neutral_value_does_not_change_what_reruns_training():
-    from imgpipe.config import training_settings
+    from imgpipe.config.validation import training_settings
 
     before = {"arch": "simple_cnn", "lr": 0.001, "threads": 2, "device": "cpu"}
     assert training_settings({**before, "gpus": 1}) == training_settings(before) == {"arch": "simple_cnn", "lr": 0.001}
@@ -453,7 +453,7 @@ def test_a_key_added_later_at_its_neutral_value_does_not_change_what_reruns_trai
 
 
 def test_a_localising_model_needs_boxes_and_no_augmentation():
-    from imgpipe.config import ConfigError, load_schema, validate_config
+    from imgpipe.config.validation import ConfigError, load_schema, validate_config
 
     schema = load_schema(REPO / "workflow/schemas/config.schema.yaml")
     base = {"experiment": "e", "classes": {"a": {"sources": [{"digits": 1}]}, "b": {"sources": [{"digits": 2}]}},
@@ -472,7 +472,7 @@ def test_a_localising_model_needs_boxes_and_no_augmentation():
 
 
 def test_a_box_file_that_is_not_there_or_has_another_header_is_refused_when_the_dag_is_built(tmp_path):
-    from imgpipe.config import ConfigError, load_schema, validate_config
+    from imgpipe.config.validation import ConfigError, load_schema, validate_config
 
     schema = load_schema(REPO / "workflow/schemas/config.schema.yaml")
     (tmp_path / "cats").mkdir()
@@ -603,8 +603,8 @@ def test_a_format_name_pillow_never_reports_is_refused_with_the_name_meant(tmp_p
 
 
 def test_format_names_are_read_case_insensitively_and_written_as_pillow_names_them(tmp_path):
-    from imgpipe.config import crawl_settings
-    from imgpipe.crawlstore import CrawlLimits
+    from imgpipe.config.validation import crawl_settings
+    from imgpipe.data.crawlstore import CrawlLimits
 
     config = base_config(tmp_path)
     config["crawl"]["formats"] = ["jpeg", "Mpo", "PNG", "png"]
@@ -768,9 +768,9 @@ def test_a_jobs_own_snakemake_skips_the_slow_checks_and_gets_the_same_config(tmp
     assert validate_config(config, SCHEMA, tmp_path, thorough=False) == validate_config(config, SCHEMA, tmp_path)
     (tmp_path / "l.txt").write_text("# no URL yet\n")
     assert validate_config(config, SCHEMA, tmp_path, thorough=False)["crawl"]["formats"] == ["JPEG", "PNG"]
-    code = ("import sys, json; from imgpipe.config import load_schema, validate_config; "
+    code = ("import sys, json; from imgpipe.config.validation import load_schema, validate_config; "
             "validate_config(json.loads(sys.argv[1]), load_schema(sys.argv[2]), sys.argv[3], thorough=False); "
-            "print(sorted(m for m in ('pandas', 'icrawler', 'imgpipe.crawl', 'PIL.Image') if m in sys.modules))")
+            "print(sorted(m for m in ('pandas', 'icrawler', 'imgpipe.data.crawl', 'PIL.Image') if m in sys.modules))")
     imported = subprocess.run([sys.executable, "-c", code, json.dumps(config), str(SCHEMA_PATH), str(tmp_path)],
                               capture_output=True, text=True, check=True).stdout.strip()
     assert imported == "[]"

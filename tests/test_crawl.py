@@ -32,9 +32,9 @@ from crawl_server import (
     png_claiming_size,
     truncated_jpeg,
 )
-from imgpipe.crawl import ParsedBingParser, crawl_class, engine_queries, read_url_list
-from imgpipe.crawlstore import ClassStore, CrawlLimits
-from imgpipe.manifests import RAW_COLUMNS
+from imgpipe.data.crawl import ParsedBingParser, crawl_class, engine_queries, read_url_list
+from imgpipe.data.crawlstore import ClassStore, CrawlLimits
+from imgpipe.core.manifests import RAW_COLUMNS
 
 BING_PAGE = Path(__file__).parent / "data" / "bing_async_tank.html"
 RECORDED_HOST = "http://images.example.test"
@@ -177,7 +177,7 @@ def test_an_unreadable_input_file_is_a_failed_row_and_the_rest_is_imported(tmp_p
     """/proc/self/mem fails every read at offset 0 with EIO, for root too (the tests run as root,
     who reads any file whatever its mode). With its sha256 cached the file is first read when it
     is stored: that error too is the input's, not a failure to write the store."""
-    from imgpipe.fingerprints import FileHashCache
+    from imgpipe.core.fingerprints import FileHashCache
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -350,7 +350,7 @@ def test_urls_source_records_every_url(hostile_server, image_folder, tmp_path, c
     assert read_url_list(url_file) == listed
 
     limits = CrawlLimits(timeout_s=1, max_bytes=10**6, allow_private_hosts=LOOPBACK)
-    with caplog.at_level(logging.INFO, logger="imgpipe.crawl"):
+    with caplog.at_level(logging.INFO, logger="imgpipe.data.crawl"):
         manifest, summary = crawl("tank", [{"folder": str(image_folder)}, {"urls": str(url_file), "threads": 4}],
                                   tmp_path, limits=limits)
     rows = manifest[manifest.source_index == 1].reset_index(drop=True)
@@ -416,8 +416,8 @@ def test_url_list_without_urls_gives_an_empty_manifest(tmp_path):
 KILLED_CRAWL = """
 import sys
 from pathlib import Path
-from imgpipe.crawl import crawl_class
-from imgpipe.crawlstore import CrawlLimits
+from imgpipe.data.crawl import crawl_class
+from imgpipe.data.crawlstore import CrawlLimits
 crawl_class("tank", [{"urls": sys.argv[1], "threads": 1}], Path(sys.argv[2]), sys.argv[3],
             limits=CrawlLimits(timeout_s=60, allow_private_hosts=("127.0.0.1",)))
 """
@@ -569,7 +569,7 @@ def test_target_goes_through_queries_in_order_and_resumes(tmp_path, caplog):
 
         # raising the target crawls only what is missing
         before = len(server.requests)
-        with caplog.at_level(logging.WARNING, logger="imgpipe.crawl"):
+        with caplog.at_level(logging.WARNING, logger="imgpipe.data.crawl"):
             manifest, summary = crawl("tank", [source], tmp_path, "more", feeder_cls=local_search(server), target=50)
         images = [request for request in server.requests[before:] if not request.startswith("/search/")]
         assert sorted(images) == ["/b/2.jpg", "/b/3.jpg", "/b/4.jpg", "/b/5.jpg"]
@@ -646,7 +646,7 @@ def test_a_dead_engine_warns_and_a_class_of_dead_engines_fails(tmp_path, caplog)
         server.routes["/search/tank"] = Response(bing_page([]), "text/html")
         server.routes["/search/panzer"] = Response(bing_page([server.url("/p.jpg")]), "text/html")
         server.routes["/p.jpg"] = Response(RED_JPEG)
-        with caplog.at_level(logging.WARNING, logger="imgpipe.crawl"):
+        with caplog.at_level(logging.WARNING, logger="imgpipe.data.crawl"):
             manifest, _ = crawl("tank", [{"engine": "bing", "queries": ["tank", "panzer"]}], tmp_path,
                                 feeder_cls=local_search(server))
         assert "bing returned no image URL for query 'tank'" in caplog.text
@@ -699,7 +699,7 @@ def test_time_budget_stops_the_class_and_says_so(tmp_path, caplog):
         url_file = tmp_path / "urls.txt"
         url_file.write_text("\n".join(server.url(path) for path in paths) + "\n")
         limits = CrawlLimits(timeout_s=5, time_budget_s=1.0, allow_private_hosts=LOOPBACK)
-        with caplog.at_level(logging.WARNING, logger="imgpipe.crawl"):
+        with caplog.at_level(logging.WARNING, logger="imgpipe.data.crawl"):
             manifest, summary = crawl("tank", [{"urls": str(url_file), "threads": 1}], tmp_path, limits=limits,
                                       target=8)
         got = int((manifest.status == "ok").sum())
@@ -874,7 +874,7 @@ def test_a_name_that_resolves_elsewhere_when_connecting_is_refused_there(monkeyp
 
     import requests
 
-    from imgpipe.netguard import AddressPolicy, RefusedURL
+    from imgpipe.data.netguard import AddressPolicy, RefusedURL
 
     real_getaddrinfo = socket_module.getaddrinfo
     answers = iter(["93.184.216.34", "127.0.0.1"])  # public first, then this machine
@@ -902,7 +902,7 @@ def test_behind_a_proxy_the_guarded_session_refuses_before_sending(tmp_path, mon
     result and site pages icrawler's feeder and parser fetch through the same session."""
     import requests
 
-    from imgpipe.netguard import AddressPolicy, RefusedURL
+    from imgpipe.data.netguard import AddressPolicy, RefusedURL
 
     with LocalServer({"/a.jpg": Response(RED_JPEG)}) as internal, LocalServer({}) as proxy:
         session = requests.Session()

@@ -1,4 +1,4 @@
-"""Tests of imgpipe.dedupe: perceptual hashing, Hamming pair search, and the fate rules."""
+"""Tests of imgpipe.data.dedupe: perceptual hashing, Hamming pair search, and the fate rules."""
 
 import itertools
 import logging
@@ -11,10 +11,10 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 from sklearn.datasets import load_sample_images
 
-from imgpipe.config import load_schema, read_exclude_list
-from imgpipe.crawlstore import CrawlLimits, TargetCounter
-from imgpipe.dedupe import decide_fates, dedupe_images, located_exclusions, near_duplicate_warnings, summarize_fates
-from imgpipe.hamming import (
+from imgpipe.config.validation import load_schema, read_exclude_list
+from imgpipe.data.crawlstore import CrawlLimits, TargetCounter
+from imgpipe.data.dedupe import decide_fates, dedupe_images, located_exclusions, near_duplicate_warnings, summarize_fates
+from imgpipe.data.hamming import (
     group_pairs,
     choose_hamming_method,
     hamming_pairs,
@@ -22,9 +22,9 @@ from imgpipe.hamming import (
     hamming_pairs_multi_index,
     owner_pairs,
 )
-from imgpipe.hashing import format_hash, hash_distance, hash_images, perceptual_hashes
-from imgpipe.lowtexture import SHAPES, distinct, low_texture_set, write_images, write_low_texture_set
-from imgpipe.nearmatch import DEFAULT_PIXEL_DIFFERENCE, MAX_CHROMA_DIFFERENCE, PixelCheck, confirm
+from imgpipe.data.hashing import format_hash, hash_distance, hash_images, perceptual_hashes
+from imgpipe.data.lowtexture import SHAPES, distinct, low_texture_set, write_images, write_low_texture_set
+from imgpipe.data.nearmatch import DEFAULT_PIXEL_DIFFERENCE, MAX_CHROMA_DIFFERENCE, PixelCheck, confirm
 
 SCHEMA = Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -566,7 +566,7 @@ def test_exclusion_entries_that_name_nothing_are_warned_about_with_their_line(tm
     path = tmp_path / "exclude.txt"
     path.write_text(f"# why\n{sha_a}\ndata/typo.jpg  # a stray letter\n\nhttps://example.org/gone\n{'c' * 64}\n")
     exclude = located_exclusions(sorted(read_exclude_list(path)), str(path))
-    with caplog.at_level(logging.WARNING, logger="imgpipe.dedupe"):
+    with caplog.at_level(logging.WARNING, logger="imgpipe.data.dedupe"):
         fates = decide_fates(raw, {sha_a: 1}, 0, exclude=exclude)
     assert fates["reason"].tolist() == ["excluded", "failed"]
     warned = [record.getMessage() for record in caplog.records]
@@ -598,7 +598,7 @@ def default_near_settings() -> tuple[int, float]:
 
 @pytest.fixture(scope="module")
 def low_texture(tmp_path_factory):
-    """The generated set of distinct low-texture images (imgpipe.lowtexture) as a crawl manifest."""
+    """The generated set of distinct low-texture images (imgpipe.data.lowtexture) as a crawl manifest."""
     written = write_low_texture_set(tmp_path_factory.mktemp("low_texture"))
     return manifest(*[(path, label, f"{k:064x}") for k, (path, label) in enumerate(written)])
 

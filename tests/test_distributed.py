@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import model_settings
-from imgpipe.checkpoints import read_torch_file
+from imgpipe.models.checkpoints import read_torch_file
 from imgpipe.training.distributed import ProcessGroup, train_data_parallel
 from imgpipe.training.engine import TrainingJob, train_model
 

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from crawl_server import HTML_PAGE, image_bytes, png_claiming_size, truncated_jpeg
-from imgpipe.images import IMAGE_EXTENSIONS, ImageCheck, inspect_image
+from imgpipe.data.images import IMAGE_EXTENSIONS, ImageCheck, inspect_image
 
 
 def write(tmp_path, name, data):

@@ -3,7 +3,7 @@ import sys
 
 import pandas as pd
 
-from imgpipe.manifests import read_manifest
+from imgpipe.core.manifests import read_manifest
 
 
 def test_manifests_keep_class_names_as_written(tmp_path):
@@ -17,7 +17,7 @@ def test_a_failing_job_leaves_its_traceback_in_the_log_file(tmp_path):
     log = tmp_path / "logs" / "job.log"
     script = (
         "import logging\n"
-        "from imgpipe.joblog import configure_logging\n"
+        "from imgpipe.core.joblog import configure_logging\n"
         f"configure_logging({str(log)!r})\n"
         "logging.getLogger('imgpipe.test').info('working on cat')\n"
         "raise ValueError('bad image in data/cat/7.jpg')\n"
@@ -34,7 +34,7 @@ def test_a_job_killed_with_sigterm_unwinds_so_cleanup_runs(tmp_path):
     # job_run marks its MLflow run FAILED on the way out; that needs an exception, not a silent death.
     script = (
         "import os, signal, time\n"
-        "from imgpipe.joblog import configure_logging\n"
+        "from imgpipe.core.joblog import configure_logging\n"
         f"configure_logging({str(tmp_path / 'job.log')!r})\n"
         "try:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"

@@ -1,4 +1,4 @@
-"""Data jobs' runs as records published by the invocation's process (imgpipe.jobrecords)."""
+"""Data jobs' runs as records published by the invocation's process (imgpipe.tracking.records)."""
 
 import json
 import os
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from imgpipe.jobrecords import RECORDS_ENV, data_job_run, publish_leftovers
-from imgpipe.tracking import end_invocation, start_invocation
+from imgpipe.tracking.records import RECORDS_ENV, data_job_run, publish_leftovers
+from imgpipe.tracking.invocation import end_invocation, start_invocation
 
 CONFIG = {"experiment": "pets", "models": {"cnn": {"lr": 0.1}}}
 
@@ -107,7 +107,7 @@ def test_an_artifact_gone_before_publishing_is_named_on_the_run(mlflow_uri, tmp_
 
 JOB = textwrap.dedent("""
     import os, signal, sys
-    from imgpipe.jobrecords import data_job_run
+    from imgpipe.tracking.records import data_job_run
     with data_job_run(sys.argv[1], tags={"imgpipe.stage": "crawl", "imgpipe.class": "cat"}) as run:
         run.log_metric("images_ok", 5)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -128,8 +128,8 @@ def test_a_job_killed_with_sigkill_is_published_killed(mlflow_uri, tmp_path):
 
 INVOCATION_KILLED = textwrap.dedent("""
     import os, signal, sys
-    from imgpipe.tracking import start_invocation
-    from imgpipe.jobrecords import data_job_run
+    from imgpipe.tracking.store import start_invocation
+    from imgpipe.tracking.records import data_job_run
     parent = start_invocation(None, "pets", {"experiment": "pets"}, records_root=sys.argv[1])
     print(parent, flush=True)
     with data_job_run("split", tags={"imgpipe.stage": "split"}) as run:

@@ -1,13 +1,13 @@
-"""The box head, its losses and IoU on tensors (imgpipe.localize)."""
+"""The box head, its losses and IoU on tensors (imgpipe.models.localize)."""
 
 import pytest
 import torch
 from torch import nn
 
-from imgpipe.boxes import iou
-from imgpipe.localize import (ClassAndBoxHead, LocalizationLoss, add_box_head, box_head_like, box_iou, giou,
+from imgpipe.data.boxes import iou
+from imgpipe.models.localize import (ClassAndBoxHead, LocalizationLoss, add_box_head, box_head_like, box_iou, giou,
                               split_outputs)
-from imgpipe.models import build_model
+from imgpipe.models.networks import build_model
 
 
 def test_box_iou_is_the_iou_of_the_box_geometry():
@@ -86,7 +86,7 @@ def test_a_batch_without_boxes_still_gives_the_box_head_a_gradient_and_squeezene
 
 
 def test_init_from_carries_the_class_head_between_a_classifier_and_a_localising_model():
-    from imgpipe.models import load_matching_weights
+    from imgpipe.models.networks import load_matching_weights
 
     classifier = build_model("resnet18", 3, 1, image_size=32)
     localizer = build_model("resnet18", 3, 1, image_size=32, task="localize")
@@ -102,7 +102,7 @@ def test_boxes_required_says_which_classes_it_leaves_out(shapes_manifest, tmp_pa
     import pandas as pd
 
     from conftest import REPO
-    from imgpipe.config import load_schema, validate_config
+    from imgpipe.config.validation import load_schema, validate_config
     from imgpipe.training.engine import TrainingJob, train_model
 
     manifest = pd.read_csv(shapes_manifest)

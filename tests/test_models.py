@@ -3,8 +3,8 @@ import torch
 
 import logging
 
-from imgpipe.checkpoints import CheckpointError
-from imgpipe.models import (SimpleCNN, WeightsUnavailableError, build_model, count_parameters, head_name,
+from imgpipe.models.checkpoints import CheckpointError
+from imgpipe.models.networks import (SimpleCNN, WeightsUnavailableError, build_model, count_parameters, head_name,
                             imagenet_state_dict, load_start_weights, truncation_points)
 
 
@@ -105,7 +105,7 @@ def test_a_partial_load_warns_with_what_did_not_fit(tmp_path, caplog):
     path = tmp_path / "ten_classes.pt"
     torch.save(SimpleCNN(1, 10).state_dict(), path)  # a plain state_dict, another class count
     model = build_model("simple_cnn", 3, 1)
-    with caplog.at_level(logging.WARNING, logger="imgpipe.models"):
+    with caplog.at_level(logging.WARNING, logger="imgpipe.models.networks"):
         report = load_start_weights(model, "simple_cnn", str(path))
     assert len(report.loaded) == 8 and report.fresh == ["head.weight", "head.bias"]
     assert "loaded 8 of the model's 10 tensors" in caplog.text and "head.weight" in caplog.text

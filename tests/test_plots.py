@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from imgpipe.plots import (
+from imgpipe.evaluation.plots import (
     plot_unavailable,
     most_confident,
     plot_confident_errors,
@@ -17,7 +17,7 @@ from imgpipe.plots import (
     plot_reliability_diagram,
     plot_roc_curves,
 )
-from imgpipe.stats import calibration_bins, roc_curves
+from imgpipe.evaluation.stats import calibration_bins, roc_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -17,16 +17,16 @@ from PIL import Image
 
 from conftest import REPO, model_settings, write_shape_images
 from crawl_server import truncated_jpeg
-from imgpipe.cli import ProgressBar, main
-from imgpipe.config import ConfigError, load_schema, validate_config
-from imgpipe.datasets import load_split
-from imgpipe.evaluate import predict_probabilities
-from imgpipe.manifests import read_split_manifest
-from imgpipe.modelcard import write_model_card
-from imgpipe.predict import (collect_inputs, load_classifier, prepare_array, prepare_file, predict_files,
+from imgpipe.serving.cli import ProgressBar, main
+from imgpipe.config.validation import ConfigError, load_schema, validate_config
+from imgpipe.training.datasets import load_split
+from imgpipe.evaluation.evaluate import predict_probabilities
+from imgpipe.core.manifests import read_split_manifest
+from imgpipe.serving.modelcard import write_model_card
+from imgpipe.serving.predict import (collect_inputs, load_classifier, prepare_array, prepare_file, predict_files,
                              resolve_top_k)
-from imgpipe.preprocess import prepare_image
-from imgpipe.provenance import VERSION
+from imgpipe.data.preprocess import prepare_image
+from imgpipe.tracking.provenance import VERSION
 from imgpipe.training.engine import TrainingJob, train_model
 
 IMAGE = {"size": 32, "color": "grayscale", "resize": "stretch", "pad_color": "black"}

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from imgpipe.preprocess import prepare_image, preprocess_class, resize_image, to_color
+from imgpipe.data.preprocess import prepare_image, preprocess_class, resize_image, to_color
 
 
 def test_exif_orientation_is_applied(tmp_path):

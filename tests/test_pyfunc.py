@@ -18,8 +18,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import model_settings, write_shape_images
-from imgpipe.predict import load_classifier, predict_files
-from imgpipe.pyfunc import log_classifier_model
+from imgpipe.serving.predict import load_classifier, predict_files
+from imgpipe.serving.pyfunc import log_classifier_model
 from imgpipe.training.engine import TrainingJob, train_model
 
 IMAGE = {"size": 32, "color": "grayscale", "resize": "pad", "pad_color": "white"}
@@ -104,7 +104,7 @@ def test_mlflow_models_predict_cli_serves_the_logged_model(model_dir, photos, ml
 
 
 def test_arrays_are_one_image_or_a_batch_by_shape():
-    from imgpipe.pyfunc import image_list
+    from imgpipe.serving.pyfunc import image_list
 
     assert len(image_list(np.zeros((28, 28), np.uint8))) == 1
     assert len(image_list(np.zeros((28, 28, 1), np.uint8))) == 1  # one grayscale image, not 28

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from imgpipe.plots import plot_confusion_matrix, plot_roc_curves
-from imgpipe.report import _cheapest, rank_models, stale_model_results, write_report
-from imgpipe.stats import roc_curves
+from imgpipe.evaluation.plots import plot_confusion_matrix, plot_roc_curves
+from imgpipe.evaluation.report import _cheapest, rank_models, stale_model_results, write_report
+from imgpipe.evaluation.stats import roc_curves
 
 CLASSES = ["cat", "dog", "fox"]
 

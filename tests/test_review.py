@@ -4,8 +4,8 @@ import pandas as pd
 from PIL import Image
 
 from crawl_server import distinct_jpeg
-from imgpipe.dedupe import decide_fates
-from imgpipe.review import write_contact_sheet
+from imgpipe.data.dedupe import decide_fates
+from imgpipe.data.review import write_contact_sheet
 
 
 def raw_rows(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from imgpipe.stats import (bootstrap_intervals, calibration_bins, holm_adjust, log_loss, macro_f1_from_counts,
+from imgpipe.evaluation.stats import (bootstrap_intervals, calibration_bins, holm_adjust, log_loss, macro_f1_from_counts,
                            mcnemar_exact, pairwise_mcnemar, roc_curves, standing_against, top_k_accuracy)
 
 
@@ -127,7 +127,7 @@ def test_roc_with_a_single_class_has_no_auc():
 def test_the_exact_fair_coin_p_value_is_scipys_binomial_test():
     from scipy.stats import binomtest
 
-    from imgpipe.stats import fair_coin_two_sided_p
+    from imgpipe.evaluation.stats import fair_coin_two_sided_p
 
     for n in [*range(1, 40), 101, 1000, 4001]:
         for k in range(0, n // 2 + 1, max(1, n // 25)):

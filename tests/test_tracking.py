@@ -12,10 +12,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from imgpipe.provenance import VERSION, config_hash, write_provenance
-from imgpipe.tracking import (INVOCATION_TAGS_ENV, PARENT_RUN_ENV, end_invocation, flatten, job_run, log_split_dataset,
-                              mark_abandoned_runs, owner_tags, process_is_running, process_start_time,
-                              read_run_reference, start_invocation, write_run_reference)
+from imgpipe.tracking.provenance import VERSION, config_hash, write_provenance
+from imgpipe.tracking.tags import INVOCATION_TAGS_ENV, PARENT_RUN_ENV, flatten
+from imgpipe.tracking.invocation import end_invocation, start_invocation
+from imgpipe.tracking.runs import job_run, log_split_dataset, read_run_reference, write_run_reference
+from imgpipe.tracking.owners import mark_abandoned_runs, owner_tags, process_is_running, process_start_time
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +87,7 @@ def test_a_failed_invocation_marks_its_parent_run_and_secrets_stay_out(mlflow_ur
 # works until it is killed.
 KILLED_PIPELINE = """
 import os, time
-from imgpipe.tracking import PARENT_RUN_ENV, job_run, start_invocation
+from imgpipe.tracking.store import PARENT_RUN_ENV, job_run, start_invocation
 start_invocation(None, "pets", {"experiment": "pets"})
 with job_run("train cnn", tags={"imgpipe.stage": "model"}) as run:
     print(os.environ[PARENT_RUN_ENV], run.info.run_id, flush=True)
@@ -414,7 +415,7 @@ def test_provenance_is_written_and_logged_on_the_invocation(mlflow_uri, tmp_path
 
 LOG_DATASET_AT = """
 import sys, time
-from imgpipe.tracking import job_run, log_split_dataset
+from imgpipe.tracking.store import job_run, log_split_dataset
 manifest, start_at, name = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 with job_run(name, tags={"imgpipe.stage": "model", "imgpipe.model": name}):
     time.sleep(max(0.0, start_at - time.time()))  # every process logs at the same moment

@@ -10,8 +10,10 @@ import threading
 import pytest
 from mlflow.tracking import MlflowClient
 
-from imgpipe.tracking import (INVOCATION_TAGS_ENV, _experiment_id, check_tracking_server, end_invocation, job_run,
-                              start_invocation)
+from imgpipe.tracking.tags import INVOCATION_TAGS_ENV
+from imgpipe.tracking.store import experiment_id_named, check_tracking_server
+from imgpipe.tracking.invocation import end_invocation, start_invocation
+from imgpipe.tracking.runs import job_run
 
 CONFIG = {"experiment": "race", "models": {"cnn": {"lr": 0.1}}}
 
@@ -124,4 +126,4 @@ def test_an_experiment_another_invocation_created_meanwhile_is_used(mlflow_uri):
     found = client.get_experiment_by_name
     client.get_experiment_by_name = lambda name: next(lookups, None) or found(name)
 
-    assert _experiment_id(client, "race") == created_meanwhile
+    assert experiment_id_named(client, "race") == created_meanwhile

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import model_settings
-from imgpipe.checkpoints import CheckpointError, load_trained_model
-from imgpipe.evaluate import classification_metrics, evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
-from imgpipe.manifests import SPEED_KEYS
+from imgpipe.models.checkpoints import CheckpointError, load_trained_model
+from imgpipe.evaluation.evaluate import classification_metrics, evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
+from imgpipe.core.manifests import SPEED_KEYS
 from imgpipe.training.engine import TrainingJob, train_model
 
 IMAGE = {"size": 32, "color": "grayscale", "resize": "stretch", "pad_color": "black"}
@@ -127,7 +127,7 @@ def test_mlflow_test_metrics_name_every_headline_figure():
 
 
 def test_penultimate_features_need_a_linear_classifier():
-    from imgpipe.evaluate import penultimate_features
+    from imgpipe.evaluation.evaluate import penultimate_features
 
     with pytest.raises(ValueError, match="Sequential has no Linear layer"):
         penultimate_features(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))

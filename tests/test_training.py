@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import make_shapes_manifest, model_settings
-from imgpipe.checkpoints import read_torch_file
-from imgpipe.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN
-from imgpipe.models import build_model
+from imgpipe.models.checkpoints import read_torch_file
+from imgpipe.core.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN
+from imgpipe.models.networks import build_model
 from imgpipe.training import resume
 from imgpipe.training.engine import (TrainingDiverged, TrainingJob, balanced_sample_weights, class_weight_tensor,
                                      train_model, write_training_outputs)
@@ -207,7 +207,7 @@ def test_init_from_starts_from_that_model_and_keeps_its_normalisation(shapes_man
 
 def test_a_start_that_fits_only_the_head_is_refused(tmp_path):
     # simple_cnn's head.bias fits a Swin's head by name and shape: a "transfer" of 2 numbers
-    from imgpipe.models import SimpleCNN, load_matching_weights
+    from imgpipe.models.networks import SimpleCNN, load_matching_weights
 
     with pytest.raises(ValueError, match=r"only head tensors \(head.bias\) of its 10 tensors fit this SwinTransformer"):
         load_matching_weights(build_model("swin_t", 2, 1, image_size=32), SimpleCNN(1, 2).state_dict(), "the cnn")

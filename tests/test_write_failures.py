@@ -20,17 +20,17 @@ from mlflow.tracking import MlflowClient
 from conftest import model_settings, write_shape_images
 from crawl_server import LocalServer, Response, distinct_jpeg
 from test_review import raw_rows
-from imgpipe.checkpoints import save_atomically
-from imgpipe.crawl import crawl_class
-from imgpipe.crawlstore import JOURNAL, ClassStore, CrawlLimits
-from imgpipe.dedupe import decide_fates
-from imgpipe.evaluate import write_evaluation_outputs
-from imgpipe.files import OutputWriteError, write_failure, writing
-from imgpipe.plots import plot_unavailable
-from imgpipe.predict import Predictions, write_predictions
-from imgpipe.preprocess import preprocess_class
-from imgpipe.review import write_contact_sheet
-from imgpipe.tracking import job_run
+from imgpipe.models.checkpoints import save_atomically
+from imgpipe.data.crawl import crawl_class
+from imgpipe.data.crawlstore import JOURNAL, ClassStore, CrawlLimits
+from imgpipe.data.dedupe import decide_fates
+from imgpipe.evaluation.evaluate import write_evaluation_outputs
+from imgpipe.core.files import OutputWriteError, write_failure, writing
+from imgpipe.evaluation.plots import plot_unavailable
+from imgpipe.serving.predict import Predictions, write_predictions
+from imgpipe.data.preprocess import preprocess_class
+from imgpipe.data.review import write_contact_sheet
+from imgpipe.tracking.runs import job_run
 from imgpipe.training.engine import TrainingJob, train_model
 
 IMAGE = {"size": 32, "color": "grayscale", "resize": "stretch", "pad_color": "black"}

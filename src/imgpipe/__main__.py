@@ -2,6 +2,6 @@
 
 import sys
 
-from imgpipe.cli import main
+from imgpipe.serving.cli import main
 
 sys.exit(main())

@@ -7,7 +7,7 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
-from imgpipe.config import (
+from imgpipe.config.validation import (
     ConfigError,
     box_sources,
     canonical,
@@ -19,8 +19,8 @@ from imgpipe.config import (
     training_settings,
     validate_config,
 )
-from imgpipe.files import prepend_to_pythonpath
-from imgpipe.fingerprints import FileHashCache
+from imgpipe.core.files import prepend_to_pythonpath
+from imgpipe.core.fingerprints import FileHashCache
 from imgpipe.training.devices import model_uses_gpu, visible_gpus
 
 # Under --sdm conda the jobs' environment (envs/imgpipe.yaml) holds imgpipe's dependencies,
@@ -135,9 +135,9 @@ def start_tracking():
     """The invocation's provenance (results/<experiment>/provenance/) and MLflow run; both
     record the git commit of the Snakefile's folder (workflow.basedir), wherever Snakemake runs.
     """
-    from imgpipe.jobrecords import RECORDS_ROOT
-    from imgpipe.provenance import write_provenance
-    from imgpipe.tracking import start_invocation
+    from imgpipe.tracking.records import RECORDS_ROOT
+    from imgpipe.tracking.provenance import write_provenance
+    from imgpipe.tracking.invocation import start_invocation
 
     provenance = write_provenance(f"{RESULTS}/provenance", config, workflow.basedir)
     start_invocation(
@@ -151,7 +151,7 @@ def start_tracking():
 
 
 def end_tracking(success):
-    from imgpipe.tracking import end_invocation
+    from imgpipe.tracking.invocation import end_invocation
 
     end_invocation(success)
 
@@ -163,7 +163,7 @@ import time
 
 from snakemake.logging import logger
 
-from imgpipe.layout import MODEL_PLOTS
+from imgpipe.core.layout import MODEL_PLOTS
 
 INVOCATION_STARTED = time.time()
 
@@ -217,7 +217,7 @@ def _write_report_after_failure():
     import os
     from pathlib import Path
 
-    from imgpipe.report import stale_model_results, write_report
+    from imgpipe.evaluation.report import stale_model_results, write_report
 
     results = Path(RESULTS)
     summary_path = results / "report/summary.json"

@@ -1,17 +1,17 @@
-"""Glue: crawl one class's sources, resuming from its store (see imgpipe.crawl)."""
+"""Glue: crawl one class's sources, resuming from its store (see imgpipe.data.crawl)."""
 
 import json
 from pathlib import Path
 
-from imgpipe.joblog import configure_logging
+from imgpipe.core.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
 
-from imgpipe.crawl import crawl_class
-from imgpipe.crawlstore import CrawlLimits
-from imgpipe.fingerprints import FileHashCache
-from imgpipe.jobrecords import data_job_run
+from imgpipe.data.crawl import crawl_class
+from imgpipe.data.crawlstore import CrawlLimits
+from imgpipe.core.fingerprints import FileHashCache
+from imgpipe.tracking.records import data_job_run
 
 class_name = snakemake.wildcards.cls
 settings = snakemake.params.settings

@@ -1,8 +1,8 @@
-"""Glue: evaluate one model on the test split, into its MLflow run (see imgpipe.evaluate)."""
+"""Glue: evaluate one model on the test split, into its MLflow run (see imgpipe.evaluation.evaluate)."""
 
 import json
 
-from imgpipe.joblog import configure_logging
+from imgpipe.core.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
@@ -12,11 +12,12 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 
 import mlflow
 
-from imgpipe.evaluate import evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
-from imgpipe.files import writing
-from imgpipe.plots import (plot_confident_errors, plot_confusion_matrix, plot_embedding, plot_localization_grid,
+from imgpipe.evaluation.evaluate import evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
+from imgpipe.core.files import writing
+from imgpipe.evaluation.plots import (plot_confident_errors, plot_confusion_matrix, plot_embedding, plot_localization_grid,
                            plot_reliability_diagram, plot_roc_curves, plot_unavailable)
-from imgpipe.tracking import artifact_writes, job_run, log_split_dataset, read_run_reference
+from imgpipe.tracking.store import artifact_writes
+from imgpipe.tracking.runs import job_run, log_split_dataset, read_run_reference
 
 model_name = snakemake.wildcards.evaluated
 output = snakemake.output

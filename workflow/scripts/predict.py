@@ -1,8 +1,8 @@
-"""Glue: classify one predict folder with one model, into an MLflow job run (see imgpipe.predict)."""
+"""Glue: classify one predict folder with one model, into an MLflow job run (see imgpipe.serving.predict)."""
 
 from pathlib import Path
 
-from imgpipe.joblog import configure_logging
+from imgpipe.core.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
@@ -12,8 +12,8 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 
 import torch
 
-from imgpipe.predict import best_model_name, load_classifier, predict_inputs, resolve_top_k, write_predictions
-from imgpipe.jobrecords import data_job_run
+from imgpipe.serving.predict import best_model_name, load_classifier, predict_inputs, resolve_top_k, write_predictions
+from imgpipe.tracking.records import data_job_run
 from imgpipe.training.devices import pick_device
 
 folder, chosen = snakemake.wildcards.folder, snakemake.wildcards.model

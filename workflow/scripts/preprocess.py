@@ -1,16 +1,16 @@
-"""Glue: resize / colour-convert one class's kept images, and their boxes (see imgpipe.preprocess)."""
+"""Glue: resize / colour-convert one class's kept images, and their boxes (see imgpipe.data.preprocess)."""
 
 import logging
 from pathlib import Path
 
-from imgpipe.joblog import configure_logging
+from imgpipe.core.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
-from imgpipe.boxes import source_boxes
-from imgpipe.jobrecords import data_job_run
-from imgpipe.manifests import read_dedupe_manifest
-from imgpipe.preprocess import preprocess_class
+from imgpipe.data.boxes import source_boxes
+from imgpipe.tracking.records import data_job_run
+from imgpipe.core.manifests import read_dedupe_manifest
+from imgpipe.data.preprocess import preprocess_class
 
 class_name = snakemake.wildcards.cls
 with data_job_run(f"preprocess {class_name}", tags={"imgpipe.stage": "preprocess", "imgpipe.class": class_name}) as run:
@@ -18,7 +18,7 @@ with data_job_run(f"preprocess {class_name}", tags={"imgpipe.stage": "preprocess
     if snakemake.params.boxes:
         boxes = source_boxes(snakemake.params.boxes)
         for problem in boxes.problems + list(boxes.invalid.values()):  # the images stay; box_status says why
-            logging.getLogger("imgpipe.boxes").warning("%s", problem)
+            logging.getLogger("imgpipe.data.boxes").warning("%s", problem)
         run.log_metric("box_file_problems", len(boxes.problems) + len(boxes.invalid))
     fates = read_dedupe_manifest(snakemake.input[0])
     images = preprocess_class(fates, class_name, Path(snakemake.output.images), snakemake.params.size,

@@ -1,14 +1,14 @@
-"""Glue: the comparison report of all models (see imgpipe.report)."""
+"""Glue: the comparison report of all models (see imgpipe.evaluation.report)."""
 
 from pathlib import Path
 
-from imgpipe.joblog import configure_logging
+from imgpipe.core.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
 
-from imgpipe.report import write_report
-from imgpipe.jobrecords import data_job_run
+from imgpipe.evaluation.report import write_report
+from imgpipe.tracking.records import data_job_run
 
 models = snakemake.params.models
 with data_job_run("report", tags={"imgpipe.stage": "report"}) as run:

@@ -1,11 +1,11 @@
-"""Glue: every class's contact sheet, HTML and PNG (see imgpipe.review)."""
+"""Glue: every class's contact sheet, HTML and PNG (see imgpipe.data.review)."""
 
-from imgpipe.joblog import configure_logging
+from imgpipe.core.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
-from imgpipe.manifests import read_dedupe_manifest
-from imgpipe.review import write_contact_sheet
+from imgpipe.core.manifests import read_dedupe_manifest
+from imgpipe.data.review import write_contact_sheet
 
 fates = read_dedupe_manifest(snakemake.input.manifest)
 for class_name, html_path, grid_path in zip(snakemake.params.classes, snakemake.output.html, snakemake.output.grid):

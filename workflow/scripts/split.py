@@ -1,16 +1,16 @@
-"""Glue: stratified, leak-free train/val/test split (see imgpipe.split)."""
+"""Glue: stratified, leak-free train/val/test split (see imgpipe.data.split)."""
 
 import json
 
-from imgpipe.joblog import configure_logging
+from imgpipe.core.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
 import pandas as pd
 
-from imgpipe.manifests import read_dedupe_manifest, read_manifest
-from imgpipe.split import attach_boxes, describe_losses, split_sizes, stratified_group_split, write_manifest
-from imgpipe.jobrecords import data_job_run
+from imgpipe.core.manifests import read_dedupe_manifest, read_manifest
+from imgpipe.data.split import attach_boxes, describe_losses, split_sizes, stratified_group_split, write_manifest
+from imgpipe.tracking.records import data_job_run
 
 with data_job_run("split", tags={"imgpipe.stage": "split"}) as run:
     images = pd.concat([read_manifest(path) for path in snakemake.input.images], ignore_index=True)

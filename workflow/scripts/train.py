@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from imgpipe.joblog import configure_logging
+from imgpipe.core.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
@@ -12,11 +12,12 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 
 import mlflow
 
-from imgpipe.config import model_setting
-from imgpipe.modelcard import write_model_card
-from imgpipe.pyfunc import log_classifier_model
-from imgpipe.tracking import (RunLogger, artifact_writes, flatten, job_run, log_missing_epochs, log_params_once,
-                              log_split_dataset, write_run_reference)
+from imgpipe.config.validation import model_setting
+from imgpipe.serving.modelcard import write_model_card
+from imgpipe.serving.pyfunc import log_classifier_model
+from imgpipe.tracking.runs import RunLogger, job_run, log_missing_epochs, log_params_once, log_split_dataset, write_run_reference
+from imgpipe.tracking.store import artifact_writes
+from imgpipe.tracking.tags import flatten
 from imgpipe.training import resume
 from imgpipe.training.devices import pick_device
 from imgpipe.training.distributed import train_data_parallel

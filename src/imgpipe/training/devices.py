@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgpipe.files import error_text
+from imgpipe.core.files import error_text
 
 if TYPE_CHECKING:
     import torch

@@ -206,7 +206,7 @@ def train_data_parallel(job, world_size: int, log_path: Path | str | None = None
     """Train `job` in `world_size` processes on this machine (`torchrun --standalone`); return
     process 0's (history, summary).
 
-    The callbacks run in process 0 and must be picklable (imgpipe.tracking.RunLogger's methods).
+    The callbacks run in process 0 and must be picklable (imgpipe.tracking.runs.RunLogger's methods).
     The workers are started by the torchrun command, not forked or spawned from this process:
     a spawned child would run the job's script again (it is the main module). A worker that
     fails fails the whole training, with its traceback in the job's log.

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from imgpipe import __version__
-from imgpipe.checkpoints import model_build_spec, read_model_checkpoint, read_torch_file
-from imgpipe.config import model_setting
-from imgpipe.datasets import Normalizer, SplitTensors, class_names, load_split, normalization_for
-from imgpipe.files import write_json, writing
-from imgpipe.localize import LocalizationLoss
-from imgpipe.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN, LOCALIZE_HISTORY_COLUMNS, read_split_manifest
-from imgpipe.models import WeightsLoad, build_model, count_parameters, load_matching_weights, load_start_weights
+from imgpipe.models.checkpoints import model_build_spec, read_model_checkpoint, read_torch_file
+from imgpipe.config.validation import model_setting
+from imgpipe.training.datasets import Normalizer, SplitTensors, class_names, load_split, normalization_for
+from imgpipe.core.files import write_json, writing
+from imgpipe.models.localize import LocalizationLoss
+from imgpipe.core.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN, LOCALIZE_HISTORY_COLUMNS, read_split_manifest
+from imgpipe.models.networks import WeightsLoad, build_model, count_parameters, load_matching_weights, load_start_weights
 from imgpipe.training import resume
 from imgpipe.training.augment import BatchAugment
 from imgpipe.training.distributed import SINGLE, ProcessGroup

@@ -1,6 +1,6 @@
 """The training loop: one epoch over preloaded tensors, as close to the compute bound as we can.
 
-Each split is decoded once into a uint8 tensor (`imgpipe.datasets`); a batch is gathered
+Each split is decoded once into a uint8 tensor (`imgpipe.training.datasets`); a batch is gathered
 by index, moved to the device, augmented and normalised there. On a GPU nothing in an
 epoch makes the host wait for the device: the epoch's batch order is copied there once,
 host-to-device copies go through pinned buffers, and losses and correct counts are summed
@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from imgpipe.datasets import Normalizer
-from imgpipe.localize import box_iou, split_outputs
+from imgpipe.training.datasets import Normalizer
+from imgpipe.models.localize import box_iou, split_outputs
 from imgpipe.training.augment import BatchAugment
 from imgpipe.training.transfer import PinnedStaging, to_device
 

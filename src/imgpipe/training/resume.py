@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgpipe.checkpoints import CheckpointError, read_torch_file, save_atomically
-from imgpipe.config import training_settings
-from imgpipe.files import writing
+from imgpipe.models.checkpoints import CheckpointError, read_torch_file, save_atomically
+from imgpipe.config.validation import training_settings
+from imgpipe.core.files import writing
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def imported_package_files(entry_points, root: Path | str) -> list[Path]:
             folder = root.joinpath(*parts[1:depth])
             path = folder / "__init__.py" if folder.is_dir() else folder.with_suffix(".py")
             if not path.is_file() or path in found:
-                continue  # an attribute (`from imgpipe.config import model_setting`), or done
+                continue  # an attribute (`from imgpipe.config.validation import model_setting`), or done
             found.add(path)
             module = ".".join(parts[:depth])
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -6,7 +6,7 @@
 - staged (fastai's `fine_tune`): `head_epochs` like feature_extract, then every layer,
   the backbone at `backbone_lr_factor` x lr.
 
-The head is the model's classification module (`imgpipe.models.head_name`); the backbone
+The head is the model's classification module (`imgpipe.models.networks.head_name`); the backbone
 is everything else. A frozen backbone's output is the head's input, which `HeadInput`
 captures without running the head, so it can be computed once and cached.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imgpipe.models import head_name
+from imgpipe.models.networks import head_name
 
 
 @dataclass(frozen=True)
