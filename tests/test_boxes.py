@@ -148,7 +148,8 @@ def test_a_box_on_the_training_image_goes_back_onto_the_upright_image(mode):
 
 
 def test_boxes_find_their_images_however_the_paths_are_spelt_and_bad_lines_mark_their_image(tmp_path, monkeypatch):
-    from imgpipe.data.boxes import box_key, source_boxes
+    from imgpipe.data.boxes import box_key
+    from imgpipe.data.sourceboxes import source_boxes
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()

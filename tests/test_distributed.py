@@ -6,7 +6,8 @@ import torch
 
 from conftest import model_settings
 from imgpipe.models.checkpoints import read_torch_file
-from imgpipe.training.distributed import ProcessGroup, train_data_parallel
+from imgpipe.training.processgroup import ProcessGroup
+from imgpipe.training.distributed import train_data_parallel
 from imgpipe.training.engine import TrainingJob, train_model
 
 IMAGE = {"size": 32, "color": "grayscale", "resize": "stretch", "pad_color": "black"}

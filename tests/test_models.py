@@ -4,8 +4,8 @@ import torch
 import logging
 
 from imgpipe.models.checkpoints import CheckpointError
-from imgpipe.models.networks import (SimpleCNN, WeightsUnavailableError, build_model, count_parameters, head_name,
-                            imagenet_state_dict, load_start_weights, truncation_points)
+from imgpipe.models.networks import SimpleCNN, WeightsUnavailableError, build_model, count_parameters, imagenet_state_dict, load_start_weights, truncation_points
+from imgpipe.models.heads import head_name
 
 
 @pytest.mark.parametrize("size", [32, 40, 64, 97])

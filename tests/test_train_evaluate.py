@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import model_settings
-from imgpipe.models.checkpoints import CheckpointError, load_trained_model
+from imgpipe.models.checkpoints import CheckpointError
+from imgpipe.models.networks import load_trained_model
 from imgpipe.evaluation.evaluate import classification_metrics, evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
 from imgpipe.core.manifests import SPEED_KEYS
 from imgpipe.training.engine import TrainingJob, train_model

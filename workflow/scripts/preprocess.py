@@ -7,7 +7,7 @@ from imgpipe.core.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
-from imgpipe.data.boxes import source_boxes
+from imgpipe.data.sourceboxes import source_boxes
 from imgpipe.tracking.records import data_job_run
 from imgpipe.core.manifests import read_dedupe_manifest
 from imgpipe.data.preprocess import preprocess_class

@@ -12,7 +12,7 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 
 import mlflow
 
-from imgpipe.config.validation import model_setting
+from imgpipe.models.settings import model_setting
 from imgpipe.serving.modelcard import write_model_card
 from imgpipe.serving.pyfunc import log_classifier_model
 from imgpipe.tracking.runs import RunLogger, job_run, log_missing_epochs, log_params_once, log_split_dataset, write_run_reference

@@ -19,27 +19,16 @@ from typing import Any
 import jsonschema
 import yaml
 
-from imgpipe.data.boxes import BoxError, is_box_annotation, read_box_csv_header
+from imgpipe.config.sweeps import SweepError, expand_sweeps
 from imgpipe.core.files import FOLLOW_KEY, error_text, read_list_entries, walk_files
 from imgpipe.core.fingerprints import FileHashCache, content_fingerprint
-from imgpipe.config.sweeps import SweepError, expand_sweeps
+from imgpipe.data.boxes import BoxError, is_box_annotation, read_box_csv_header
+from imgpipe.models.settings import NEUTRAL_DEFAULTS
 
 MIN_SIMPLE_CNN_SIZE = 32
 # Model settings that say where and how fast a model trains, not what it learns: changing
 # them neither retrains a finished model nor discards an interrupted one's resume state.
 EXECUTION_KEYS = ("threads", "device")
-# Model keys added after models had been trained, with the value that means what training did
-# before them: left out of the rerun trigger while they keep it, so that upgrading imgpipe
-# retrains no finished model (and a model's settings read them with this default).
-NEUTRAL_DEFAULTS = {"gpus": 1, "task": "classify", "box_loss": "smooth_l1", "box_loss_weight": 1.0,
-                    "boxes_required": False}
-
-
-def model_setting(settings: dict, key: str):
-    """A model setting of training_settings' output, whose NEUTRAL_DEFAULTS keys may have been left out."""
-    return settings.get(key, NEUTRAL_DEFAULTS[key])
-
-
 class ConfigError(ValueError):
     """A config mistake, reported with the key that holds it."""
 
@@ -260,7 +249,9 @@ def _check_sources(config: dict, base_dir: Path, thorough: bool) -> None:
 
 def _check_url_list(key: str, path: Path) -> None:
     """A URL list that lists nothing would crawl nothing and fail only at the split, a stage later."""
-    from imgpipe.data.crawl import read_url_list  # icrawler and pandas: only configs with URL lists pay them
+    from imgpipe.data.crawl import (
+        read_url_list,  # icrawler and pandas: only configs with URL lists pay them
+    )
 
     try:
         urls = read_url_list(path, key)
@@ -458,7 +449,9 @@ def _check_crawl(config: dict) -> None:
     # (no schema default: configs written before the key existed keep their crawl params)
     allowed = config["crawl"].get("allow_private_hosts")
     if allowed:
-        from imgpipe.data.netguard import parse_allowed  # imports requests: only configs that need it pay
+        from imgpipe.data.netguard import (
+            parse_allowed,  # imports requests: only configs that need it pay
+        )
 
         for entry in allowed:
             try:

@@ -60,11 +60,25 @@ from icrawler.builtin.bing import BingParser
 from icrawler.builtin.greedy import GreedyParser
 from PIL import Image
 
-from imgpipe.data.boxes import is_box_annotation
-from imgpipe.data.crawlstore import ALWAYS, TOO_LARGE, ClassStore, CrawlLimits, TargetCounter, effective_status, link_or_copy
-from imgpipe.core.files import FOLLOW_KEY, OutputWriteError, error_text, read_text_lines, walk_folder
+from imgpipe.core.files import (
+    FOLLOW_KEY,
+    OutputWriteError,
+    error_text,
+    read_text_lines,
+    walk_folder,
+)
 from imgpipe.core.fingerprints import FileHashCache
 from imgpipe.core.manifests import RAW_COLUMNS
+from imgpipe.data.boxes import is_box_annotation
+from imgpipe.data.crawlstore import (
+    ALWAYS,
+    TOO_LARGE,
+    ClassStore,
+    CrawlLimits,
+    TargetCounter,
+    effective_status,
+    link_or_copy,
+)
 from imgpipe.data.netguard import AddressPolicy, RefusedURL, target_of
 
 logger = logging.getLogger(__name__)

@@ -34,9 +34,14 @@ import numpy as np
 import pandas as pd
 
 from imgpipe.core.files import read_list_entries
-from imgpipe.data.hashing import ImageHashes, format_hash, hash_images
 from imgpipe.core.manifests import CRAWL_STATUSES, FATE_COLUMNS
-from imgpipe.data.nearmatch import DEFAULT_PIXEL_DIFFERENCE, PixelCheck, hypothesis_name, near_pairs
+from imgpipe.data.hashing import ImageHashes, format_hash, hash_images
+from imgpipe.data.nearmatch import (
+    DEFAULT_PIXEL_DIFFERENCE,
+    PixelCheck,
+    hypothesis_name,
+    near_pairs,
+)
 
 log = logging.getLogger(__name__)
 

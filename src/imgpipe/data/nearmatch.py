@@ -45,8 +45,8 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd

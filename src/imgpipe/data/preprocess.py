@@ -15,9 +15,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from imgpipe.data.boxes import BOX_COLUMNS, ORIENTATION_TAG, BoxError, SourceBoxes, box_key, upright_resized_box
 from imgpipe.core.files import error_text, writing
+from imgpipe.data.boxes import (
+    BOX_COLUMNS,
+    ORIENTATION_TAG,
+    BoxError,
+    box_key,
+    upright_resized_box,
+)
 from imgpipe.data.images import flatten_transparency
+from imgpipe.data.sourceboxes import SourceBoxes
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +108,7 @@ def preprocess_class(
 ) -> pd.DataFrame:
     """Write every kept image of one class to out_dir; return `path,label,group,source_file,status,reason`.
 
-    With `boxes` (imgpipe.data.boxes.source_boxes) the manifest also has
+    With `boxes` (imgpipe.data.sourceboxes.source_boxes) the manifest also has
     BOX_COLUMNS, the box on the training image normalised to 0..1 (empty where there is none),
     and box_status (ok, missing, invalid, cut_away: the crop left nothing of it) with box_reason.
     """

@@ -18,8 +18,8 @@ from urllib.parse import quote
 import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
 
-from imgpipe.data.dedupe import REASONS
 from imgpipe.core.files import writing
+from imgpipe.data.dedupe import REASONS
 from imgpipe.data.preprocess import to_color
 
 log = logging.getLogger(__name__)

@@ -102,5 +102,5 @@ def items(source: dict) -> list[tuple[str, Layout]]:
 
 
 def boxes(source: dict) -> dict[str, tuple[Box, str]]:
-    """{origin: (box, where)} of a synthetic source, as imgpipe.data.boxes.source_boxes gives them."""
+    """{origin: (box, where)} of a synthetic source, as imgpipe.data.sourceboxes.source_boxes gives them."""
     return {name: (ink_box(item), name) for name, item in items(source)}

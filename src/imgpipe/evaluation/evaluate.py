@@ -13,7 +13,8 @@ import torch
 from sklearn import metrics as skm
 
 from imgpipe.evaluation import stats
-from imgpipe.models.checkpoints import checkpoint_task, load_trained_model
+from imgpipe.models.checkpoints import checkpoint_task
+from imgpipe.models.networks import load_trained_model
 from imgpipe.training.datasets import Normalizer, load_split
 from imgpipe.core.files import write_json
 from imgpipe.core.manifests import SPEED_KEYS, read_split_manifest

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from imgpipe.config.validation import model_setting
 from imgpipe.core.files import error_text, writing
+from imgpipe.models.settings import model_setting
 
 # The keys of an imgpipe model.pt that rebuild the network (see `model_build_spec`).
 BUILD_KEYS = ("arch", "truncate", "head_hidden", "head_dropout")
@@ -88,24 +88,6 @@ def model_build_spec(settings: dict) -> dict:
 def checkpoint_task(checkpoint: dict) -> str:
     """What a checkpoint's network does: 'classify', or 'localize' (a box head too)."""
     return checkpoint.get("build", {}).get("task", "classify")
-
-
-def load_trained_model(checkpoint_path: Path | str, device: torch.device | str = "cpu"):
-    """(model in eval mode, checkpoint dict) from an imgpipe model checkpoint."""
-    from imgpipe.models.networks import build_model
-
-    checkpoint = read_model_checkpoint(checkpoint_path)
-    spec = {**{"truncate": None, "head_hidden": [], "head_dropout": 0.0}, **checkpoint.get("build", {})}
-    model = build_model(checkpoint["arch"], len(checkpoint["classes"]), checkpoint["in_channels"],
-                        image_size=checkpoint["image"]["size"], truncate=spec["truncate"],
-                        head_hidden=spec["head_hidden"], head_dropout=spec["head_dropout"],
-                        task=checkpoint_task(checkpoint))
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint '{checkpoint_path}' does not fit the {checkpoint['arch']} it names: "
-                              f"{error}") from error
-    return model.to(device).eval(), checkpoint
 
 
 def save_atomically(payload: Any, path: Path | str, then: str = "") -> None:

@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from imgpipe.models.networks import head_name
+from imgpipe.models.heads import head_name
 
 BOX_OUTPUTS = 4
 BOX_LOSSES = ("smooth_l1", "giou")

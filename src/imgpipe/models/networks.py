@@ -19,8 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgpipe.models.checkpoints import read_checkpoint_state
 from imgpipe.core.files import error_text
+from imgpipe.models.checkpoints import (
+    CheckpointError,
+    checkpoint_task,
+    read_checkpoint_state,
+    read_model_checkpoint,
+)
+from imgpipe.models.heads import head_name
+from imgpipe.models.localize import add_box_head
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +195,6 @@ def build_model(arch: str, num_classes: int, in_channels: int, image_size: int |
     """
     model = _build_classifier(arch, num_classes, in_channels, image_size, truncate, head_hidden, head_dropout)
     if task == "localize":
-        from imgpipe.models.localize import add_box_head
-
         add_box_head(model, num_classes)
     elif task != "classify":
         raise ValueError(f"unknown task '{task}' (classify, localize)")
@@ -213,18 +218,6 @@ def _build_classifier(arch: str, num_classes: int, in_channels: int, image_size:
             raise ValueError("truncate needs the image size to size the dense head")
         model = truncate_backbone(model, truncate, in_channels, image_size, num_classes, head_hidden, head_dropout)
     return model
-
-
-HEAD_NAMES = ("head", "fc", "classifier", "heads")
-
-
-def head_name(model: nn.Module) -> str:
-    """The attribute holding the model's classification head (what feature_extract trains)."""
-    for name in HEAD_NAMES:
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name
-    raise ValueError(f"cannot tell the head of {type(model).__name__} (none of {', '.join(HEAD_NAMES)}); "
-                     f"use strategy: finetune")
 
 
 @dataclass
@@ -325,3 +318,19 @@ def load_start_weights(model: nn.Module, arch: str, weights: str) -> WeightsLoad
 
 def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+def load_trained_model(checkpoint_path: Path | str, device: torch.device | str = "cpu"):
+    """(model in eval mode, checkpoint dict) from an imgpipe model checkpoint."""
+    checkpoint = read_model_checkpoint(checkpoint_path)
+    spec = {**{"truncate": None, "head_hidden": [], "head_dropout": 0.0}, **checkpoint.get("build", {})}
+    model = build_model(checkpoint["arch"], len(checkpoint["classes"]), checkpoint["in_channels"],
+                        image_size=checkpoint["image"]["size"], truncate=spec["truncate"],
+                        head_hidden=spec["head_hidden"], head_dropout=spec["head_dropout"],
+                        task=checkpoint_task(checkpoint))
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint '{checkpoint_path}' does not fit the {checkpoint['arch']} it names: "
+                              f"{error}") from error
+    return model.to(device).eval(), checkpoint

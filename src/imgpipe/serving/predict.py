@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from imgpipe.data.boxes import Box, box_on_upright_image, upright_size
-from imgpipe.models.checkpoints import checkpoint_task, load_trained_model
+from imgpipe.models.checkpoints import checkpoint_task
+from imgpipe.models.networks import load_trained_model
 from imgpipe.training.datasets import image_to_chw
 from imgpipe.evaluation.evaluate import predict_probabilities
 from imgpipe.core.files import error_text, read_optional_json, walk_files, writing

@@ -17,7 +17,6 @@ from PIL import Image
 
 from imgpipe.data.boxes import BOX_COLUMNS
 
-
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -23,21 +23,61 @@ import torch
 from torch import nn
 
 from imgpipe import __version__
-from imgpipe.models.checkpoints import model_build_spec, read_model_checkpoint, read_torch_file
-from imgpipe.config.validation import model_setting
-from imgpipe.training.datasets import Normalizer, SplitTensors, class_names, load_split, normalization_for
 from imgpipe.core.files import write_json, writing
+from imgpipe.core.manifests import (
+    HISTORY_COLUMNS,
+    HISTORY_TIMING_COLUMN,
+    LOCALIZE_HISTORY_COLUMNS,
+    read_split_manifest,
+)
+from imgpipe.models.checkpoints import (
+    model_build_spec,
+    read_model_checkpoint,
+    read_torch_file,
+)
 from imgpipe.models.localize import LocalizationLoss
-from imgpipe.core.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN, LOCALIZE_HISTORY_COLUMNS, read_split_manifest
-from imgpipe.models.networks import WeightsLoad, build_model, count_parameters, load_matching_weights, load_start_weights
+from imgpipe.models.networks import (
+    WeightsLoad,
+    build_model,
+    count_parameters,
+    load_matching_weights,
+    load_start_weights,
+)
+from imgpipe.models.settings import model_setting
 from imgpipe.training import resume
 from imgpipe.training.augment import BatchAugment
-from imgpipe.training.distributed import SINGLE, ProcessGroup
-from imgpipe.training.loop import (BoxTargets, EpochTotals, Feeder, Precision, batch_indices, batches_per_epoch,
-                                   choose_precision, epoch_order, evaluate_epoch, image_preparation, train_epoch)
+from imgpipe.training.datasets import (
+    Normalizer,
+    SplitTensors,
+    class_names,
+    load_split,
+    normalization_for,
+)
+from imgpipe.training.loop import (
+    BoxTargets,
+    EpochTotals,
+    Feeder,
+    Precision,
+    batch_indices,
+    batches_per_epoch,
+    choose_precision,
+    epoch_order,
+    evaluate_epoch,
+    image_preparation,
+    train_epoch,
+)
+from imgpipe.training.processgroup import SINGLE, ProcessGroup
 from imgpipe.training.schedule import make_optimizer, make_scheduler
-from imgpipe.training.strategies import (HeadInput, ModelParts, Phase, head_logits, needs_parts, parameter_groups,
-                                         phase_of, plan_phases)
+from imgpipe.training.strategies import (
+    HeadInput,
+    ModelParts,
+    Phase,
+    head_logits,
+    needs_parts,
+    parameter_groups,
+    phase_of,
+    plan_phases,
+)
 
 log = logging.getLogger(__name__)
 

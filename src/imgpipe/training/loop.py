@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from imgpipe.training.datasets import Normalizer
 from imgpipe.models.localize import box_iou, split_outputs
 from imgpipe.training.augment import BatchAugment
+from imgpipe.training.datasets import Normalizer
 from imgpipe.training.transfer import PinnedStaging, to_device
 
 

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgpipe.models.checkpoints import CheckpointError, read_torch_file, save_atomically
 from imgpipe.config.validation import training_settings
 from imgpipe.core.files import writing
+from imgpipe.models.checkpoints import CheckpointError, read_torch_file, save_atomically
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imgpipe.models.networks import head_name
+from imgpipe.models.heads import head_name
 
 
 @dataclass(frozen=True)
