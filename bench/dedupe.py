@@ -59,14 +59,19 @@ from pathlib import Path
 
 import matplotlib.cbook
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from sklearn.datasets import load_sample_images
 
-import pandas as pd
-
 from imgpipe.config.validation import load_schema
 from imgpipe.data.dedupe import dedupe_images, summarize_fates
-from imgpipe.data.hamming import choose_hamming_method, group_pairs, hamming_pairs, hamming_pairs_brute_force, owner_pairs
+from imgpipe.data.hamming import (
+    choose_hamming_method,
+    group_pairs,
+    hamming_pairs,
+    hamming_pairs_brute_force,
+    owner_pairs,
+)
 from imgpipe.data.hashing import hash_distance, hash_images
 from imgpipe.data.lowtexture import write_low_texture_set
 from imgpipe.data.nearmatch import HYPOTHESES, PixelCheck, confirm, near_pairs

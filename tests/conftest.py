@@ -21,10 +21,10 @@ def offline(monkeypatch):
 @pytest.fixture(scope="session")
 def mlflow_template_db(tmp_path_factory) -> Path:
     """An already-created MLflow SQLite store (creating one costs seconds; copying it, milliseconds)."""
+    import os
+
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    import os
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     # The store records its Default experiment's artifact folder as ./mlruns of the folder it

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
 from test_pipeline_e2e import snakemake, write_config
 
 pytestmark = pytest.mark.e2e

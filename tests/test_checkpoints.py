@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from imgpipe.models.checkpoints import CheckpointError, read_checkpoint_state, read_torch_file, save_atomically
 
 

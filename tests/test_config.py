@@ -4,10 +4,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import reordered as reordered_config  # (a test below names its own config `reordered`)
-from imgpipe.config.validation import (ConfigError, check_config_files, load_schema, source_fingerprints,
-                            torchvision_classification_models, validate_config)
+
+from imgpipe.config.validation import (
+    ConfigError,
+    check_config_files,
+    load_schema,
+    source_fingerprints,
+    torchvision_classification_models,
+    validate_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO / "workflow/schemas/config.schema.yaml"

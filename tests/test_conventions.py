@@ -1,9 +1,7 @@
 """What keeps the conda environment and the package's dependencies from drifting apart."""
 
 import tomllib
-
 import yaml
-
 from conftest import REPO
 
 

@@ -18,11 +18,6 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from icrawler import Feeder
-from icrawler.builtin import BingParser
-from icrawler.utils import Signal
-from PIL import Image
-
 from crawl_server import (
     HTML_PAGE,
     LocalServer,
@@ -32,9 +27,14 @@ from crawl_server import (
     png_claiming_size,
     truncated_jpeg,
 )
+from icrawler import Feeder
+from icrawler.builtin import BingParser
+from icrawler.utils import Signal
+from PIL import Image
+
+from imgpipe.core.manifests import RAW_COLUMNS
 from imgpipe.data.crawl import ParsedBingParser, crawl_class, engine_queries, read_url_list
 from imgpipe.data.crawlstore import ClassStore, CrawlLimits
-from imgpipe.core.manifests import RAW_COLUMNS
 
 BING_PAGE = Path(__file__).parent / "data" / "bing_async_tank.html"
 RECORDED_HOST = "http://images.example.test"

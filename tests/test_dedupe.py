@@ -13,10 +13,16 @@ from sklearn.datasets import load_sample_images
 
 from imgpipe.config.validation import load_schema, read_exclude_list
 from imgpipe.data.crawlstore import CrawlLimits, TargetCounter
-from imgpipe.data.dedupe import decide_fates, dedupe_images, located_exclusions, near_duplicate_warnings, summarize_fates
+from imgpipe.data.dedupe import (
+    decide_fates,
+    dedupe_images,
+    located_exclusions,
+    near_duplicate_warnings,
+    summarize_fates,
+)
 from imgpipe.data.hamming import (
-    group_pairs,
     choose_hamming_method,
+    group_pairs,
     hamming_pairs,
     hamming_pairs_brute_force,
     hamming_pairs_multi_index,

@@ -3,12 +3,12 @@
 import pandas as pd
 import pytest
 import torch
-
 from conftest import model_settings
+
 from imgpipe.models.checkpoints import read_torch_file
-from imgpipe.training.processgroup import ProcessGroup
 from imgpipe.training.distributed import train_data_parallel
 from imgpipe.training.engine import TrainingJob, train_model
+from imgpipe.training.processgroup import ProcessGroup
 
 IMAGE = {"size": 32, "color": "grayscale", "resize": "stretch", "pad_color": "black"}
 

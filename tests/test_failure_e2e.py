@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from PIL import Image
-
 from conftest import SmallDisk, write_shape_images
+from PIL import Image
 from test_pipeline_e2e import snakemake, workdir, write_config  # noqa: F401 - workdir is a fixture
 
 pytestmark = pytest.mark.e2e

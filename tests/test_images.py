@@ -1,9 +1,9 @@
 import io
 
 import pytest
+from crawl_server import HTML_PAGE, image_bytes, png_claiming_size, truncated_jpeg
 from PIL import Image
 
-from crawl_server import HTML_PAGE, image_bytes, png_claiming_size, truncated_jpeg
 from imgpipe.data.images import IMAGE_EXTENSIONS, ImageCheck, inspect_image
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from imgpipe.tracking.records import RECORDS_ENV, data_job_run, publish_leftovers
 from imgpipe.tracking.invocation import end_invocation, start_invocation
+from imgpipe.tracking.records import RECORDS_ENV, data_job_run, publish_leftovers
 
 CONFIG = {"experiment": "pets", "models": {"cnn": {"lr": 0.1}}}
 

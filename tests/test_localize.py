@@ -5,8 +5,15 @@ import torch
 from torch import nn
 
 from imgpipe.data.boxes import iou
-from imgpipe.models.localize import (ClassAndBoxHead, LocalizationLoss, add_box_head, box_head_like, box_iou, giou,
-                              split_outputs)
+from imgpipe.models.localize import (
+    ClassAndBoxHead,
+    LocalizationLoss,
+    add_box_head,
+    box_head_like,
+    box_iou,
+    giou,
+    split_outputs,
+)
 from imgpipe.models.networks import build_model
 
 
@@ -100,8 +107,8 @@ def test_init_from_carries_the_class_head_between_a_classifier_and_a_localising_
 
 def test_boxes_required_says_which_classes_it_leaves_out(shapes_manifest, tmp_path, caplog):
     import pandas as pd
-
     from conftest import REPO
+
     from imgpipe.config.validation import load_schema, validate_config
     from imgpipe.training.engine import TrainingJob, train_model
 

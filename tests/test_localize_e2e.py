@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from test_pipeline_e2e import runs_by_name, snakemake, store, write_config
 
 pytestmark = pytest.mark.e2e

@@ -23,17 +23,16 @@ from typing import Iterator
 import mlflow
 import pytest
 import yaml
-
 from conftest import REPO, write_shape_images
 from test_pipeline_e2e import snakemake, write_config
 from test_tracking import make_git_checkout
 
 from imgpipe.config.validation import load_schema, validate_config
+from imgpipe.tracking.invocation import end_invocation, start_invocation
 from imgpipe.tracking.provenance import config_hash, git_commit
 from imgpipe.tracking.records import data_job_run
-from imgpipe.tracking.tags import INVOCATION_TAGS_ENV
-from imgpipe.tracking.invocation import end_invocation, start_invocation
 from imgpipe.tracking.runs import job_run, log_split_dataset
+from imgpipe.tracking.tags import INVOCATION_TAGS_ENV
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 DATA_STAGES = ("crawl", "dedupe", "preprocess", "split", "report")

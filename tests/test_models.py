@@ -1,11 +1,19 @@
+import logging
+
 import pytest
 import torch
 
-import logging
-
 from imgpipe.models.checkpoints import CheckpointError
-from imgpipe.models.networks import SimpleCNN, WeightsUnavailableError, build_model, count_parameters, imagenet_state_dict, load_start_weights, truncation_points
 from imgpipe.models.heads import head_name
+from imgpipe.models.networks import (
+    SimpleCNN,
+    WeightsUnavailableError,
+    build_model,
+    count_parameters,
+    imagenet_state_dict,
+    load_start_weights,
+    truncation_points,
+)
 
 
 @pytest.mark.parametrize("size", [32, 40, 64, 97])

@@ -21,11 +21,10 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-from PIL import Image
-
 from conftest import REPO, write_shape_images
 from crawl_server import LocalServer, Response, truncated_jpeg
+from mlflow.tracking import MlflowClient
+from PIL import Image
 
 pytestmark = pytest.mark.e2e
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))

@@ -8,7 +8,6 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from imgpipe.evaluation.plots import (
-    plot_unavailable,
     most_confident,
     plot_confident_errors,
     plot_confusion_matrix,
@@ -16,6 +15,7 @@ from imgpipe.evaluation.plots import (
     plot_learning_curves,
     plot_reliability_diagram,
     plot_roc_curves,
+    plot_unavailable,
 )
 from imgpipe.evaluation.stats import calibration_bins, roc_curves
 

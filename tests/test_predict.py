@@ -13,20 +13,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO, model_settings, write_shape_images
 from crawl_server import truncated_jpeg
-from imgpipe.serving.cli import ProgressBar, main
+from PIL import Image
+
 from imgpipe.config.validation import ConfigError, load_schema, validate_config
-from imgpipe.training.datasets import load_split
-from imgpipe.evaluation.evaluate import predict_probabilities
 from imgpipe.core.manifests import read_split_manifest
-from imgpipe.serving.modelcard import write_model_card
-from imgpipe.serving.predict import (collect_inputs, load_classifier, prepare_array, prepare_file, predict_files,
-                             resolve_top_k)
 from imgpipe.data.preprocess import prepare_image
+from imgpipe.evaluation.evaluate import predict_probabilities
+from imgpipe.serving.cli import ProgressBar, main
+from imgpipe.serving.modelcard import write_model_card
+from imgpipe.serving.predict import (
+    collect_inputs,
+    load_classifier,
+    predict_files,
+    prepare_array,
+    prepare_file,
+    resolve_top_k,
+)
 from imgpipe.tracking.provenance import VERSION
+from imgpipe.training.datasets import load_split
 from imgpipe.training.engine import TrainingJob, train_model
 
 IMAGE = {"size": 32, "color": "grayscale", "resize": "stretch", "pad_color": "black"}

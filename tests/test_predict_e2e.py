@@ -7,10 +7,15 @@ import shutil
 
 import pandas as pd
 import pytest
-
 from conftest import write_shape_images
-from test_pipeline_e2e import workdir  # noqa: F401 (a fixture)
-from test_pipeline_e2e import planned_jobs, runs_by_name, snakemake, store, write_config
+from test_pipeline_e2e import (
+    planned_jobs,
+    runs_by_name,
+    snakemake,
+    store,
+    workdir,  # noqa: F401 (a fixture)
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 

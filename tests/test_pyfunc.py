@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import model_settings, write_shape_images
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import model_settings, write_shape_images
 from imgpipe.serving.predict import load_classifier, predict_files
 from imgpipe.serving.pyfunc import log_classifier_model
 from imgpipe.training.engine import TrainingJob, train_model

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import write_shape_images
 from crawl_server import LocalServer, Response, distinct_jpeg
 from test_pipeline_e2e import snakemake, write_config

@@ -1,9 +1,9 @@
 """Contact sheets, and the audit columns of the dedupe manifest they are drawn from."""
 
 import pandas as pd
+from crawl_server import distinct_jpeg
 from PIL import Image
 
-from crawl_server import distinct_jpeg
 from imgpipe.data.dedupe import decide_fates
 from imgpipe.data.review import write_contact_sheet
 

@@ -38,9 +38,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import REPO
+from mlflow.tracking import MlflowClient
 from slurm_cluster import ACCOUNT, PARTITION, SlurmCluster, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]

@@ -1,7 +1,14 @@
 import pandas as pd
 import pytest
 
-from imgpipe.data.split import SplitError, describe_losses, split_sizes, stratified_group_split, target_counts, write_manifest
+from imgpipe.data.split import (
+    SplitError,
+    describe_losses,
+    split_sizes,
+    stratified_group_split,
+    target_counts,
+    write_manifest,
+)
 
 RATIOS = {"train": 0.7, "val": 0.15, "test": 0.15}
 

@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from imgpipe.evaluation.stats import (bootstrap_intervals, calibration_bins, holm_adjust, log_loss, macro_f1_from_counts,
-                           mcnemar_exact, pairwise_mcnemar, roc_curves, standing_against, top_k_accuracy)
+from imgpipe.evaluation.stats import (
+    bootstrap_intervals,
+    calibration_bins,
+    holm_adjust,
+    log_loss,
+    macro_f1_from_counts,
+    mcnemar_exact,
+    pairwise_mcnemar,
+    roc_curves,
+    standing_against,
+    top_k_accuracy,
+)
 
 
 def test_mcnemar_exact_on_the_issue_example():

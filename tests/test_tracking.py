@@ -12,11 +12,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from imgpipe.tracking.provenance import VERSION, config_hash, write_provenance
-from imgpipe.tracking.tags import INVOCATION_TAGS_ENV, PARENT_RUN_ENV, flatten
 from imgpipe.tracking.invocation import end_invocation, start_invocation
-from imgpipe.tracking.runs import job_run, log_split_dataset, read_run_reference, write_run_reference
 from imgpipe.tracking.owners import mark_abandoned_runs, owner_tags, process_is_running, process_start_time
+from imgpipe.tracking.provenance import VERSION, config_hash, write_provenance
+from imgpipe.tracking.runs import job_run, log_split_dataset, read_run_reference, write_run_reference
+from imgpipe.tracking.tags import INVOCATION_TAGS_ENV, PARENT_RUN_ENV, flatten
 
 
 @pytest.fixture(autouse=True)

@@ -1,19 +1,19 @@
 """The tracking store under concurrency and when it is out of reach."""
 
 import importlib
-import re
 import multiprocessing
 import os
+import re
 import socket
 import threading
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from imgpipe.tracking.tags import INVOCATION_TAGS_ENV
-from imgpipe.tracking.store import experiment_id_named, check_tracking_server
 from imgpipe.tracking.invocation import end_invocation, start_invocation
 from imgpipe.tracking.runs import job_run
+from imgpipe.tracking.store import check_tracking_server, experiment_id_named
+from imgpipe.tracking.tags import INVOCATION_TAGS_ENV
 
 CONFIG = {"experiment": "race", "models": {"cnn": {"lr": 0.1}}}
 

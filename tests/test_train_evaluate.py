@@ -4,12 +4,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import model_settings
+
+from imgpipe.core.manifests import SPEED_KEYS
+from imgpipe.evaluation.evaluate import (
+    classification_metrics,
+    evaluate_checkpoint,
+    mlflow_test_metrics,
+    write_evaluation_outputs,
+)
 from imgpipe.models.checkpoints import CheckpointError
 from imgpipe.models.networks import load_trained_model
-from imgpipe.evaluation.evaluate import classification_metrics, evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
-from imgpipe.core.manifests import SPEED_KEYS
 from imgpipe.training.engine import TrainingJob, train_model
 
 IMAGE = {"size": 32, "color": "grayscale", "resize": "stretch", "pad_color": "black"}

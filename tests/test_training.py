@@ -7,14 +7,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_shapes_manifest, model_settings
-from imgpipe.models.checkpoints import read_torch_file
+
 from imgpipe.core.manifests import HISTORY_COLUMNS, HISTORY_TIMING_COLUMN
+from imgpipe.models.checkpoints import read_torch_file
 from imgpipe.models.networks import build_model
 from imgpipe.training import resume
-from imgpipe.training.engine import (TrainingDiverged, TrainingJob, balanced_sample_weights, class_weight_tensor,
-                                     train_model, write_training_outputs)
+from imgpipe.training.engine import (
+    TrainingDiverged,
+    TrainingJob,
+    balanced_sample_weights,
+    class_weight_tensor,
+    train_model,
+    write_training_outputs,
+)
 from imgpipe.training.loop import batch_indices, batches_per_epoch
 from imgpipe.training.schedule import lr_multiplier
 from imgpipe.training.strategies import ModelParts, Phase, plan_phases

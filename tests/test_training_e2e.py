@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, reordered, write_shape_images
 from test_pipeline_e2e import SNAKEMAKE, planned_jobs, runs_by_name, snakemake, store, write_config
 

@@ -15,21 +15,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
-
 from conftest import model_settings, write_shape_images
 from crawl_server import LocalServer, Response, distinct_jpeg
+from mlflow.tracking import MlflowClient
 from test_review import raw_rows
-from imgpipe.models.checkpoints import save_atomically
+
+from imgpipe.core.files import OutputWriteError, write_failure, writing
 from imgpipe.data.crawl import crawl_class
 from imgpipe.data.crawlstore import JOURNAL, ClassStore, CrawlLimits
 from imgpipe.data.dedupe import decide_fates
-from imgpipe.evaluation.evaluate import write_evaluation_outputs
-from imgpipe.core.files import OutputWriteError, write_failure, writing
-from imgpipe.evaluation.plots import plot_unavailable
-from imgpipe.serving.predict import Predictions, write_predictions
 from imgpipe.data.preprocess import preprocess_class
 from imgpipe.data.review import write_contact_sheet
+from imgpipe.evaluation.evaluate import write_evaluation_outputs
+from imgpipe.evaluation.plots import plot_unavailable
+from imgpipe.models.checkpoints import save_atomically
+from imgpipe.serving.predict import Predictions, write_predictions
 from imgpipe.tracking.runs import job_run
 from imgpipe.training.engine import TrainingJob, train_model
 

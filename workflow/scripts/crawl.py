@@ -8,9 +8,9 @@ from imgpipe.core.joblog import configure_logging
 configure_logging(snakemake.log[0])
 
 
+from imgpipe.core.fingerprints import FileHashCache
 from imgpipe.data.crawl import crawl_class
 from imgpipe.data.crawlstore import CrawlLimits
-from imgpipe.core.fingerprints import FileHashCache
 from imgpipe.tracking.records import data_job_run
 
 class_name = snakemake.wildcards.cls

@@ -9,8 +9,8 @@ configure_logging(snakemake.log[0])
 
 import pandas as pd
 
-from imgpipe.data.dedupe import dedupe_images, located_exclusions, near_duplicate_warnings, summarize_fates
 from imgpipe.core.manifests import read_raw_manifest
+from imgpipe.data.dedupe import dedupe_images, located_exclusions, near_duplicate_warnings, summarize_fates
 from imgpipe.tracking.records import data_job_run
 from imgpipe.tracking.tags import flatten
 

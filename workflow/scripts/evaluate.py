@@ -12,12 +12,19 @@ gpu_claim = prepare_model_job(snakemake.resources.gpu)  # before torch is import
 
 import mlflow
 
-from imgpipe.evaluation.evaluate import evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
 from imgpipe.core.files import writing
-from imgpipe.evaluation.plots import (plot_confident_errors, plot_confusion_matrix, plot_embedding, plot_localization_grid,
-                           plot_reliability_diagram, plot_roc_curves, plot_unavailable)
-from imgpipe.tracking.store import artifact_writes
+from imgpipe.evaluation.evaluate import evaluate_checkpoint, mlflow_test_metrics, write_evaluation_outputs
+from imgpipe.evaluation.plots import (
+    plot_confident_errors,
+    plot_confusion_matrix,
+    plot_embedding,
+    plot_localization_grid,
+    plot_reliability_diagram,
+    plot_roc_curves,
+    plot_unavailable,
+)
 from imgpipe.tracking.runs import job_run, log_split_dataset, read_run_reference
+from imgpipe.tracking.store import artifact_writes
 
 model_name = snakemake.wildcards.evaluated
 output = snakemake.output

@@ -7,10 +7,10 @@ from imgpipe.core.joblog import configure_logging
 
 configure_logging(snakemake.log[0])
 
-from imgpipe.data.sourceboxes import source_boxes
-from imgpipe.tracking.records import data_job_run
 from imgpipe.core.manifests import read_dedupe_manifest
 from imgpipe.data.preprocess import preprocess_class
+from imgpipe.data.sourceboxes import source_boxes
+from imgpipe.tracking.records import data_job_run
 
 class_name = snakemake.wildcards.cls
 with data_job_run(f"preprocess {class_name}", tags={"imgpipe.stage": "preprocess", "imgpipe.class": class_name}) as run:

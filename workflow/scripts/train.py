@@ -15,7 +15,14 @@ import mlflow
 from imgpipe.models.settings import model_setting
 from imgpipe.serving.modelcard import write_model_card
 from imgpipe.serving.pyfunc import log_classifier_model
-from imgpipe.tracking.runs import RunLogger, job_run, log_missing_epochs, log_params_once, log_split_dataset, write_run_reference
+from imgpipe.tracking.runs import (
+    RunLogger,
+    job_run,
+    log_missing_epochs,
+    log_params_once,
+    log_split_dataset,
+    write_run_reference,
+)
 from imgpipe.tracking.store import artifact_writes
 from imgpipe.tracking.tags import flatten
 from imgpipe.training import resume

@@ -12,13 +12,13 @@ import pandas as pd
 import torch
 from sklearn import metrics as skm
 
-from imgpipe.evaluation import stats
-from imgpipe.models.checkpoints import checkpoint_task
-from imgpipe.models.networks import load_trained_model
-from imgpipe.training.datasets import Normalizer, load_split
 from imgpipe.core.files import write_json
 from imgpipe.core.manifests import SPEED_KEYS, read_split_manifest
+from imgpipe.evaluation import stats
+from imgpipe.models.checkpoints import checkpoint_task
 from imgpipe.models.localize import box_iou, split_outputs
+from imgpipe.models.networks import load_trained_model
+from imgpipe.training.datasets import Normalizer, load_split
 from imgpipe.training.devices import pick_device
 
 log = logging.getLogger(__name__)

@@ -21,14 +21,14 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from imgpipe.evaluation import stats
-from imgpipe.data.dedupe import REASONS as DEDUPE_REASONS
-from imgpipe.data.dedupe import near_duplicate_warnings
 from imgpipe.core.files import read_optional_json
 from imgpipe.core.layout import MODEL_PLOTS
 from imgpipe.core.manifests import HISTORY_COLUMNS, SPEED_FILE, read_dedupe_manifest, read_split_manifest
-from imgpipe.evaluation.plots import plot_learning_curves
+from imgpipe.data.dedupe import REASONS as DEDUPE_REASONS
+from imgpipe.data.dedupe import near_duplicate_warnings
 from imgpipe.data.split import SPLITS
+from imgpipe.evaluation import stats
+from imgpipe.evaluation.plots import plot_learning_curves
 
 log = logging.getLogger(__name__)
 

@@ -76,8 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_predict(args: argparse.Namespace) -> int:
     from imgpipe.models.checkpoints import CheckpointError
-    from imgpipe.serving.predict import (OUTPUT_FORMATS, ModelDirError, load_classifier, predict_inputs, resolve_top_k,
-                                 write_predictions)
+    from imgpipe.serving.predict import (
+        OUTPUT_FORMATS,
+        ModelDirError,
+        load_classifier,
+        predict_inputs,
+        resolve_top_k,
+        write_predictions,
+    )
 
     if args.output is not None and not args.output.lower().endswith(OUTPUT_FORMATS):
         raise UsageError(f"-o/--output '{args.output}' must end in .json or .csv")

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgpipe.core.files import error_text, read_optional_json, walk_files, writing
 from imgpipe.data.boxes import Box, box_on_upright_image, upright_size
+from imgpipe.data.images import inspect_image
+from imgpipe.data.preprocess import prepare_image_with_geometry, resize_image, to_color
+from imgpipe.evaluation.evaluate import predict_probabilities
 from imgpipe.models.checkpoints import checkpoint_task
 from imgpipe.models.networks import load_trained_model
-from imgpipe.training.datasets import image_to_chw
-from imgpipe.evaluation.evaluate import predict_probabilities
-from imgpipe.core.files import error_text, read_optional_json, walk_files, writing
-from imgpipe.data.images import inspect_image
 from imgpipe.serving.modelcard import CARD_FILE
-from imgpipe.data.preprocess import prepare_image_with_geometry, resize_image, to_color
+from imgpipe.training.datasets import image_to_chw
 from imgpipe.training.devices import pick_device
 
 log = logging.getLogger(__name__)
