@@ -330,7 +330,8 @@ def test_the_resume_guard_covers_every_imgpipe_module_that_training_imports():
     covered = set(resume.training_code_files())
     assert loaded and {Path(path).resolve() for path in loaded} <= covered
     package = REPO / "src" / "imgpipe"
-    assert {package / "localize.py", package / "training" / "loop.py", package / "models.py"} <= covered
+    assert {package / "models" / "localize.py", package / "training" / "loop.py",
+            package / "models" / "networks.py"} <= covered
 
 
 def test_the_resume_guard_follows_imports_inside_functions_and_relative_ones(tmp_path):

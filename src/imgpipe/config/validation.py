@@ -65,7 +65,8 @@ def fill_defaults(instance: Any, schema: dict, root: dict) -> None:
     schema = _resolve(schema, root)
     if "oneOf" in schema:
         for branch in schema["oneOf"]:
-            if jsonschema.Draft202012Validator(_resolve(branch, root) | {"$defs": root.get("$defs", {})}).is_valid(instance):
+            resolved = _resolve(branch, root) | {"$defs": root.get("$defs", {})}
+            if jsonschema.Draft202012Validator(resolved).is_valid(instance):
                 fill_defaults(instance, branch, root)
                 return
         return
@@ -545,7 +546,8 @@ def _check_models(config: dict, base_dir: Path, swept: dict[str, list[str]], key
         if model.get("task") == "localize":
             _check_localize(config, model_name, model, keys)
         elif (model.get("early_stopping") or {}).get("metric") == "val_miou":
-            raise ConfigError(f"{keys(model_name, 'early_stopping')}: metric val_miou needs task: localize (a box head)")
+            raise ConfigError(f"{keys(model_name, 'early_stopping')}: metric val_miou needs task: localize "
+                              f"(a box head)")
         if model.get("gpus", 1) > 1 and model["device"] == "mps":
             raise ConfigError(f"{keys(model_name, 'gpus')}: data-parallel training needs CUDA devices or the CPU; "
                               f"device mps has one device")

@@ -96,7 +96,8 @@ class CrawlLimits:
         if min(width, height) < self.min_size:
             return f"too small: {width}x{height} px, below crawl.min_size {self.min_size}"
         if max(width, height) > self.max_aspect * min(width, height):
-            return f"aspect ratio {max(width, height) / min(width, height):.1f} above crawl.max_aspect {self.max_aspect:g}"
+            ratio = max(width, height) / min(width, height)
+            return f"aspect ratio {ratio:.1f} above crawl.max_aspect {self.max_aspect:g}"
         if width * height > self.max_pixels:
             return f"{width}x{height} = {width * height} pixels, above crawl.max_pixels {self.max_pixels}"
         if (record.get("bytes") or 0) > self.max_bytes:

@@ -58,7 +58,8 @@ def inspect_image(path: Path | str) -> ImageCheck:
     """Open and fully decode ``path``; bad content gives ``ok=False`` with a reason, never an exception.
 
     Only file-system errors (missing file, no permission) raise, since they say nothing
-    about the content. An image of more than Pillow's ``Image.MAX_IMAGE_PIXELS`` is not decoded. The first frame of an animated image is what gets decoded.
+    about the content. An image of more than Pillow's ``Image.MAX_IMAGE_PIXELS`` is not decoded.
+    The first frame of an animated image is what gets decoded.
     """
     path = Path(path)
     with path.open("rb") as handle:

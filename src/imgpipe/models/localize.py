@@ -110,7 +110,8 @@ def giou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter = (torch.minimum(px1, tx1) - torch.maximum(px0, tx0)).clamp(min=0) * \
         (torch.minimum(py1, ty1) - torch.maximum(py0, ty0)).clamp(min=0)
     union = (px1 - px0).clamp(min=0) * (py1 - py0).clamp(min=0) + (tx1 - tx0) * (ty1 - ty0) - inter
-    enclosing = (torch.maximum(px1, tx1) - torch.minimum(px0, tx0)) * (torch.maximum(py1, ty1) - torch.minimum(py0, ty0))
+    enclosing_width = torch.maximum(px1, tx1) - torch.minimum(px0, tx0)
+    enclosing = enclosing_width * (torch.maximum(py1, ty1) - torch.minimum(py0, ty0))
     union, enclosing = union.clamp(min=1e-12), enclosing.clamp(min=1e-12)
     return inter / union - (enclosing - union) / enclosing
 

@@ -234,7 +234,8 @@ class WeightsLoad:
         return not self.fresh
 
     def describe(self) -> str:
-        text = f"loaded {len(self.loaded)} of the model's {len(self.loaded) + len(self.fresh)} tensors from {self.origin}"
+        total = len(self.loaded) + len(self.fresh)
+        text = f"loaded {len(self.loaded)} of the model's {total} tensors from {self.origin}"
         if self.fresh:
             text += f"; freshly initialised: {_listing(self.fresh)}"
         if self.unused:

@@ -112,8 +112,8 @@ def job_run(run_name: str, tags: dict | None = None, resume_run_id: str | None =
     run id (imgpipe.invocation), and a source name that says the stage and the model or class.
     A job that raises leaves its run FAILED, its error in tag imgpipe.error; a store on a full
     disk fails the job with an error that says so and names the database (`then`: what a rerun
-    does), and never hides the job's own error when the run cannot be closed. A run to resume that the store no longer has
-    (the database was deleted or moved) is replaced by a new one, with a warning. The run
+    does), and never hides the job's own error when the run cannot be closed. A run to resume
+    that the store no longer has (the database was deleted or moved) is replaced by a new one, with a warning. The run
     is tagged with this process as its owner, also when resumed (a run marked KILLED
     after its process was killed can be resumed).
     """

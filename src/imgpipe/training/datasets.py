@@ -28,7 +28,8 @@ class SplitTensors:
     images: torch.Tensor  # uint8, N x C x H x W
     labels: torch.Tensor  # int64, N
     paths: list[str]
-    boxes: torch.Tensor | None = None  # float32, N x 4 (x0, y0, x1, y1 as shares of the image), where the manifest has boxes
+    # float32, N x 4 (x0, y0, x1, y1 as shares of the image), where the manifest has boxes
+    boxes: torch.Tensor | None = None
     has_box: torch.Tensor | None = None  # bool, N: which rows have a usable box (box_status ok)
 
     def subset(self, keep: torch.Tensor) -> SplitTensors:

@@ -104,8 +104,8 @@ class TrainingJob:
     metadata: dict = field(default_factory=dict)  # saved with the resume state (the MLflow run id)
 
     def fingerprint(self) -> str:
-        start = self.start_checkpoint or (self.settings["weights"] if self.settings["weights"] not in ("none", "imagenet")
-                                          else None)
+        weights = self.settings["weights"]
+        start = self.start_checkpoint or (weights if weights not in ("none", "imagenet") else None)
         return resume.training_fingerprint(self.settings, self.image_settings, self.manifest_path, start)
 
 
@@ -325,8 +325,11 @@ class _Run:
         # The same order in every process (same seed); each trains on its share of the batches.
         indices = self.group.shard(batch_indices(len(self.train_data.labels), settings["batch_size"],
                                                  self.generators["shuffle"], self.sample_weights))
-        sync = (lambda: self.group.average_gradients(  # noqa: E731
-            p for param_group in self.optimizer.param_groups for p in param_group["params"])) if self.group.active else None
+        sync = None
+        if self.group.active:
+            def sync():
+                self.group.average_gradients(p for group in self.optimizer.param_groups for p in group["params"])
+
         if self.parts is not None and self.frozen_inputs(phase):
             head = lambda features: head_logits(self.parts, features)  # noqa: E731
             keep = lambda batch: batch  # noqa: E731
@@ -392,6 +395,127 @@ class _Run:
         }
 
 
+@dataclass
+class Progress:
+    """Where a training run stands after its last finished epoch: what a resume state keeps."""
+
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    best_file: str | None = None  # the best epoch's checkpoint in the work folder (resume.save_best)
+    since_best: int = 0
+    stopped_early: bool = False
+    resumed_at_epoch: int | None = None
+
+    @property
+    def next_epoch(self) -> int:
+        return self.history[-1]["epoch"] + 1 if self.history else 1
+
+
+def restore(run: _Run, state: dict | None) -> Progress:
+    """The progress of `state` (a resume state, see `capture`), with the run's model, optimizer,
+    scheduler, scaler and random generators put back as they were; a fresh start without one."""
+    if state is not None and state.get("precision") != run.precision.name:
+        log.warning("%s: the resume state was trained in %s, this device trains in %s; training starts at epoch 1",
+                    run.job.model_name, state.get("precision"), run.precision.name)
+        state = None
+    if state is None:
+        return Progress()
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    resume.restore_random_state(state["random"], run.generators)
+    return Progress(history=[dict(row) for row in state["history"]], best=state["best"],
+                    best_file=state["best_file"], since_best=state["since_best"],
+                    stopped_early=state["stopped_early"], resumed_at_epoch=state["epoch"] + 1)
+
+
+def capture(run: _Run, progress: Progress, fingerprint: str) -> dict:
+    """The resume state after the last epoch of `progress`: everything `restore` puts back."""
+    return {
+        "fingerprint": fingerprint,
+        "epoch": progress.history[-1]["epoch"],
+        "precision": run.precision.name,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "random": resume.capture_random_state(run.generators),
+        "history": progress.history,
+        "best": progress.best,
+        "best_file": progress.best_file,
+        "since_best": progress.since_best,
+        "stopped_early": progress.stopped_early,
+        "metadata": run.job.metadata,
+    }
+
+
+def history_row(run: _Run, epoch: int, phase: Phase, lr: float, train: EpochTotals, val: EpochTotals,
+                seconds: float) -> dict:
+    """An epoch's row of history.csv (with its wall time, which the written file leaves out)."""
+    row = dict(zip(HISTORY_COLUMNS + [HISTORY_TIMING_COLUMN],
+                   (epoch, train.loss, train.accuracy, val.loss, val.accuracy, lr, int(phase.backbone_frozen),
+                    seconds)))
+    if run.localize:
+        row |= dict(zip(LOCALIZE_HISTORY_COLUMNS, (train.miou, val.miou)))
+    return row
+
+
+def log_epoch(run: _Run, row: dict, phase: Phase, train: EpochTotals, val: EpochTotals) -> None:
+    miou = (lambda totals: f" mIoU {totals.miou:.4f}" if run.localize else "")  # noqa: E731
+    log.info("%s epoch %d/%d%s: train loss %.4f acc %.4f%s | val loss %.4f acc %.4f%s | lr %.3g (%.1f s)",
+             run.job.model_name, row["epoch"], run.settings["epochs"],
+             " (backbone frozen)" if phase.backbone_frozen else "", train.loss, train.accuracy, miou(train),
+             val.loss, val.accuracy, miou(val), row["lr"], row[HISTORY_TIMING_COLUMN])
+
+
+def check_finite(run: _Run, epoch: int, train: EpochTotals, val: EpochTotals) -> None:
+    if not (np.isfinite(train.loss) and np.isfinite(val.loss)):
+        name = run.job.model_name
+        raise TrainingDiverged(
+            f"{name}: the loss became {train.loss if not np.isfinite(train.loss) else val.loss} at "
+            f"epoch {epoch}; training stopped. Lower models.{name}.lr (now {run.settings['lr']}), add "
+            f"warmup_epochs, or use precision: fp32")
+
+
+def summarize(run: _Run, progress: Progress, metric: str) -> tuple[pd.DataFrame, dict]:
+    """(history, summary) of a finished training: what train_model returns."""
+    settings, job, best = run.settings, run.job, progress.best
+    trainable = run.parts.head_parameters if run.phases[-1].backbone_frozen else list(run.model.parameters())
+    summary = {
+        "model": job.model_name,
+        "arch": settings["arch"],
+        "strategy": settings["strategy"],
+        "n_parameters": count_parameters(run.model),
+        "n_trainable_parameters": sum(p.numel() for p in trainable),
+        "train_seconds": sum(row[HISTORY_TIMING_COLUMN] for row in progress.history),
+        "best_epoch": best["epoch"],
+        "epochs": settings["epochs"],
+        "epochs_run": len(progress.history),
+        "stopped_early": progress.stopped_early,
+        "best_metric": metric,
+        "best_val_accuracy": best["val_accuracy"],
+        "best_val_loss": best["val_loss"],
+        "resumed_at_epoch": progress.resumed_at_epoch,
+        "device": str(run.device),
+        "precision": run.precision.name,
+        "channels_last": run.channels_last,
+        "threads": job.threads,
+        "data_parallel_processes": run.group.world_size,
+        "dataloader_workers": 0,
+        "n_train": len(run.train_data.labels),
+        "n_val": len(run.val_data.labels),
+        "classes": run.classes,
+        "start_weights": run.weights_load.as_dict() if run.weights_load else None,
+    }
+    if run.localize:
+        summary |= {"task": "localize", "best_val_miou": best["val_miou"], "n_train_boxes": run.boxes["train"].count,
+                    "n_val_boxes": run.boxes["val"].count}
+    columns = HISTORY_COLUMNS + (LOCALIZE_HISTORY_COLUMNS if run.localize else []) + [HISTORY_TIMING_COLUMN]
+    return pd.DataFrame(progress.history, columns=columns), summary
+
+
 def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None,
                 resume_state: dict | None = None,
                 on_start: Callable[[WeightsLoad | None], None] | None = None,
@@ -407,129 +531,54 @@ def train_model(job: TrainingJob, on_epoch: Callable[[dict], None] | None = None
     torch.set_num_threads(job.threads)
     seed_everything(settings["seed"], compiling=settings["compile"])
     run = _Run(job, group)
-    writes = group.is_main
     if on_start is not None:
         on_start(run.weights_load)
+    progress = restore(run, resume_state)
     fingerprint = job.fingerprint()
     early = settings["early_stopping"]
     metric = early["metric"] if early else "val_accuracy"
-    history: list[dict] = []
-    best, best_file, since_best, first_epoch = None, None, 0, 1
-    if resume_state is not None and resume_state.get("precision") != run.precision.name:
-        log.warning("%s: the resume state was trained in %s, this device trains in %s; training starts at epoch 1",
-                    job.model_name, resume_state.get("precision"), run.precision.name)
-        resume_state = None
-    if resume_state is not None:
-        run.model.load_state_dict(resume_state["model"])
-        run.optimizer.load_state_dict(resume_state["optimizer"])
-        run.scheduler.load_state_dict(resume_state["scheduler"])
-        if resume_state["scaler"]:
-            run.scaler.load_state_dict(resume_state["scaler"])
-        resume.restore_random_state(resume_state["random"], run.generators)
-        history = [dict(row) for row in resume_state["history"]]
-        best, best_file, since_best = resume_state["best"], resume_state["best_file"], resume_state["since_best"]
-        first_epoch = resume_state["epoch"] + 1
     log.info("%s: %s (%s) on %s, %s precision, %d classes, %d train / %d val images of %s, %d parameters, "
              "%d thread(s)%s", job.model_name, settings["arch"], settings["strategy"], run.device, run.precision.name,
              len(run.classes), len(run.train_data.labels), len(run.val_data.labels),
              tuple(run.train_data.images.shape[1:]), count_parameters(run.model), job.threads,
-             f", resuming at epoch {first_epoch}" if resume_state else "")
+             f", resuming at epoch {progress.next_epoch}" if progress.resumed_at_epoch else "")
     started = time.perf_counter()
-    final_phase = run.phases[-1]
-    stopped_early = bool(resume_state and resume_state["stopped_early"])
-    for epoch in range(first_epoch, settings["epochs"] + 1):
-        if stopped_early:
+    for epoch in range(progress.next_epoch, settings["epochs"] + 1):
+        if progress.stopped_early:
             break
         phase = phase_of(run.phases, epoch)
-        epoch_start = time.perf_counter()
-        lr = run.optimizer.param_groups[-1]["lr"]
+        epoch_start, lr = time.perf_counter(), run.optimizer.param_groups[-1]["lr"]
         train, val = run.epoch(phase)
-        row = dict(zip(HISTORY_COLUMNS + [HISTORY_TIMING_COLUMN],
-                       (epoch, train.loss, train.accuracy, val.loss, val.accuracy, lr, int(phase.backbone_frozen),
-                        time.perf_counter() - epoch_start)))
-        if run.localize:
-            row |= dict(zip(LOCALIZE_HISTORY_COLUMNS, (train.miou, val.miou)))
-        log.info("%s epoch %d/%d%s: train loss %.4f acc %.4f%s | val loss %.4f acc %.4f%s | lr %.3g (%.1f s)",
-                 job.model_name, epoch, settings["epochs"], " (backbone frozen)" if phase.backbone_frozen else "",
-                 train.loss, train.accuracy, f" mIoU {train.miou:.4f}" if run.localize else "", val.loss,
-                 val.accuracy, f" mIoU {val.miou:.4f}" if run.localize else "", lr, row[HISTORY_TIMING_COLUMN])
-        if not (np.isfinite(train.loss) and np.isfinite(val.loss)):
-            raise TrainingDiverged(
-                f"{job.model_name}: the loss became {train.loss if not np.isfinite(train.loss) else val.loss} at "
-                f"epoch {epoch}; training stopped. Lower models.{job.model_name}.lr (now {settings['lr']}), add "
-                f"warmup_epochs, or use precision: fp32")
-        history.append(row)
-        if _better(row, best, metric):
-            best, since_best = row, 0
+        row = history_row(run, epoch, phase, lr, train, val, time.perf_counter() - epoch_start)
+        log_epoch(run, row, phase, train, val)
+        check_finite(run, epoch, train, val)
+        progress.history.append(row)
+        if _better(row, progress.best, metric):
+            progress.best, progress.since_best = row, 0
             # A new file per best epoch, named in the resume state only once written: a kill
             # between the two writes leaves the state and its best epoch in agreement.
-            best_file = (resume.save_best(job.work_dir, epoch, run.model_payload(epoch, row)) if writes
-                         else None)
+            progress.best_file = (resume.save_best(job.work_dir, epoch, run.model_payload(epoch, row))
+                                  if group.is_main else None)
         else:
-            since_best += 1
+            progress.since_best += 1
         # Patience counts in the last phase only: staged never stops before it unfreezes.
-        stopped_early = bool(early) and phase == final_phase and since_best >= early["patience"]
-        if not writes:
+        progress.stopped_early = (bool(early) and phase == run.phases[-1]
+                                  and progress.since_best >= early["patience"])
+        if not group.is_main:
             continue
-        resume.save_resume_state(job.work_dir, {
-            "fingerprint": fingerprint,
-            "epoch": epoch,
-            "precision": run.precision.name,
-            "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "random": resume.capture_random_state(run.generators),
-            "history": history,
-            "best": best,
-            "best_file": best_file,
-            "since_best": since_best,
-            "stopped_early": stopped_early,
-            "metadata": job.metadata,
-        })
-        resume.remove_other_best_files(job.work_dir, keep=best_file)
+        resume.save_resume_state(job.work_dir, capture(run, progress, fingerprint))
+        resume.remove_other_best_files(job.work_dir, keep=progress.best_file)
         if on_epoch is not None:
             on_epoch(row)
-        if stopped_early:
+        if progress.stopped_early:
             log.info("%s: early stop after epoch %d: %s has not improved for %d epochs (best: epoch %d)",
-                     job.model_name, epoch, metric, early["patience"], best["epoch"])
+                     job.model_name, epoch, metric, early["patience"], progress.best["epoch"])
     group.check_identical(run.model)
-    if writes:
-        resume.finish(job.work_dir, best_file, job.checkpoint_path)
-    trainable = run.parts.head_parameters if final_phase.backbone_frozen else list(run.model.parameters())
-    summary = {
-        "model": job.model_name,
-        "arch": settings["arch"],
-        "strategy": settings["strategy"],
-        "n_parameters": count_parameters(run.model),
-        "n_trainable_parameters": sum(p.numel() for p in trainable),
-        "train_seconds": sum(row[HISTORY_TIMING_COLUMN] for row in history),
-        "best_epoch": best["epoch"],
-        "epochs": settings["epochs"],
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
-        "best_metric": metric,
-        "best_val_accuracy": best["val_accuracy"],
-        "best_val_loss": best["val_loss"],
-        "resumed_at_epoch": first_epoch if resume_state else None,
-        "device": str(run.device),
-        "precision": run.precision.name,
-        "channels_last": run.channels_last,
-        "threads": job.threads,
-        "data_parallel_processes": group.world_size,
-        "dataloader_workers": 0,
-        "n_train": len(run.train_data.labels),
-        "n_val": len(run.val_data.labels),
-        "classes": run.classes,
-        "start_weights": run.weights_load.as_dict() if run.weights_load else None,
-    }
-    if run.localize:
-        summary |= {"task": "localize", "best_val_miou": best["val_miou"], "n_train_boxes": run.boxes["train"].count,
-                    "n_val_boxes": run.boxes["val"].count}
-    log.info("%s: best epoch %d (%s %.4f), %.1f s of training in this job", job.model_name, best["epoch"], metric,
-             best[metric], time.perf_counter() - started)
-    columns = HISTORY_COLUMNS + (LOCALIZE_HISTORY_COLUMNS if run.localize else []) + [HISTORY_TIMING_COLUMN]
-    return pd.DataFrame(history, columns=columns), summary
+    if group.is_main:
+        resume.finish(job.work_dir, progress.best_file, job.checkpoint_path)
+    log.info("%s: best epoch %d (%s %.4f), %.1f s of training in this job", job.model_name, progress.best["epoch"],
+             metric, progress.best[metric], time.perf_counter() - started)
+    return summarize(run, progress, metric)
 
 
 def write_training_outputs(history: pd.DataFrame, summary: dict, history_path: Path | str,

@@ -149,7 +149,8 @@ class BoxTargets:
         return BoxTargets(self.boxes.to(device), self.has_box.to(device), self.num_classes)
 
 
-def _box_ious(outputs: torch.Tensor, boxes: BoxTargets, device_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _box_ious(outputs: torch.Tensor, boxes: BoxTargets,
+              device_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(class logits, the IoU of each predicted box with its target, 0 where the image has none)."""
     logits, predicted = split_outputs(outputs, boxes.num_classes)
     has = boxes.has_box[device_index]
