@@ -268,7 +268,7 @@ def _check_url_list(key: str, path: Path) -> None:
 def _source_identities(class_name: str, source: dict, base_dir: Path) -> list[tuple[tuple, str, str]]:
     """(identity, key, what) for each thing a source takes its images from: two sources of different
     classes with one identity would label the same images twice."""
-    from imgpipe.data import synthetic
+    from imgpipe.data import synthetic  # numpy: only configs with synthetic sources pay it
 
     if "folder" in source or "urls" in source:
         kind = "folder" if "folder" in source else "urls"
@@ -285,7 +285,7 @@ def _source_identities(class_name: str, source: dict, base_dir: Path) -> list[tu
     if "engine" in source:
         import json
 
-        from imgpipe.data.crawl import engine_queries
+        from imgpipe.data.crawl import engine_queries  # icrawler and pandas: only web configs pay them
 
         # filters pick other results for one text (bing's colour, flickr's tags): part of what is fetched
         filters = source.get("filters") or {}
@@ -381,7 +381,7 @@ DIGITS_SIDE = 8  # scikit-learn's handwritten digits are 8x8 pixels
 def _check_builtin_sources_pass_crawl_limits(config: dict) -> None:
     """Digits (8x8) and synthetic images (canvas x canvas) are PNGs of a known size: a crawl limit
     that refuses them all would only show at the split, after crawl, dedupe and preprocess ran."""
-    from imgpipe.data.crawlstore import CrawlLimits
+    from imgpipe.data.crawlstore import CrawlLimits  # numpy, Pillow: when a config is checked, not on import
 
     limits = CrawlLimits.from_config(config["crawl"])
     for class_name, spec in config["classes"].items():
@@ -389,7 +389,7 @@ def _check_builtin_sources_pass_crawl_limits(config: dict) -> None:
             if "digits" in source:
                 side, what = DIGITS_SIDE, "scikit-learn's digits"
             elif "synthetic" in source:
-                from imgpipe.data import synthetic
+                from imgpipe.data import synthetic  # numpy: only configs with synthetic sources pay it
 
                 side, what = synthetic.settings(source)["canvas"], "its synthetic canvas"
             else:

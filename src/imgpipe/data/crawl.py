@@ -69,6 +69,7 @@ from imgpipe.core.files import (
 )
 from imgpipe.core.fingerprints import FileHashCache
 from imgpipe.core.manifests import RAW_COLUMNS
+from imgpipe.data import synthetic
 from imgpipe.data.boxes import is_box_annotation
 from imgpipe.data.crawlstore import (
     ALWAYS,
@@ -358,8 +359,6 @@ def _digits_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
 
 
 def _synthetic_rows(crawl: _ClassCrawl, index: int, source: dict) -> list[dict]:
-    from imgpipe.data import synthetic
-
     chosen = synthetic.settings(source)
     outcome = QueryOutcome(index, "synthetic", query=f"digit {chosen['digit']}", urls_seen=0)
     rows = [_local_item(crawl, outcome, origin, None, lambda item=item: synthetic.render(chosen, item))

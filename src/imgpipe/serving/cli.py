@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    # torch: `imgpipe --help` and a mistyped argument answer without importing it
     from imgpipe.models.checkpoints import CheckpointError
     from imgpipe.serving.predict import (
         OUTPUT_FORMATS,

@@ -22,6 +22,9 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+import imgpipe
+from imgpipe.models.checkpoints import read_model_checkpoint
+from imgpipe.serving.modelcard import CARD_FILE
 from imgpipe.serving.predict import classify, open_classifier, prepare_array, prepare_file, why_unreadable
 
 log = logging.getLogger(__name__)
@@ -143,10 +146,6 @@ def log_classifier_model(checkpoint_path: Path | str, name: str, registered_mode
     Registered in the model registry under `registered_model_name` when given. Returns
     MLflow's ModelInfo.
     """
-    import imgpipe
-    from imgpipe.models.checkpoints import read_model_checkpoint
-    from imgpipe.serving.modelcard import CARD_FILE
-
     checkpoint_path = Path(checkpoint_path)
     artifacts = {"checkpoint": str(checkpoint_path)}
     if checkpoint_path.with_name(CARD_FILE).is_file():

@@ -4,6 +4,16 @@ Snakemake runs each script from a temporary copy, so MLflow's own source name (t
 script's path) and git tags (of the folder that copy sits in, the working directory)
 would describe that copy: runs carry our own instead, saying the stage and the model or
 class, and the commit of the workflow's own checkout.
+
+A model's run (one per model: train opens it, evaluate logs into it) is found again three ways,
+and these are all of them:
+- the train job writes its id to the model's `mlflow_run` file (`write_run_reference`), which
+  evaluate, a later job of another process, reads (`read_run_reference`) to log into the same run;
+- the train job stores it in the resume state's metadata (`TrainingJob.metadata`,
+  key `mlflow_run_id`), so that a training resumed after a kill continues its run instead of
+  opening a second one;
+- data-parallel training hands it to process 0 inside its callbacks (`RunLogger`, pickled with
+  the worker's task), which log each epoch's metrics to it.
 """
 
 from __future__ import annotations
