@@ -128,7 +128,7 @@ def test_a_job_killed_with_sigkill_is_published_killed(mlflow_uri, tmp_path):
 
 INVOCATION_KILLED = textwrap.dedent("""
     import os, signal, sys
-    from imgpipe.tracking.store import start_invocation
+    from imgpipe.tracking.invocation import start_invocation
     from imgpipe.tracking.records import data_job_run
     parent = start_invocation(None, "pets", {"experiment": "pets"}, records_root=sys.argv[1])
     print(parent, flush=True)

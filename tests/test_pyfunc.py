@@ -77,7 +77,7 @@ def test_logged_model_predicts_paths_and_arrays_like_imgpipe_predict(model_dir, 
         model.predict(pd.DataFrame({"file": [str(photos[0])]}))
 
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "download")))
-    assert (local / "code" / "imgpipe" / "predict.py").is_file()  # loads outside this checkout
+    assert (local / "code" / "imgpipe" / "serving" / "predict.py").is_file()  # loads outside this checkout
     requirements = (local / "requirements.txt").read_text()
     assert "torch==" in requirements and "pillow==" in requirements
     assert json.loads((local / "serving_input_example.json").read_text())["inputs"][0][0] == 128

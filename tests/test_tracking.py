@@ -87,7 +87,9 @@ def test_a_failed_invocation_marks_its_parent_run_and_secrets_stay_out(mlflow_ur
 # works until it is killed.
 KILLED_PIPELINE = """
 import os, time
-from imgpipe.tracking.store import PARENT_RUN_ENV, job_run, start_invocation
+from imgpipe.tracking.invocation import start_invocation
+from imgpipe.tracking.tags import PARENT_RUN_ENV
+from imgpipe.tracking.runs import job_run
 start_invocation(None, "pets", {"experiment": "pets"})
 with job_run("train cnn", tags={"imgpipe.stage": "model"}) as run:
     print(os.environ[PARENT_RUN_ENV], run.info.run_id, flush=True)
@@ -415,7 +417,7 @@ def test_provenance_is_written_and_logged_on_the_invocation(mlflow_uri, tmp_path
 
 LOG_DATASET_AT = """
 import sys, time
-from imgpipe.tracking.store import job_run, log_split_dataset
+from imgpipe.tracking.runs import job_run, log_split_dataset
 manifest, start_at, name = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 with job_run(name, tags={"imgpipe.stage": "model", "imgpipe.model": name}):
     time.sleep(max(0.0, start_at - time.time()))  # every process logs at the same moment

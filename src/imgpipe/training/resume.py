@@ -74,7 +74,7 @@ def imported_package_files(entry_points, root: Path | str) -> list[Path]:
             folder = root.joinpath(*parts[1:depth])
             path = folder / "__init__.py" if folder.is_dir() else folder.with_suffix(".py")
             if not path.is_file() or path in found:
-                continue  # an attribute (`from imgpipe.config.validation import model_setting`), or done
+                continue  # an attribute (`from imgpipe.models.settings import model_setting`), or done
             found.add(path)
             module = ".".join(parts[:depth])
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
