@@ -62,7 +62,8 @@ def test_a_failing_worker_fails_the_training_with_its_error(tmp_path):
 PARENT = """
 import subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c",
-    "import time; from imgpipe.training.distributed import die_with_parent; die_with_parent(); time.sleep(120)"])
+    "import time; from imgpipe.training.distributed import die_with_parent; die_with_parent(); "
+    "print('armed', flush=True); time.sleep(120)"])
 print(child.pid, flush=True)
 time.sleep(120)
 """
@@ -77,7 +78,9 @@ def test_a_process_that_set_die_with_parent_ends_when_its_parent_is_killed():
 
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
     child_pid = int(parent.stdout.readline())
-    time.sleep(1.5)  # the child has set it
+    # The child shares the parent's stdout: it says when it has set the signal (importing torch
+    # first can take seconds on a busy machine).
+    assert parent.stdout.readline().strip() == "armed"
     os.kill(child_pid, 0)
     parent.kill()
     parent.wait()
