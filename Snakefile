@@ -8,7 +8,7 @@ import os
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from imgpipe.config.validation import ConfigError, check_config_files
+from imgpipe.config.schema import ConfigError, check_config_files
 
 min_version("9.0")
 

@@ -63,7 +63,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from sklearn.datasets import load_sample_images
 
-from imgpipe.config.validation import load_schema
+from imgpipe.config.schema import load_schema
 from imgpipe.data.dedupe import dedupe_images, summarize_fates
 from imgpipe.data.hamming import (
     choose_hamming_method,

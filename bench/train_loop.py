@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgpipe.config.validation import load_schema, validate_config
+from imgpipe.config.schema import load_schema
+from imgpipe.config.validation import validate_config
 from imgpipe.models.networks import build_model
 from imgpipe.training.engine import TrainingJob, train_model
 

@@ -127,7 +127,8 @@ def shapes_manifest(tmp_path_factory) -> Path:
 
 def model_settings(**overrides) -> dict:
     """A model entry as the pipeline passes it to training: validated, defaults filled."""
-    from imgpipe.config.validation import load_schema, validate_config
+    from imgpipe.config.schema import load_schema
+    from imgpipe.config.validation import validate_config
 
     config = {"experiment": "x", "classes": {"a": {"sources": [{"digits": 1}]}, "b": {"sources": [{"digits": 2}]}},
               "images": {"size": 32}, "crawl": {"min_size": 8}, "models": {"m": {"arch": "simple_cnn", "seed": 5, "device": "cpu", **overrides}}}

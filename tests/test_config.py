@@ -6,14 +6,9 @@ import pytest
 import yaml
 from conftest import reordered as reordered_config  # (a test below names its own config `reordered`)
 
-from imgpipe.config.validation import (
-    ConfigError,
-    check_config_files,
-    load_schema,
-    source_fingerprints,
-    torchvision_classification_models,
-    validate_config,
-)
+from imgpipe.config.params import source_fingerprints
+from imgpipe.config.schema import ConfigError, check_config_files, load_schema
+from imgpipe.config.validation import torchvision_classification_models, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO / "workflow/schemas/config.schema.yaml"
@@ -440,7 +435,7 @@ def test_engine_filters_are_checked_when_the_dag_is_built(tmp_path, filters, mes
 
 
 def test_crawl_settings_are_canonical_and_near_distance_matters_only_with_a_target(tmp_path):
-    from imgpipe.config.validation import crawl_settings
+    from imgpipe.config.params import crawl_settings
 
     config = validate_config(base_config(tmp_path), SCHEMA, tmp_path)
     assert crawl_settings(config, "cat")["near_distance"] is None
@@ -451,7 +446,7 @@ def test_crawl_settings_are_canonical_and_near_distance_matters_only_with_a_targ
 
 
 def test_a_key_added_later_at_its_neutral_value_does_not_change_what_reruns_training():
-    from imgpipe.config.validation import training_settings
+    from imgpipe.config.params import training_settings
 
     before = {"arch": "simple_cnn", "lr": 0.001, "threads": 2, "device": "cpu"}
     assert training_settings({**before, "gpus": 1}) == training_settings(before) == {"arch": "simple_cnn", "lr": 0.001}
@@ -459,7 +454,8 @@ def test_a_key_added_later_at_its_neutral_value_does_not_change_what_reruns_trai
 
 
 def test_a_localising_model_needs_boxes_and_no_augmentation():
-    from imgpipe.config.validation import ConfigError, load_schema, validate_config
+    from imgpipe.config.schema import ConfigError, load_schema
+    from imgpipe.config.validation import validate_config
 
     schema = load_schema(REPO / "workflow/schemas/config.schema.yaml")
     base = {"experiment": "e", "classes": {"a": {"sources": [{"digits": 1}]}, "b": {"sources": [{"digits": 2}]}},
@@ -478,7 +474,8 @@ def test_a_localising_model_needs_boxes_and_no_augmentation():
 
 
 def test_a_box_file_that_is_not_there_or_has_another_header_is_refused_when_the_dag_is_built(tmp_path):
-    from imgpipe.config.validation import ConfigError, load_schema, validate_config
+    from imgpipe.config.schema import ConfigError, load_schema
+    from imgpipe.config.validation import validate_config
 
     schema = load_schema(REPO / "workflow/schemas/config.schema.yaml")
     (tmp_path / "cats").mkdir()
@@ -609,7 +606,7 @@ def test_a_format_name_pillow_never_reports_is_refused_with_the_name_meant(tmp_p
 
 
 def test_format_names_are_read_case_insensitively_and_written_as_pillow_names_them(tmp_path):
-    from imgpipe.config.validation import crawl_settings
+    from imgpipe.config.params import crawl_settings
     from imgpipe.data.crawlstore import CrawlLimits
 
     config = base_config(tmp_path)

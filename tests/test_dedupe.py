@@ -11,7 +11,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 from sklearn.datasets import load_sample_images
 
-from imgpipe.config.validation import load_schema, read_exclude_list
+from imgpipe.config.schema import load_schema
+from imgpipe.config.validation import read_exclude_list
 from imgpipe.data.crawlstore import CrawlLimits, TargetCounter
 from imgpipe.data.dedupe import (
     decide_fates,

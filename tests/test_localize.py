@@ -109,7 +109,8 @@ def test_boxes_required_says_which_classes_it_leaves_out(shapes_manifest, tmp_pa
     import pandas as pd
     from conftest import REPO
 
-    from imgpipe.config.validation import load_schema, validate_config
+    from imgpipe.config.schema import load_schema
+    from imgpipe.config.validation import validate_config
     from imgpipe.training.engine import TrainingJob, train_model
 
     manifest = pd.read_csv(shapes_manifest)

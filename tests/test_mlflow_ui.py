@@ -27,7 +27,8 @@ from conftest import REPO, write_shape_images
 from test_pipeline_e2e import snakemake, write_config
 from test_tracking import make_git_checkout
 
-from imgpipe.config.validation import load_schema, validate_config
+from imgpipe.config.schema import load_schema
+from imgpipe.config.validation import validate_config
 from imgpipe.tracking.invocation import end_invocation, start_invocation
 from imgpipe.tracking.provenance import config_hash, git_commit
 from imgpipe.tracking.records import data_job_run

@@ -17,7 +17,8 @@ from conftest import REPO, model_settings, write_shape_images
 from crawl_server import truncated_jpeg
 from PIL import Image
 
-from imgpipe.config.validation import ConfigError, load_schema, validate_config
+from imgpipe.config.schema import ConfigError, load_schema
+from imgpipe.config.validation import validate_config
 from imgpipe.core.manifests import read_split_manifest
 from imgpipe.data.preprocess import prepare_image
 from imgpipe.evaluation.evaluate import predict_probabilities

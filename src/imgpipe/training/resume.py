@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgpipe.config.validation import training_settings
+from imgpipe.config.params import training_settings
 from imgpipe.core.files import writing
 from imgpipe.models.checkpoints import CheckpointError, read_torch_file, save_atomically
 
