@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 VALIDATE = """
 import inspect, sys, yaml
-from imgpipe.config.validation import load_schema, validate_config
+from imgpipe.config.schema import load_schema
+from imgpipe.config.validation import validate_config
 config = yaml.safe_load(open(sys.argv[1]))
 has_thorough = "thorough" in inspect.signature(validate_config).parameters
 job = {"thorough": False} if sys.argv[4] == "job" and has_thorough else {}

@@ -771,7 +771,8 @@ def test_a_jobs_own_snakemake_skips_the_slow_checks_and_gets_the_same_config(tmp
     assert validate_config(config, SCHEMA, tmp_path, thorough=False) == validate_config(config, SCHEMA, tmp_path)
     (tmp_path / "l.txt").write_text("# no URL yet\n")
     assert validate_config(config, SCHEMA, tmp_path, thorough=False)["crawl"]["formats"] == ["JPEG", "PNG"]
-    code = ("import sys, json; from imgpipe.config.validation import load_schema, validate_config; "
+    code = ("import sys, json; from imgpipe.config.schema import load_schema; "
+            "from imgpipe.config.validation import validate_config; "
             "validate_config(json.loads(sys.argv[1]), load_schema(sys.argv[2]), sys.argv[3], thorough=False); "
             "print(sorted(m for m in ('pandas', 'icrawler', 'imgpipe.data.crawl', 'PIL.Image') if m in sys.modules))")
     imported = subprocess.run([sys.executable, "-c", code, json.dumps(config), str(SCHEMA_PATH), str(tmp_path)],
