@@ -7,18 +7,15 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
-from imgpipe.config.validation import (
-    ConfigError,
+from imgpipe.config.params import (
     box_sources,
     canonical,
-    check_config_files,
     crawl_settings,
-    read_exclude_list,
-    load_schema,
     source_fingerprints,
     training_settings,
-    validate_config,
 )
+from imgpipe.config.schema import ConfigError, check_config_files, load_schema
+from imgpipe.config.validation import read_exclude_list, validate_config
 from imgpipe.core.files import prepend_to_pythonpath
 from imgpipe.core.fingerprints import FileHashCache
 from imgpipe.training.devices import model_uses_gpu, visible_gpus
